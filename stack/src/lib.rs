@@ -1,0 +1,4 @@
+//! webnic-stack: the sans-IO core of webnic.
+#![warn(missing_docs)]
+
+pub mod protocol;
