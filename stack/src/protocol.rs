@@ -260,7 +260,11 @@ impl ControlMessage {
                     .to_owned();
                 Self::Close { code, reason }
             }
-            other => return Ok(Self::Unknown { capsule_type: other }),
+            other => {
+                return Ok(Self::Unknown {
+                    capsule_type: other,
+                });
+            }
         };
         if !r.is_empty() {
             return Err(ProtocolError::Trailing("capsule"));
@@ -483,10 +487,7 @@ impl<'a> Reader<'a> {
                 Ok(IpAddr::V4(Ipv4Addr::from(b)))
             }
             6 => {
-                let b: [u8; 16] = self
-                    .take(16, "ipv6 address")?
-                    .try_into()
-                    .expect("16 bytes");
+                let b: [u8; 16] = self.take(16, "ipv6 address")?.try_into().expect("16 bytes");
                 Ok(IpAddr::V6(Ipv6Addr::from(b)))
             }
             _ => Err(ProtocolError::Invalid("ip version")),
@@ -602,13 +603,19 @@ mod tests {
         let cases: &[(u64, &[u8])] = &[
             (capsule_type::ADDRESS_ASSIGN, &[0, 5, 1, 2]),
             (capsule_type::ADDRESS_ASSIGN, &[0, 4, 10, 0, 0, 2, 33]),
-            (capsule_type::ROUTE_ADVERTISEMENT, &[4, 10, 0, 0, 9, 10, 0, 0, 1, 0]),
+            (
+                capsule_type::ROUTE_ADVERTISEMENT,
+                &[4, 10, 0, 0, 9, 10, 0, 0, 1, 0],
+            ),
             (capsule_type::LINK_MTU, &[10]),
             (capsule_type::CLIENT_HELLO, &[1, 2]),
             (capsule_type::CLOSE, &[0, 0xff]),
         ];
         for (t, value) in cases {
-            assert!(ControlMessage::parse(*t, value).is_err(), "{t:#x} {value:?}");
+            assert!(
+                ControlMessage::parse(*t, value).is_err(),
+                "{t:#x} {value:?}"
+            );
         }
     }
 
