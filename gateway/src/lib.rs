@@ -1,0 +1,36 @@
+//! webnic-gateway: terminates webnic WebTransport sessions and forwards their IP packets
+//! through a TUN device.
+//!
+//! # Layers
+//!
+//! - Sans-IO core, unit-tested on byte arrays: [`packet`] (classification of client packets,
+//!   TCP MSS clamping, ICMP "fragmentation needed"), [`pool`] (client addresses), [`queue`]
+//!   (per-session drop-oldest queues and the route table), [`origin`] (the Origin allow-list),
+//!   [`config`].
+//! - System glue: [`tun_device`] (TUN, routes, forwarding sysctls), [`nat`] (nftables),
+//!   [`sys`] (commands and sysctls), [`metrics`] (counters and the Prometheus endpoint).
+//! - Drivers: [`session`] (one task per WebTransport session) and [`server`] (setup, accept
+//!   loop, TUN reader, shutdown).
+//!
+//! # Data path
+//!
+//! Client → Internet: WebTransport datagram → [`packet::classify_from_client`] (well-formed,
+//! source is the session's address) → [`packet::clamp_tcp_mss`] → TUN write → kernel routing
+//! (and NAT with `--nat`).
+//!
+//! Internet → client: TUN read → [`packet::clamp_tcp_mss`] → [`queue::RouteTable`] lookup by
+//! destination → link-MTU check → [`queue::SessionQueue`] (drop-oldest) → the session's sender
+//! → `send_datagram_wait` (QUIC backpressure).
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod metrics;
+pub mod nat;
+pub mod origin;
+pub mod packet;
+pub mod pool;
+pub mod queue;
+pub mod server;
+pub mod session;
+pub mod sys;
+pub mod tun_device;

@@ -1,0 +1,334 @@
+//! Counters and the Prometheus text endpoint.
+//!
+//! Counters are relaxed atomics bumped on the data path; the HTTP endpoint is a few lines of
+//! hand-written HTTP/1.0 on a [`TcpListener`]: any `GET` gets the whole text exposition.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::packet::DropReason;
+
+/// Why the gateway refused a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefusalReason {
+    /// The Origin header is not allowed.
+    Origin,
+    /// The path is not [`webnic_stack::protocol::SESSION_PATH`].
+    Path,
+    /// No free address.
+    PoolExhausted,
+    /// Unsupported protocol version.
+    Version,
+    /// The client broke the control protocol (no hello in time, bad capsule).
+    Protocol,
+}
+
+impl RefusalReason {
+    /// Every reason, in metrics order.
+    pub const ALL: [Self; 5] = [
+        Self::Origin,
+        Self::Path,
+        Self::PoolExhausted,
+        Self::Version,
+        Self::Protocol,
+    ];
+
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Origin => "origin",
+            Self::Path => "path",
+            Self::PoolExhausted => "pool_exhausted",
+            Self::Version => "version",
+            Self::Protocol => "protocol",
+        }
+    }
+}
+
+/// Direction of a packet counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client → TUN: packets written to the TUN device.
+    FromClient,
+    /// TUN → client: datagrams handed to QUIC.
+    ToClient,
+}
+
+impl Direction {
+    fn label(self) -> &'static str {
+        match self {
+            Self::FromClient => "from_client",
+            Self::ToClient => "to_client",
+        }
+    }
+}
+
+/// Address family of a pool gauge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+/// The gateway's counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    sessions_active: AtomicU64,
+    sessions_total: AtomicU64,
+    packets: [AtomicU64; 2],
+    bytes: [AtomicU64; 2],
+    dropped: [AtomicU64; DropReason::ALL.len()],
+    refused: [AtomicU64; RefusalReason::ALL.len()],
+    pool_in_use: [AtomicU64; 2],
+    pool_free: [AtomicU64; 2],
+    pool_configured: [AtomicU64; 2],
+}
+
+impl Metrics {
+    /// All counters at zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A session was admitted.
+    pub fn session_started(&self) {
+        self.sessions_active.fetch_add(1, Ordering::Relaxed);
+        self.sessions_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An admitted session ended.
+    pub fn session_ended(&self) {
+        self.sessions_active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Sessions currently active.
+    pub fn sessions_active(&self) -> u64 {
+        self.sessions_active.load(Ordering::Relaxed)
+    }
+
+    /// One packet of `len` bytes forwarded in `direction`.
+    pub fn forwarded(&self, direction: Direction, len: usize) {
+        self.packets[direction as usize].fetch_add(1, Ordering::Relaxed);
+        self.bytes[direction as usize].fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    /// One packet dropped for `reason`.
+    pub fn dropped(&self, reason: DropReason) {
+        self.dropped[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Packets dropped for `reason` so far.
+    pub fn dropped_count(&self, reason: DropReason) -> u64 {
+        self.dropped[reason.index()].load(Ordering::Relaxed)
+    }
+
+    /// One session refused for `reason`.
+    pub fn refused(&self, reason: RefusalReason) {
+        self.refused[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sets the pool gauges of `family`.
+    pub fn set_pool(&self, family: Family, in_use: usize, free: u128) {
+        let i = family as usize;
+        self.pool_configured[i].store(1, Ordering::Relaxed);
+        self.pool_in_use[i].store(in_use as u64, Ordering::Relaxed);
+        self.pool_free[i].store(u64::try_from(free).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = String::with_capacity(2048);
+        let _ = writeln!(
+            out,
+            "# HELP webnic_sessions_active Sessions currently established.\n\
+             # TYPE webnic_sessions_active gauge\n\
+             webnic_sessions_active {}",
+            load(&self.sessions_active)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP webnic_sessions_total Sessions established since start.\n\
+             # TYPE webnic_sessions_total counter\n\
+             webnic_sessions_total {}",
+            load(&self.sessions_total)
+        );
+        for (name, help, values) in [
+            (
+                "webnic_pool_addresses_in_use",
+                "Client addresses handed out.",
+                &self.pool_in_use,
+            ),
+            (
+                "webnic_pool_addresses_free",
+                "Client addresses still available.",
+                &self.pool_free,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (i, family) in ["ipv4", "ipv6"].iter().enumerate() {
+                if load(&self.pool_configured[i]) == 1 {
+                    let _ = writeln!(out, "{name}{{family=\"{family}\"}} {}", load(&values[i]));
+                }
+            }
+        }
+        for (name, help, values) in [
+            (
+                "webnic_packets_total",
+                "IP packets forwarded (from_client: written to the TUN; to_client: sent as datagrams).",
+                &self.packets,
+            ),
+            (
+                "webnic_bytes_total",
+                "IP bytes forwarded, datagram headers excluded.",
+                &self.bytes,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for direction in [Direction::FromClient, Direction::ToClient] {
+                let _ = writeln!(
+                    out,
+                    "{name}{{direction=\"{}\"}} {}",
+                    direction.label(),
+                    load(&values[direction as usize])
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP webnic_dropped_packets_total Packets dropped, by reason.\n\
+             # TYPE webnic_dropped_packets_total counter"
+        );
+        for reason in DropReason::ALL {
+            let _ = writeln!(
+                out,
+                "webnic_dropped_packets_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                load(&self.dropped[reason.index()])
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP webnic_refused_sessions_total Sessions refused, by reason.\n\
+             # TYPE webnic_refused_sessions_total counter"
+        );
+        for reason in RefusalReason::ALL {
+            let _ = writeln!(
+                out,
+                "webnic_refused_sessions_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                load(&self.refused[reason as usize])
+            );
+        }
+        out
+    }
+}
+
+/// Serves [`Metrics::render`] over HTTP on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::debug!(%error, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let result =
+                tokio::time::timeout(Duration::from_secs(5), answer(stream, &metrics)).await;
+            if !matches!(result, Ok(Ok(()))) {
+                tracing::debug!(%peer, "metrics request failed or timed out");
+            }
+        });
+    }
+}
+
+/// Binds the metrics listener.
+///
+/// # Errors
+/// The bind error.
+pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(address).await
+}
+
+async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    let mut request = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    // Read until the end of the request head; bodies are not expected.
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && !request.windows(2).any(|w| w == b"\n\n")
+    {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        request.extend_from_slice(&buf[..n]);
+        if request.len() > 16 * 1024 {
+            break;
+        }
+    }
+    let response = if request.starts_with(b"GET ") {
+        let body = metrics.render();
+        format!(
+            "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    } else {
+        "HTTP/1.0 405 Method Not Allowed\r\nAllow: GET\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            .to_owned()
+    };
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_reason() {
+        let m = Metrics::new();
+        m.session_started();
+        m.dropped(DropReason::Spoofed);
+        m.refused(RefusalReason::Origin);
+        m.forwarded(Direction::ToClient, 100);
+        m.set_pool(Family::V4, 1, 252);
+        let text = m.render();
+        assert!(text.contains("webnic_sessions_active 1\n"));
+        assert!(text.contains("webnic_sessions_total 1\n"));
+        assert!(text.contains("webnic_dropped_packets_total{reason=\"spoofed\"} 1\n"));
+        assert!(text.contains("webnic_dropped_packets_total{reason=\"no_route\"} 0\n"));
+        assert!(text.contains("webnic_refused_sessions_total{reason=\"origin\"} 1\n"));
+        assert!(text.contains("webnic_refused_sessions_total{reason=\"pool_exhausted\"} 0\n"));
+        assert!(text.contains("webnic_bytes_total{direction=\"to_client\"} 100\n"));
+        assert!(text.contains("webnic_pool_addresses_free{family=\"ipv4\"} 252\n"));
+        assert!(!text.contains("family=\"ipv6\""));
+    }
+
+    #[tokio::test]
+    async fn serves_http() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(serve(listener, Arc::new(Metrics::new())));
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.0 200 OK\r\n"));
+        assert!(response.contains("webnic_sessions_total 0\n"));
+        task.abort();
+    }
+}

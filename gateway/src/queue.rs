@@ -1,0 +1,190 @@
+//! The per-session queue from the TUN reader to the session's sender, and the route table that
+//! maps client addresses to those queues.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+/// Default queue capacity in packets: about 1.2 MB of 1152-byte packets, a few milliseconds at
+/// the rates one session reaches.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
+
+/// A bounded queue of datagrams for one session; when full, the oldest is dropped.
+///
+/// Dropping the oldest (not the newest) keeps latency bounded: TCP retransmits what was lost
+/// either way, and fresh packets are the ones worth delivering. One producer (the TUN reader)
+/// and one consumer (the session's sender task) use it; the consumer sleeps on a [`Notify`].
+#[derive(Debug)]
+pub struct SessionQueue {
+    packets: Mutex<VecDeque<Bytes>>,
+    capacity: usize,
+    notify: Notify,
+    header: ([u8; 8], usize),
+}
+
+impl SessionQueue {
+    /// An empty queue of `capacity` packets for a session whose datagrams start with `header`
+    /// (the HTTP/3 datagram header, see [`webnic_stack::protocol::datagram_header`]).
+    pub fn new(capacity: usize, header: ([u8; 8], usize)) -> Self {
+        Self {
+            packets: Mutex::new(VecDeque::with_capacity(capacity.min(64))),
+            capacity: capacity.max(1),
+            notify: Notify::new(),
+            header,
+        }
+    }
+
+    /// The datagram header every queued datagram must start with.
+    pub fn header(&self) -> &[u8] {
+        &self.header.0[..self.header.1]
+    }
+
+    /// Queues `datagram` and wakes the consumer. Returns `true` if the queue was full and the
+    /// oldest datagram was dropped to make room.
+    pub fn push(&self, datagram: Bytes) -> bool {
+        let dropped = {
+            let mut packets = self.packets.lock().unwrap_or_else(PoisonError::into_inner);
+            let dropped = if packets.len() >= self.capacity {
+                packets.pop_front().is_some()
+            } else {
+                false
+            };
+            packets.push_back(datagram);
+            dropped
+        };
+        self.notify.notify_one();
+        dropped
+    }
+
+    /// The oldest queued datagram, without waiting.
+    pub fn try_pop(&self) -> Option<Bytes> {
+        self.packets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front()
+    }
+
+    /// The oldest queued datagram, waiting for one if the queue is empty.
+    ///
+    /// Cancel-safe. Only one task may wait at a time.
+    pub async fn pop(&self) -> Bytes {
+        loop {
+            if let Some(datagram) = self.try_pop() {
+                return datagram;
+            }
+            // notify_one stores a permit when nobody waits, so a push between try_pop and here
+            // is not lost.
+            self.notify.notified().await;
+        }
+    }
+
+    /// Datagrams currently queued.
+    pub fn len(&self) -> usize {
+        self.packets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Client address → the queue of the session holding it.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: RwLock<HashMap<IpAddr, Arc<SessionQueue>>>,
+}
+
+impl RouteTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Routes `address` to `queue`, replacing any previous route.
+    pub fn insert(&self, address: IpAddr, queue: Arc<SessionQueue>) {
+        self.routes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(address, queue);
+    }
+
+    /// Removes the route for `address`.
+    pub fn remove(&self, address: IpAddr) {
+        self.routes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&address);
+    }
+
+    /// The queue for `address`.
+    pub fn lookup(&self, address: IpAddr) -> Option<Arc<SessionQueue>> {
+        self.routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&address)
+            .cloned()
+    }
+
+    /// Number of routes.
+    pub fn len(&self) -> usize {
+        self.routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether there are no routes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_oldest_when_full() {
+        let q = SessionQueue::new(3, ([0; 8], 1));
+        for i in 0..3u8 {
+            assert!(!q.push(Bytes::from(vec![i])));
+        }
+        assert!(q.push(Bytes::from(vec![3])));
+        assert!(q.push(Bytes::from(vec![4])));
+        assert_eq!(q.len(), 3);
+        let got: Vec<u8> = std::iter::from_fn(|| q.try_pop()).map(|b| b[0]).collect();
+        assert_eq!(got, [2, 3, 4]);
+        assert!(q.is_empty());
+    }
+
+    #[tokio::test]
+    async fn pop_wakes_on_push() {
+        let q = Arc::new(SessionQueue::new(4, ([0; 8], 1)));
+        let consumer = {
+            let q = Arc::clone(&q);
+            tokio::spawn(async move { q.pop().await })
+        };
+        tokio::task::yield_now().await;
+        q.push(Bytes::from_static(b"x"));
+        assert_eq!(consumer.await.unwrap(), Bytes::from_static(b"x"));
+    }
+
+    #[test]
+    fn routes() {
+        let t = RouteTable::new();
+        let a: IpAddr = "10.77.0.2".parse().unwrap();
+        let q = Arc::new(SessionQueue::new(4, ([0; 8], 1)));
+        t.insert(a, Arc::clone(&q));
+        assert!(Arc::ptr_eq(&t.lookup(a).unwrap(), &q));
+        assert!(t.lookup("10.77.0.3".parse().unwrap()).is_none());
+        t.remove(a);
+        assert!(t.is_empty());
+    }
+}

@@ -1,0 +1,393 @@
+//! The gateway's driver: sets up the TUN, NAT and QUIC endpoint, runs the accept loop and the
+//! TUN reader, and tears everything down on SIGINT/SIGTERM.
+
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use webnic_stack::protocol::SESSION_PATH;
+use wtransport::{Endpoint, Identity, ServerConfig, VarInt};
+
+use crate::config::Config;
+use crate::metrics::{self, Metrics};
+use crate::nat::Nat;
+use crate::origin::OriginPolicy;
+use crate::packet::{DropReason, clamp_tcp_mss, destination, icmp_frag_needed, ipv4_dont_fragment};
+use crate::pool::{AddressPool, PoolError};
+use crate::queue::{DEFAULT_QUEUE_CAPACITY, RouteTable};
+use crate::session::{self, Pools, Shared};
+use crate::sys::CommandError;
+use crate::tun_device::{TunConfig, TunDevice, TunError};
+
+/// QUIC datagram buffer sizes per connection, both directions.
+///
+/// 1 MiB (≈ 900 packets of 1152 bytes) lets one session reach full throughput on a fast path
+/// now. quinn's defaults are similar, but stating them here makes the memory cost explicit:
+/// 10,000 sessions would pin up to 20 GiB, so the sessions work will size these per session
+/// count.
+const DATAGRAM_BUFFER: usize = 1 << 20;
+/// Keep-alive interval, well below the idle timeout, so idle sessions survive NAT rebinding
+/// timeouts and the idle timer.
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// How long shutdown waits for sessions to send their `Close` and end.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The TUN device.
+    #[error(transparent)]
+    Tun(#[from] TunError),
+    /// nftables.
+    #[error("cannot install NAT: {0}")]
+    Nat(#[from] CommandError),
+    /// An address pool.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// The certificate or key.
+    #[error("cannot load certificate/key: {0}")]
+    Identity(String),
+    /// The UDP socket.
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        /// The address.
+        address: std::net::SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The metrics socket.
+    #[error("cannot serve metrics on {address}: {source}")]
+    Metrics {
+        /// The address.
+        address: std::net::SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The certificate hash file.
+    #[error("cannot write {path}: {source}")]
+    HashFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Signal handlers.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Runs the gateway until SIGINT or SIGTERM, then shuts down cleanly.
+///
+/// # Errors
+/// [`StartError`] if anything fails during setup; after that, failures are logged.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let identity = load_identity(&config).await?;
+    let certificate = &identity.certificate_chain().as_slice()[0];
+    let hash = certificate.hash();
+    let hash_bytes: &[u8; 32] = hash.as_ref();
+
+    let pools = Pools {
+        v4: AddressPool::ipv4(config.pool_v4)?,
+        v6: config
+            .pool_v6
+            .map(|cidr| AddressPool::ipv6(cidr, u128::from(config.pool_v6_limit)))
+            .transpose()?,
+    };
+
+    let mut signals = Signals::new().map_err(StartError::Signals)?;
+
+    let mut tun = TunDevice::create(&TunConfig {
+        name: config.tun.clone(),
+        pool_v4: config.pool_v4,
+        pool_v6: config.pool_v6,
+        link_mtu: config.mtu,
+    })?;
+    let mut nat = if config.nat {
+        let mut prefixes = vec![config.pool_v4];
+        prefixes.extend(config.pool_v6);
+        Some(Nat::install(tun.name(), &prefixes)?)
+    } else {
+        None
+    };
+
+    let endpoint = Endpoint::server(server_config(&config, identity)).map_err(|source| {
+        StartError::Listen {
+            address: config.listen,
+            source,
+        }
+    })?;
+    let local = endpoint.local_addr().map_err(|source| StartError::Listen {
+        address: config.listen,
+        source,
+    })?;
+
+    let metrics = Arc::new(Metrics::new());
+    pools.update_metrics(&metrics);
+    let metrics_task = match config.metrics {
+        Some(address) => {
+            let listener = metrics::bind(address)
+                .await
+                .map_err(|source| StartError::Metrics { address, source })?;
+            tracing::info!(%address, "serving metrics");
+            Some(tokio::spawn(metrics::serve(listener, Arc::clone(&metrics))))
+        }
+        None => None,
+    };
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        metrics: Arc::clone(&metrics),
+        pools: Mutex::new(pools),
+        routes: RouteTable::new(),
+        tun: tun.device(),
+        origins: OriginPolicy::new(&config.allow_origin),
+        link_mtu: config.mtu,
+        dns: config.dns.clone(),
+        queue_capacity: DEFAULT_QUEUE_CAPACITY,
+        shutdown: shutdown_rx,
+        next_session: AtomicU64::new(1),
+    });
+    let IpAddr::V4(gateway_v4) = config.pool_v4.gateway_address() else {
+        unreachable!("pool_v4 is IPv4");
+    };
+    let mut tun_reader = tokio::spawn(tun_reader(Arc::clone(&shared), gateway_v4));
+
+    let hex: String = hash_bytes.iter().map(|b| format!("{b:02x}")).collect();
+    println!("certificate sha256: {hex}");
+    println!(
+        "serverCertificateHashes: [{{ algorithm: \"sha-256\", value: Uint8Array.from(atob(\"{}\"), c => c.charCodeAt(0)) }}]",
+        base64(hash_bytes)
+    );
+    println!("listening on {local} path {SESSION_PATH}");
+    let _ = std::io::stdout().flush();
+    if let Some(path) = &config.cert_hash_file {
+        write_hash_file(path, &hex).map_err(|source| StartError::HashFile {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    tracing::info!(%local, tun = tun.name(), "gateway ready");
+
+    let mut sessions = JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                sessions.spawn(session::handle(incoming, Arc::clone(&shared)));
+                while sessions.try_join_next().is_some() {}
+            }
+            signal = signals.recv() => {
+                tracing::info!(signal, "shutting down");
+                break;
+            }
+            result = &mut tun_reader => {
+                tracing::error!(?result, "TUN reader stopped; shutting down");
+                break;
+            }
+        }
+    }
+
+    // Tell every session to send Close{GatewayShutdown} and close with that code.
+    let _ = shutdown_tx.send(true);
+    let active = metrics.sessions_active();
+    if tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!("sessions did not end in time; aborting them");
+    }
+    sessions.shutdown().await;
+    endpoint.close(
+        VarInt::from_u32(webnic_stack::protocol::CloseCode::GatewayShutdown.to_u32()),
+        b"gateway shutting down",
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    tun_reader.abort();
+    let _ = tun_reader.await;
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    drop(shared);
+    drop(endpoint);
+    if let Some(nat) = &mut nat {
+        nat.remove();
+    }
+    tun.restore_sysctls();
+    let name = tun.name().to_owned();
+    drop(tun);
+    tracing::info!(closed_sessions = active, tun = %name, "gateway stopped");
+    Ok(())
+}
+
+async fn load_identity(config: &Config) -> Result<Identity, StartError> {
+    match &config.cert_and_key {
+        Some((cert, key)) => Identity::load_pemfiles(cert, key)
+            .await
+            .map_err(|error| StartError::Identity(error.to_string())),
+        None => {
+            let mut names = vec![
+                "localhost".to_owned(),
+                "127.0.0.1".to_owned(),
+                "::1".to_owned(),
+            ];
+            names.extend(config.hostnames.iter().cloned());
+            Identity::self_signed(names).map_err(|error| StartError::Identity(error.to_string()))
+        }
+    }
+}
+
+fn server_config(config: &Config, identity: Identity) -> ServerConfig {
+    let mut transport = wtransport::quinn::TransportConfig::default();
+    transport
+        .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
+        .datagram_send_buffer_size(DATAGRAM_BUFFER)
+        .max_idle_timeout(wtransport::quinn::IdleTimeout::try_from(config.idle_timeout).ok())
+        .keep_alive_interval(Some(KEEP_ALIVE.min(config.idle_timeout / 2)));
+    ServerConfig::builder()
+        .with_bind_address(config.listen)
+        .with_custom_transport(identity, transport)
+        .build()
+}
+
+/// Writes the readiness file atomically (temporary file + rename), so a reader never sees a
+/// partial hash.
+fn write_hash_file(path: &Path, hex: &str) -> std::io::Result<()> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    std::fs::write(&temporary, format!("{hex}\n"))?;
+    std::fs::rename(&temporary, path)
+}
+
+/// Standard base64 with padding (RFC 4648), for the JavaScript snippet.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Reads packets from the TUN and queues each for the session holding its destination.
+///
+/// Per packet: clamp the TCP MSS of SYNs, look up the session, enforce the link MTU, then
+/// prepend the session's datagram header and queue (one copy, into the queued `Bytes`).
+async fn tun_reader(shared: Arc<Shared>, gateway_v4: std::net::Ipv4Addr) {
+    const HEADROOM: usize = 8;
+    let (max_v4, max_v6) = shared.max_mss();
+    let link_mtu = usize::from(shared.link_mtu);
+    let mut buf = vec![0u8; HEADROOM + 65_536];
+    loop {
+        let n = match shared.tun.recv(&mut buf[HEADROOM..]).await {
+            Ok(n) => n,
+            Err(error) => {
+                tracing::error!(%error, "TUN read failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let packet = &mut buf[HEADROOM..HEADROOM + n];
+        let destination = match destination(packet) {
+            Ok(destination) => destination,
+            Err(reason) => {
+                shared.metrics.dropped(reason);
+                continue;
+            }
+        };
+        let Some(queue) = shared.routes.lookup(destination) else {
+            shared.metrics.dropped(DropReason::NoRoute);
+            tracing::trace!(%destination, "no session for destination");
+            continue;
+        };
+        clamp_tcp_mss(packet, max_v4, max_v6);
+        if n > link_mtu {
+            // IPv4 with DF: tell the sender the link MTU (the kernel normally does this itself
+            // from the pool route's MTU; this covers packets that bypass it). IPv4 without DF
+            // is fragmented by the kernel before it gets here, so what remains oversize, and
+            // IPv6 (whose minimum MTU of 1280 forbids announcing a smaller one in a Packet Too
+            // Big), is dropped and counted; TCP avoids it through MSS clamping.
+            if ipv4_dont_fragment(packet)
+                && let Some(reply) = icmp_frag_needed(packet, gateway_v4, shared.link_mtu)
+                && let Err(error) = shared.tun.send(&reply).await
+            {
+                tracing::debug!(%error, "cannot send ICMP fragmentation needed");
+            }
+            shared.metrics.dropped(DropReason::Oversize);
+            continue;
+        }
+        let header = queue.header();
+        let start = HEADROOM - header.len();
+        buf[start..HEADROOM].copy_from_slice(header);
+        if queue.push(Bytes::copy_from_slice(&buf[start..HEADROOM + n])) {
+            shared.metrics.dropped(DropReason::QueueFull);
+        }
+    }
+}
+
+/// SIGINT and SIGTERM.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl std::fmt::Debug for Signals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Signals")
+    }
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        for (input, output) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(input.as_bytes()), output);
+        }
+    }
+}

@@ -1,0 +1,593 @@
+//! One WebTransport session: admission, the control stream, and the two datagram directions.
+//!
+//! The session task admits the request (path, origin), reads the client's hello on the first
+//! bidirectional stream, allocates addresses, registers its queue in the route table and sends
+//! its configuration. It then runs three loops until one ends:
+//!
+//! - client → TUN: `receive_datagram`, classify (drop malformed/spoofed), clamp MSS, write to the
+//!   TUN;
+//! - TUN → client: pop the session queue (filled by the TUN reader), `send_datagram_wait` on the
+//!   QUIC connection so a slow client pushes back into the queue instead of QUIC silently
+//!   dropping datagrams;
+//! - control: the client's capsules (a `Close`, or the stream ending, ends the session);
+//!
+//! plus the gateway's shutdown signal. At the end it removes its routes and returns its
+//! addresses.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use webnic_stack::protocol::{
+    AssignedAddress, CapsuleDecoder, CloseCode, ControlMessage, PROTOCOL_VERSION, RouteRange,
+    SESSION_PATH, datagram_header,
+};
+use wtransport::endpoint::IncomingSession;
+use wtransport::error::ConnectionError;
+use wtransport::{Connection, RecvStream, SendStream, VarInt};
+
+use crate::metrics::{Direction, Family, Metrics, RefusalReason};
+use crate::origin::OriginPolicy;
+use crate::packet::{
+    DropReason, clamp_tcp_mss, classify_from_client, max_mss_for_mtu, mss_clamp_needed,
+};
+use crate::pool::AddressPool;
+use crate::queue::{RouteTable, SessionQueue};
+use crate::tun_device::TunIo;
+
+/// How long a client has to open the control stream and send its hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the gateway waits for a final `Close` capsule to be acknowledged before closing.
+const CLOSE_LINGER: Duration = Duration::from_millis(500);
+
+/// The client address pools.
+#[derive(Debug)]
+pub struct Pools {
+    /// IPv4 pool.
+    pub v4: AddressPool,
+    /// IPv6 pool, if IPv6 is on.
+    pub v6: Option<AddressPool>,
+}
+
+impl Pools {
+    /// One address per configured family, or `None` (nothing allocated) if any pool is empty.
+    pub fn allocate(&mut self) -> Option<Vec<IpAddr>> {
+        let v4 = self.v4.allocate()?;
+        let mut addresses = vec![v4];
+        if let Some(v6_pool) = &mut self.v6 {
+            let Some(v6) = v6_pool.allocate() else {
+                self.v4.release(v4);
+                return None;
+            };
+            addresses.push(v6);
+        }
+        Some(addresses)
+    }
+
+    /// Returns `addresses` to their pools.
+    pub fn release(&mut self, addresses: &[IpAddr]) {
+        for address in addresses {
+            match (address, &mut self.v6) {
+                (IpAddr::V4(_), _) => self.v4.release(*address),
+                (IpAddr::V6(_), Some(v6)) => v6.release(*address),
+                (IpAddr::V6(_), None) => false,
+            };
+        }
+    }
+
+    /// Publishes the pool gauges.
+    pub fn update_metrics(&self, metrics: &Metrics) {
+        metrics.set_pool(Family::V4, self.v4.in_use(), self.v4.free());
+        if let Some(v6) = &self.v6 {
+            metrics.set_pool(Family::V6, v6.in_use(), v6.free());
+        }
+    }
+}
+
+/// State shared by the accept loop, the TUN reader and every session.
+#[derive(Debug)]
+pub struct Shared {
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Address pools.
+    pub pools: Mutex<Pools>,
+    /// Client address → session queue.
+    pub routes: RouteTable,
+    /// The TUN device.
+    pub tun: TunIo,
+    /// Allowed origins.
+    pub origins: OriginPolicy,
+    /// Link MTU.
+    pub link_mtu: u16,
+    /// DNS resolvers announced to clients.
+    pub dns: Vec<IpAddr>,
+    /// Capacity of each session queue.
+    pub queue_capacity: usize,
+    /// Becomes `true` when the gateway shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Session numbering for logs.
+    pub next_session: AtomicU64,
+}
+
+impl Shared {
+    /// The MSS limits for the link MTU: (IPv4, IPv6).
+    pub fn max_mss(&self) -> (u16, u16) {
+        max_mss_for_mtu(self.link_mtu)
+    }
+
+    fn pools(&self) -> std::sync::MutexGuard<'_, Pools> {
+        self.pools.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Per-session counters for the end-of-session log.
+#[derive(Debug, Default)]
+struct SessionStats {
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    spoofed: AtomicU64,
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum End {
+    Connection(ConnectionError),
+    ControlFinished,
+    ControlError(String),
+    ClientClose { code: CloseCode, reason: String },
+    Shutdown,
+}
+
+/// Handles one incoming session from handshake to cleanup. Never fails: problems are logged
+/// and counted.
+pub async fn handle(incoming: IncomingSession, shared: Arc<Shared>) {
+    let request = match tokio::time::timeout(HELLO_TIMEOUT, incoming.into_future()).await {
+        Ok(Ok(request)) => request,
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "session handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("session handshake timed out");
+            return;
+        }
+    };
+    let remote = request.remote_address();
+    let path = request.path().split('?').next().unwrap_or_default();
+    if path != SESSION_PATH {
+        shared.metrics.refused(RefusalReason::Path);
+        tracing::info!(%remote, path = request.path(), "refused session: wrong path");
+        request.not_found().await;
+        return;
+    }
+    if let Some(origin) = request.origin()
+        && !shared.origins.allows(origin)
+    {
+        shared.metrics.refused(RefusalReason::Origin);
+        tracing::warn!(%remote, origin, "refused session: origin not allowed");
+        request.forbidden().await;
+        return;
+    }
+    let connection = match request.accept().await {
+        Ok(connection) => connection,
+        Err(error) => {
+            tracing::debug!(%remote, %error, "session accept failed");
+            return;
+        }
+    };
+    let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    run(id, connection, shared).await;
+}
+
+async fn run(id: u64, connection: Connection, shared: Arc<Shared>) {
+    let remote = connection.remote_address();
+    let (mut send, mut recv, mut decoder) = match hello(&connection).await {
+        Ok(Hello::Ok {
+            send,
+            recv,
+            decoder,
+        }) => (send, recv, decoder),
+        Ok(Hello::Version { mut send, version }) => {
+            shared.metrics.refused(RefusalReason::Version);
+            tracing::info!(session = id, %remote, version, "refused session: unsupported version");
+            close(
+                &connection,
+                Some(&mut send),
+                CloseCode::UnsupportedVersion,
+                &format!("protocol version {version} unsupported, speak {PROTOCOL_VERSION}"),
+            )
+            .await;
+            return;
+        }
+        Err(reason) => {
+            shared.metrics.refused(RefusalReason::Protocol);
+            tracing::info!(session = id, %remote, %reason, "refused session: no valid hello");
+            close(&connection, None, CloseCode::ProtocolViolation, &reason).await;
+            return;
+        }
+    };
+
+    let addresses = {
+        let mut pools = shared.pools();
+        let addresses = pools.allocate();
+        pools.update_metrics(&shared.metrics);
+        addresses
+    };
+    let Some(addresses) = addresses else {
+        shared.metrics.refused(RefusalReason::PoolExhausted);
+        tracing::warn!(session = id, %remote, "refused session: address pool exhausted");
+        close(
+            &connection,
+            Some(&mut send),
+            CloseCode::PoolExhausted,
+            "no free address",
+        )
+        .await;
+        return;
+    };
+
+    let header = datagram_header(connection.session_id().into_u64());
+    let queue = Arc::new(SessionQueue::new(shared.queue_capacity, header));
+    for address in &addresses {
+        shared.routes.insert(*address, Arc::clone(&queue));
+    }
+    shared.metrics.session_started();
+    let started = Instant::now();
+    tracing::info!(
+        session = id,
+        %remote,
+        addresses = ?addresses,
+        "session started"
+    );
+
+    let stats = Arc::new(SessionStats::default());
+    let end = match send.write_all(&configuration(&shared, &addresses)).await {
+        Err(error) => End::ControlError(format!("sending configuration: {error}")),
+        Ok(()) => {
+            serve(
+                &connection,
+                &shared,
+                &addresses,
+                &queue,
+                &stats,
+                &mut recv,
+                &mut decoder,
+            )
+            .await
+        }
+    };
+
+    match &end {
+        End::Shutdown => {
+            close(
+                &connection,
+                Some(&mut send),
+                CloseCode::GatewayShutdown,
+                "gateway shutting down",
+            )
+            .await;
+        }
+        End::ControlError(reason) => {
+            close(
+                &connection,
+                Some(&mut send),
+                CloseCode::ProtocolViolation,
+                reason,
+            )
+            .await;
+        }
+        End::ClientClose { .. } | End::ControlFinished => {
+            connection.close(VarInt::from_u32(CloseCode::Normal.to_u32()), b"");
+        }
+        End::Connection(_) => {}
+    }
+
+    for address in &addresses {
+        shared.routes.remove(*address);
+    }
+    {
+        let mut pools = shared.pools();
+        pools.release(&addresses);
+        pools.update_metrics(&shared.metrics);
+    }
+    shared.metrics.session_ended();
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    tracing::info!(
+        session = id,
+        %remote,
+        addresses = ?addresses,
+        duration = ?started.elapsed(),
+        end = %describe(&end),
+        rx_packets = load(&stats.rx_packets),
+        rx_bytes = load(&stats.rx_bytes),
+        tx_packets = load(&stats.tx_packets),
+        tx_bytes = load(&stats.tx_bytes),
+        spoofed = load(&stats.spoofed),
+        "session ended"
+    );
+}
+
+fn describe(end: &End) -> String {
+    match end {
+        End::Connection(error) => format!("connection: {error}"),
+        End::ControlFinished => "client finished the control stream".to_owned(),
+        End::ControlError(reason) => format!("control stream: {reason}"),
+        End::ClientClose { code, reason } => format!("client closed ({code}): {reason}"),
+        End::Shutdown => "gateway shutdown".to_owned(),
+    }
+}
+
+enum Hello {
+    Ok {
+        send: SendStream,
+        recv: RecvStream,
+        decoder: CapsuleDecoder,
+    },
+    Version {
+        send: SendStream,
+        version: u32,
+    },
+}
+
+/// Waits (at most [`HELLO_TIMEOUT`]) for the control stream and the client's hello.
+async fn hello(connection: &Connection) -> Result<Hello, String> {
+    tokio::time::timeout(HELLO_TIMEOUT, async {
+        let (send, mut recv) = connection
+            .accept_bi()
+            .await
+            .map_err(|error| format!("no control stream: {error}"))?;
+        let mut decoder = CapsuleDecoder::new();
+        let mut buf = [0u8; 2048];
+        loop {
+            match decoder.next_message() {
+                Ok(Some(ControlMessage::ClientHello { version })) => {
+                    if version != PROTOCOL_VERSION {
+                        return Ok(Hello::Version { send, version });
+                    }
+                    return Ok(Hello::Ok {
+                        send,
+                        recv,
+                        decoder,
+                    });
+                }
+                // RFC 9297: unknown capsules are skipped.
+                Ok(Some(ControlMessage::Unknown { .. })) => continue,
+                Ok(Some(other)) => return Err(format!("expected ClientHello, got {other:?}")),
+                Ok(None) => {}
+                Err(error) => return Err(format!("bad capsule: {error}")),
+            }
+            match recv.read(&mut buf).await {
+                Ok(Some(n)) => decoder.extend(&buf[..n]),
+                Ok(None) => return Err("control stream ended before ClientHello".to_owned()),
+                Err(error) => return Err(format!("reading control stream: {error}")),
+            }
+        }
+    })
+    .await
+    .map_err(|_| format!("no ClientHello within {HELLO_TIMEOUT:?}"))?
+}
+
+/// The initial burst: ServerHello, LinkMtu, DnsServers, RouteAdvertisement, AddressAssign
+/// (last, so the client may treat it as "configured").
+fn configuration(shared: &Shared, addresses: &[IpAddr]) -> Vec<u8> {
+    let mut routes = vec![RouteRange {
+        start: IpAddr::from([0u8; 4]),
+        end: IpAddr::from([255u8; 4]),
+        protocol: 0,
+    }];
+    if addresses.iter().any(IpAddr::is_ipv6) {
+        routes.push(RouteRange {
+            start: IpAddr::from([0u8; 16]),
+            end: IpAddr::from([0xffu8; 16]),
+            protocol: 0,
+        });
+    }
+    let assigned = addresses
+        .iter()
+        .map(|address| AssignedAddress {
+            request_id: 0,
+            address: *address,
+            prefix_len: if address.is_ipv4() { 32 } else { 128 },
+        })
+        .collect();
+    let mut out = Vec::with_capacity(256);
+    for message in [
+        ControlMessage::ServerHello {
+            version: PROTOCOL_VERSION,
+        },
+        ControlMessage::LinkMtu(shared.link_mtu),
+        ControlMessage::DnsServers(shared.dns.clone()),
+        ControlMessage::RouteAdvertisement(routes),
+        ControlMessage::AddressAssign(assigned),
+    ] {
+        message.emit(&mut out);
+    }
+    out
+}
+
+/// Sends a `Close` capsule (if there is a control stream), waits briefly for it to be
+/// acknowledged, then closes the connection with the same code.
+async fn close(
+    connection: &Connection,
+    send: Option<&mut SendStream>,
+    code: CloseCode,
+    reason: &str,
+) {
+    if let Some(send) = send {
+        let mut capsule = Vec::new();
+        ControlMessage::Close {
+            code,
+            reason: reason.to_owned(),
+        }
+        .emit(&mut capsule);
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            if send.write_all(&capsule).await.is_ok() {
+                let _ = send.finish().await;
+            }
+        })
+        .await;
+    }
+    connection.close(VarInt::from_u32(code.to_u32()), reason.as_bytes());
+}
+
+/// Runs the session's loops until one of them ends.
+async fn serve(
+    connection: &Connection,
+    shared: &Arc<Shared>,
+    addresses: &[IpAddr],
+    queue: &Arc<SessionQueue>,
+    stats: &Arc<SessionStats>,
+    recv: &mut RecvStream,
+    decoder: &mut CapsuleDecoder,
+) -> End {
+    // The datagram directions run as their own tasks so they can use both cores.
+    let mut rx = tokio::spawn(client_to_tun(
+        connection.clone(),
+        Arc::clone(shared),
+        addresses.to_vec(),
+        Arc::clone(stats),
+    ));
+    let mut tx = tokio::spawn(tun_to_client(
+        connection.clone(),
+        Arc::clone(shared),
+        Arc::clone(queue),
+        Arc::clone(stats),
+    ));
+    let mut shutdown = shared.shutdown.clone();
+    let end = tokio::select! {
+        end = &mut rx => end.unwrap_or_else(|error| End::ControlError(format!("receiver task: {error}"))),
+        end = &mut tx => end.unwrap_or_else(|error| End::ControlError(format!("sender task: {error}"))),
+        end = control(recv, decoder) => end,
+        _ = shutdown.wait_for(|stop| *stop) => End::Shutdown,
+    };
+    rx.abort();
+    tx.abort();
+    end
+}
+
+/// Reads the client's capsules after the hello.
+async fn control(recv: &mut RecvStream, decoder: &mut CapsuleDecoder) -> End {
+    let mut buf = [0u8; 2048];
+    loop {
+        loop {
+            match decoder.next_message() {
+                Ok(Some(ControlMessage::Close { code, reason })) => {
+                    return End::ClientClose { code, reason };
+                }
+                Ok(Some(message)) => {
+                    tracing::debug!(?message, "ignoring control message from client");
+                }
+                Ok(None) => break,
+                Err(error) => return End::ControlError(format!("bad capsule: {error}")),
+            }
+        }
+        match recv.read(&mut buf).await {
+            Ok(Some(n)) => decoder.extend(&buf[..n]),
+            Ok(None) => return End::ControlFinished,
+            Err(error) => return End::ControlError(format!("reading: {error}")),
+        }
+    }
+}
+
+async fn client_to_tun(
+    connection: Connection,
+    shared: Arc<Shared>,
+    addresses: Vec<IpAddr>,
+    stats: Arc<SessionStats>,
+) -> End {
+    let (max_v4, max_v6) = shared.max_mss();
+    loop {
+        let datagram = match connection.receive_datagram().await {
+            Ok(datagram) => datagram,
+            Err(error) => return End::Connection(error),
+        };
+        let packet = datagram.payload();
+        if let Err(reason) = classify_from_client(&packet, &addresses) {
+            shared.metrics.dropped(reason);
+            if reason == DropReason::Spoofed {
+                let n = stats.spoofed.fetch_add(1, Ordering::Relaxed) + 1;
+                if n == 1 || n.is_multiple_of(1000) {
+                    tracing::warn!(
+                        remote = %connection.remote_address(),
+                        spoofed_so_far = n,
+                        "dropping client packets with a source address not assigned to the session"
+                    );
+                }
+            } else {
+                tracing::debug!(%reason, len = packet.len(), "dropped client packet");
+            }
+            continue;
+        }
+        let packet = if mss_clamp_needed(&packet, max_v4, max_v6) {
+            let mut copy = packet.to_vec();
+            clamp_tcp_mss(&mut copy, max_v4, max_v6);
+            Bytes::from(copy)
+        } else {
+            packet
+        };
+        match shared.tun.send(&packet).await {
+            Ok(_) => {
+                shared
+                    .metrics
+                    .forwarded(Direction::FromClient, packet.len());
+                stats.rx_packets.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .rx_bytes
+                    .fetch_add(packet.len() as u64, Ordering::Relaxed);
+            }
+            Err(error) => {
+                shared.metrics.dropped(DropReason::TunWrite);
+                tracing::debug!(%error, "TUN write failed");
+            }
+        }
+    }
+}
+
+async fn tun_to_client(
+    connection: Connection,
+    shared: Arc<Shared>,
+    queue: Arc<SessionQueue>,
+    stats: Arc<SessionStats>,
+) -> End {
+    let header_len = queue.header().len();
+    let quic = connection.quic_connection();
+    loop {
+        let datagram = queue.pop().await;
+        let ip_len = datagram.len() - header_len;
+        match quic.max_datagram_size() {
+            Some(max) if datagram.len() <= max => {}
+            Some(max) => {
+                shared.metrics.dropped(DropReason::TxOversize);
+                tracing::debug!(len = datagram.len(), max, "datagram exceeds the QUIC limit");
+                continue;
+            }
+            None => {
+                shared.metrics.dropped(DropReason::SendFailed);
+                continue;
+            }
+        }
+        match quic.send_datagram_wait(datagram).await {
+            Ok(()) => {
+                shared.metrics.forwarded(Direction::ToClient, ip_len);
+                stats.tx_packets.fetch_add(1, Ordering::Relaxed);
+                stats.tx_bytes.fetch_add(ip_len as u64, Ordering::Relaxed);
+            }
+            Err(wtransport::quinn::SendDatagramError::TooLarge) => {
+                shared.metrics.dropped(DropReason::TxOversize);
+            }
+            Err(wtransport::quinn::SendDatagramError::ConnectionLost(error)) => {
+                shared.metrics.dropped(DropReason::SendFailed);
+                return End::Connection(error.into());
+            }
+            Err(error) => {
+                shared.metrics.dropped(DropReason::SendFailed);
+                tracing::debug!(%error, "datagram send failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Running system tools (`ip`, `nft`) and writing sysctls, with typed errors.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A system command that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The program could not be started (not installed?).
+    #[error("cannot run `{command}`: {source}")]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The program exited unsuccessfully.
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+}
+
+/// Runs `program args…`, feeding `stdin` if given, and checks the exit status.
+///
+/// # Errors
+/// [`CommandError`] if it cannot start or exits unsuccessfully.
+pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), CommandError> {
+    let command = std::iter::once(program)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    tracing::debug!(%command, "running");
+    let spawn_error = |source| CommandError::Spawn {
+        command: command.clone(),
+        source,
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_error)?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).map_err(spawn_error)?;
+    }
+    let output = child.wait_with_output().map_err(spawn_error)?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(CommandError::Failed {
+        command,
+        status: output.status,
+        stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+    })
+}
+
+/// A sysctl that could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[error("sysctl {path}: {source}")]
+pub struct SysctlError {
+    /// The /proc/sys path.
+    pub path: PathBuf,
+    /// The I/O error.
+    pub source: std::io::Error,
+}
+
+/// Reads a sysctl file's trimmed value.
+///
+/// # Errors
+/// [`SysctlError`].
+pub fn read_sysctl(path: &Path) -> Result<String, SysctlError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .map_err(|source| SysctlError {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Writes a sysctl file.
+///
+/// # Errors
+/// [`SysctlError`].
+pub fn write_sysctl(path: &Path, value: &str) -> Result<(), SysctlError> {
+    std::fs::write(path, value).map_err(|source| SysctlError {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Sysctls the gateway changed, restored to their old values on drop.
+#[derive(Debug, Default)]
+pub struct SysctlGuard {
+    restore: Vec<(PathBuf, String)>,
+}
+
+impl SysctlGuard {
+    /// Nothing changed yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets `path` to `value`, remembering the old value if it differs. Returns whether it
+    /// changed anything.
+    ///
+    /// # Errors
+    /// [`SysctlError`].
+    pub fn set(&mut self, path: impl Into<PathBuf>, value: &str) -> Result<bool, SysctlError> {
+        let path = path.into();
+        let old = read_sysctl(&path)?;
+        if old == value {
+            return Ok(false);
+        }
+        write_sysctl(&path, value)?;
+        self.restore.push((path, old));
+        Ok(true)
+    }
+
+    /// Restores every changed sysctl (also done on drop).
+    pub fn restore(&mut self) {
+        while let Some((path, old)) = self.restore.pop() {
+            match write_sysctl(&path, &old) {
+                Ok(()) => tracing::info!(path = %path.display(), value = %old, "restored sysctl"),
+                Err(error) => tracing::warn!(%error, "cannot restore sysctl"),
+            }
+        }
+    }
+}
+
+impl Drop for SysctlGuard {
+    fn drop(&mut self) {
+        self.restore();
+    }
+}
