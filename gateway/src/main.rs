@@ -17,7 +17,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            // Every error message here already includes its cause.
+            eprintln!("error: {error}");
             ExitCode::FAILURE
         }
     }

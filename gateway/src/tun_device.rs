@@ -137,6 +137,7 @@ impl TunDevice {
                     sys::write_sysctl(&disable_ipv6, "0")?;
                 }
                 let address = format!("{}/{}", pool_v6.gateway_address(), pool_v6.prefix_len);
+                // The kernel adds the on-link route for the prefix with the address.
                 // nodad: the address is ours alone; DAD would leave it tentative for a second.
                 sys::run(
                     "ip",
@@ -156,15 +157,6 @@ impl TunDevice {
             ],
             None,
         )?;
-        if let Some(pool_v6) = config.pool_v6 {
-            // The route exists since the address was added; make sure it points at the device
-            // (the device MTU, at least 1280, applies: see the module docs).
-            sys::run(
-                "ip",
-                &["-6", "route", "replace", &pool_v6.to_string(), "dev", &name],
-                None,
-            )?;
-        }
         if self.sysctls.set("/proc/sys/net/ipv4/ip_forward", "1")? {
             tracing::info!("enabled IPv4 forwarding (net.ipv4.ip_forward=1); restored on exit");
         }
