@@ -1,0 +1,626 @@
+//! Opening a session: WebTransport connect, the control-stream handshake, and the [`Client`].
+
+use std::future::poll_fn;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use webnic_stack::protocol::{CapsuleDecoder, CloseCode, ControlMessage, PROTOCOL_VERSION};
+use webnic_stack::{DnsError, DnsKind, StackConfig, TcpError, TcpOptions, UdpOptions};
+use wtransport::{ClientConfig, Endpoint};
+
+use crate::driver::{self, Core, Interest};
+use crate::sockets::{TcpListener, TcpStream, UdpSocket};
+
+/// How long the gateway has to complete the control handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a session could not be opened, or ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// The certificate hash is not 64 hex digits.
+    #[error("invalid certificate hash: {0}")]
+    InvalidCertHash(String),
+    /// The QUIC/WebTransport connection could not be set up.
+    #[error("cannot reach the gateway: {0}")]
+    Connect(String),
+    /// The gateway broke the protocol or did not finish the handshake.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The gateway refused or ended the session with a reason code.
+    #[error("gateway closed the session: {code} ({reason})")]
+    Closed {
+        /// The reason code.
+        code: CloseCode,
+        /// The gateway's detail.
+        reason: String,
+    },
+    /// The connection was lost.
+    #[error("session lost: {0}")]
+    Lost(String),
+    /// [`Client::close`] was called.
+    #[error("session closed by the client")]
+    ClosedLocally,
+}
+
+impl SessionError {
+    pub(crate) fn to_io(&self) -> io::Error {
+        let kind = match self {
+            Self::InvalidCertHash(_) => io::ErrorKind::InvalidInput,
+            Self::Connect(_) => io::ErrorKind::ConnectionRefused,
+            Self::Protocol(_) => io::ErrorKind::InvalidData,
+            Self::Closed { .. } | Self::Lost(_) => io::ErrorKind::ConnectionAborted,
+            Self::ClosedLocally => io::ErrorKind::NotConnected,
+        };
+        io::Error::new(kind, self.clone())
+    }
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// The gateway's WebTransport URL, e.g. `https://host:4433/webnic`.
+    pub url: String,
+    /// SHA-256 of the gateway's self-signed certificate, as 64 hex digits. Without it the
+    /// system's root certificates are used.
+    pub cert_hash: Option<String>,
+}
+
+impl ConnectOptions {
+    /// Options for `url` with system root certificates.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            cert_hash: None,
+        }
+    }
+
+    /// Pins the gateway's certificate by its SHA-256 (hex), as pages do with
+    /// `serverCertificateHashes`.
+    #[must_use]
+    pub fn cert_hash(mut self, hex: impl Into<String>) -> Self {
+        self.cert_hash = Some(hex.into());
+        self
+    }
+}
+
+/// Traffic counters of a session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// IP packets sent to the gateway.
+    pub packets_sent: u64,
+    /// IP packets received from the gateway.
+    pub packets_received: u64,
+    /// Bytes of IP packets sent.
+    pub bytes_sent: u64,
+    /// Bytes of IP packets received.
+    pub bytes_received: u64,
+    /// Packets the stack dropped (queue full, too large).
+    pub packets_dropped: u64,
+}
+
+/// A session with a webnic gateway: a virtual NIC with its own addresses.
+///
+/// Cloning is cheap; the session ends when [`Client::close`] is called or the gateway goes away.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub(crate) core: Arc<Core>,
+    ipv4: Option<Ipv4Addr>,
+    ipv6: Option<Ipv6Addr>,
+    mtu: u16,
+    dns_servers: Vec<IpAddr>,
+    _tasks: Arc<Tasks>,
+}
+
+/// The session's tasks; dropping the last [`Client`] ends the session and fails its sockets.
+#[derive(Debug)]
+struct Tasks {
+    handles: Vec<tokio::task::JoinHandle<()>>,
+    core: Arc<Core>,
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        self.core.lock().close(SessionError::ClosedLocally);
+        self.core.connection.close(
+            wtransport::VarInt::from_u32(CloseCode::Normal.to_u32()),
+            b"client dropped",
+        );
+        for task in &self.handles {
+            task.abort();
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Announced {
+    version: Option<u32>,
+    mtu: Option<u16>,
+    dns: Vec<IpAddr>,
+    ipv4: Option<Ipv4Addr>,
+    ipv6: Option<Ipv6Addr>,
+}
+
+impl Client {
+    /// Opens a session and configures the stack from what the gateway announces.
+    ///
+    /// # Errors
+    /// An [`io::Error`] wrapping a [`SessionError`]: unreachable gateway, refused session (with
+    /// the gateway's reason code, e.g. [`CloseCode::PoolExhausted`]), or a protocol error.
+    pub async fn connect(options: ConnectOptions) -> io::Result<Self> {
+        Self::open(options).await.map_err(|e| e.to_io())
+    }
+
+    async fn open(options: ConnectOptions) -> Result<Self, SessionError> {
+        let config = client_config(&options)?;
+        let endpoint =
+            Endpoint::client(config).map_err(|e| SessionError::Connect(e.to_string()))?;
+        let connection = endpoint
+            .connect(&options.url)
+            .await
+            .map_err(|e| SessionError::Connect(e.to_string()))?;
+        let (mut send, mut recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| SessionError::Connect(e.to_string()))?
+            .await
+            .map_err(|e| SessionError::Connect(e.to_string()))?;
+        let mut hello = Vec::new();
+        ControlMessage::ClientHello {
+            version: PROTOCOL_VERSION,
+        }
+        .emit(&mut hello);
+        send.write_all(&hello)
+            .await
+            .map_err(|e| SessionError::Connect(e.to_string()))?;
+
+        let mut decoder = CapsuleDecoder::new();
+        let announced = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            read_configuration(&connection, &mut recv, &mut decoder),
+        )
+        .await
+        .map_err(|_| SessionError::Protocol("no configuration from the gateway".into()))??;
+
+        let mtu = announced.mtu.unwrap_or(1152);
+        if let Some(max) = connection.max_datagram_size()
+            && max < usize::from(mtu)
+        {
+            tracing::warn!(
+                mtu,
+                max,
+                "path datagram size is below the link MTU; large packets will be dropped"
+            );
+        }
+        let mut stack_config = StackConfig::new(usize::from(mtu), rand::random());
+        stack_config.ipv4 = announced.ipv4;
+        stack_config.ipv6 = announced.ipv6;
+        stack_config.dns_servers.clone_from(&announced.dns);
+        let epoch = std::time::Instant::now();
+        let stack = webnic_stack::Stack::new(stack_config, webnic_stack::Instant::from_micros(0));
+        let core = Arc::new(Core::new(stack, connection, epoch));
+        tracing::info!(ipv4 = ?announced.ipv4, ipv6 = ?announced.ipv6, mtu, "session configured");
+
+        let tasks = vec![
+            tokio::spawn(driver::read_datagrams(core.clone())),
+            tokio::spawn(driver::drive(core.clone())),
+            tokio::spawn(read_control(core.clone(), recv, decoder, send, endpoint)),
+        ];
+        Ok(Self {
+            core: core.clone(),
+            ipv4: announced.ipv4,
+            ipv6: announced.ipv6,
+            mtu,
+            dns_servers: announced.dns,
+            _tasks: Arc::new(Tasks {
+                handles: tasks,
+                core: core.clone(),
+            }),
+        })
+    }
+
+    /// The session's IPv4 address.
+    pub fn ipv4(&self) -> Option<Ipv4Addr> {
+        self.ipv4
+    }
+
+    /// The session's IPv6 address, if the gateway offers IPv6.
+    pub fn ipv6(&self) -> Option<Ipv6Addr> {
+        self.ipv6
+    }
+
+    /// The link MTU the gateway announced.
+    pub fn mtu(&self) -> u16 {
+        self.mtu
+    }
+
+    /// The resolvers the gateway announced.
+    pub fn dns_servers(&self) -> Vec<IpAddr> {
+        self.dns_servers.clone()
+    }
+
+    /// Traffic counters.
+    pub fn stats(&self) -> ClientStats {
+        let stats = self.core.lock().stack.stats();
+        ClientStats {
+            packets_sent: stats.packets_sent,
+            packets_received: stats.packets_received,
+            bytes_sent: stats.bytes_sent,
+            bytes_received: stats.bytes_received,
+            packets_dropped: stats.dropped_queue_full + stats.dropped_too_large,
+        }
+    }
+
+    /// Connects to `remote` through the tunnel.
+    ///
+    /// # Errors
+    /// `ConnectionRefused`, `TimedOut`, `NetworkUnreachable` (no address of that family), or the
+    /// session's error.
+    pub async fn tcp_connect(&self, remote: SocketAddr) -> io::Result<TcpStream> {
+        let handle = {
+            let mut shared = self.core.lock();
+            shared.check_open()?;
+            shared
+                .stack
+                .tcp_connect(remote, TcpOptions::default())
+                .map_err(|e| connect_error_to_io(&TcpError::Connect(e)))?
+        };
+        self.finish_connect(handle).await
+    }
+
+    /// Connects to `host:port`, resolving `host` through the tunnel's DNS.
+    ///
+    /// # Errors
+    /// As [`tcp_connect`](Self::tcp_connect), plus `NotFound` when the name does not resolve.
+    pub async fn tcp_connect_host(&self, host: &str, port: u16) -> io::Result<TcpStream> {
+        let handle = {
+            let mut shared = self.core.lock();
+            shared.check_open()?;
+            shared
+                .stack
+                .tcp_connect_host(host, port, TcpOptions::default())
+                .map_err(|e| connect_error_to_io(&TcpError::Connect(e)))?
+        };
+        self.finish_connect(handle).await
+    }
+
+    async fn finish_connect(&self, handle: webnic_stack::TcpHandle) -> io::Result<TcpStream> {
+        self.core.poke.notify_one();
+        let stream = TcpStream::new(self.core.clone(), handle);
+        poll_fn(|cx| {
+            let mut shared = self.core.lock();
+            if let Some(result) = shared.connect_results.remove(&handle) {
+                return Poll::Ready(result.map_err(|e| connect_error_to_io(&TcpError::Connect(e))));
+            }
+            if let Err(error) = shared.check_open() {
+                return Poll::Ready(Err(error));
+            }
+            shared.park(Interest::TcpConnect(handle), cx.waker());
+            Poll::Pending
+        })
+        .await?;
+        Ok(stream)
+    }
+
+    /// Listens on `port` of the session's addresses (0 picks a free port): servers on the
+    /// gateway's side connect to it.
+    ///
+    /// # Errors
+    /// `AddrInUse`, or the session's error.
+    pub async fn tcp_listen(&self, port: u16) -> io::Result<TcpListener> {
+        let mut shared = self.core.lock();
+        shared.check_open()?;
+        let handle = shared
+            .stack
+            .tcp_listen(port, 16, TcpOptions::default())
+            .map_err(|e| io::Error::new(io::ErrorKind::AddrInUse, e))?;
+        let port = shared.stack.listener_port(handle).unwrap_or(port);
+        drop(shared);
+        Ok(TcpListener::new(
+            self.core.clone(),
+            handle,
+            self.local_ip(),
+            port,
+        ))
+    }
+
+    /// Opens a UDP socket on `port` (0 picks one).
+    ///
+    /// # Errors
+    /// `AddrInUse`, or the session's error.
+    pub async fn udp_bind(&self, port: u16) -> io::Result<UdpSocket> {
+        let mut shared = self.core.lock();
+        shared.check_open()?;
+        let handle = shared
+            .stack
+            .udp_bind(port, UdpOptions::default())
+            .map_err(|e| io::Error::new(io::ErrorKind::AddrInUse, e))?;
+        let port = shared.stack.udp_port(handle).unwrap_or(port);
+        drop(shared);
+        Ok(UdpSocket::new(
+            self.core.clone(),
+            handle,
+            self.local_ip(),
+            port,
+        ))
+    }
+
+    /// A records of `host`, looked up through the tunnel's DNS.
+    ///
+    /// # Errors
+    /// `NotFound` when the name does not resolve.
+    pub async fn resolve_ipv4(&self, host: &str) -> io::Result<Vec<Ipv4Addr>> {
+        let addrs = self.resolve(host, DnsKind::A).await?;
+        Ok(addrs
+            .into_iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect())
+    }
+
+    /// AAAA records of `host`, looked up through the tunnel's DNS.
+    ///
+    /// # Errors
+    /// `NotFound` when the name does not resolve.
+    pub async fn resolve_ipv6(&self, host: &str) -> io::Result<Vec<Ipv6Addr>> {
+        let addrs = self.resolve(host, DnsKind::Aaaa).await?;
+        Ok(addrs
+            .into_iter()
+            .filter_map(|a| match a {
+                IpAddr::V6(v6) => Some(v6),
+                IpAddr::V4(_) => None,
+            })
+            .collect())
+    }
+
+    /// Looks `host` up (A or AAAA) through the tunnel's DNS.
+    ///
+    /// # Errors
+    /// `NotFound` when the name does not resolve.
+    pub async fn resolve(&self, host: &str, kind: DnsKind) -> io::Result<Vec<IpAddr>> {
+        let handle = {
+            let mut shared = self.core.lock();
+            shared.check_open()?;
+            shared
+                .stack
+                .dns_query(host, kind)
+                .map_err(dns_error_to_io)?
+        };
+        self.core.poke.notify_one();
+        poll_fn(|cx| {
+            let mut shared = self.core.lock();
+            if let Some(result) = shared.stack.dns_result(handle) {
+                return Poll::Ready(result.map_err(dns_error_to_io));
+            }
+            if let Err(error) = shared.check_open() {
+                return Poll::Ready(Err(error));
+            }
+            shared.park(Interest::Dns(handle), cx.waker());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Sends a raw IP packet into the tunnel, bypassing the stack. The gateway validates it like
+    /// any other (source address, headers).
+    ///
+    /// # Errors
+    /// `InvalidInput` when it exceeds the path's datagram size, or the session's error.
+    pub fn send_raw_packet(&self, packet: &[u8]) -> io::Result<()> {
+        self.core.lock().check_open()?;
+        self.core
+            .connection
+            .send_datagram(packet)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+    }
+
+    /// Ends the session: the gateway frees the address, all sockets fail.
+    pub async fn close(&self) {
+        self.core.lock().close(SessionError::ClosedLocally);
+        self.core.connection.close(
+            wtransport::VarInt::from_u32(CloseCode::Normal.to_u32()),
+            b"client closed",
+        );
+        self.core.poke.notify_one();
+    }
+
+    /// Waits until the session ends and says why.
+    pub async fn closed(&self) -> SessionError {
+        let error = self.core.connection.closed().await;
+        let mut shared = self.core.lock();
+        shared.close(SessionError::Lost(error.to_string()));
+        shared
+            .closed
+            .clone()
+            .unwrap_or(SessionError::Lost(error.to_string()))
+    }
+
+    fn local_ip(&self) -> IpAddr {
+        self.ipv4
+            .map(IpAddr::V4)
+            .or(self.ipv6.map(IpAddr::V6))
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    }
+}
+
+fn client_config(options: &ConnectOptions) -> Result<ClientConfig, SessionError> {
+    let builder = ClientConfig::builder().with_bind_default();
+    let builder = match &options.cert_hash {
+        Some(hex) => {
+            let digest = parse_cert_hash(hex)?;
+            builder.with_server_certificate_hashes([digest])
+        }
+        None => builder.with_native_certs(),
+    };
+    let mut config = builder
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .max_idle_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| SessionError::Connect(e.to_string()))?
+        .build();
+    let mut transport = wtransport::quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .max_idle_timeout(Some(
+            Duration::from_secs(30)
+                .try_into()
+                .expect("30 s is a valid idle timeout"),
+        ))
+        // One session carries one NIC's traffic: room for a few ms of datagrams at Gbit/s.
+        .datagram_receive_buffer_size(Some(2 * 1024 * 1024))
+        .datagram_send_buffer_size(1024 * 1024);
+    config
+        .quic_config_mut()
+        .transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+fn parse_cert_hash(hex: &str) -> Result<wtransport::tls::Sha256Digest, SessionError> {
+    let clean: String = hex.chars().filter(|c| *c != ':').collect();
+    if clean.len() != 64 {
+        return Err(SessionError::InvalidCertHash(hex.to_owned()));
+    }
+    let mut bytes = [0u8; 32];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&clean[2 * i..2 * i + 2], 16)
+            .map_err(|_| SessionError::InvalidCertHash(hex.to_owned()))?;
+    }
+    Ok(wtransport::tls::Sha256Digest::new(bytes))
+}
+
+async fn read_configuration(
+    connection: &wtransport::Connection,
+    recv: &mut wtransport::RecvStream,
+    decoder: &mut CapsuleDecoder,
+) -> Result<Announced, SessionError> {
+    let mut announced = Announced::default();
+    let mut buf = [0u8; 4096];
+    loop {
+        while let Some(message) = decoder
+            .next_message()
+            .map_err(|e| SessionError::Protocol(e.to_string()))?
+        {
+            match message {
+                ControlMessage::ServerHello { version } => {
+                    if version != PROTOCOL_VERSION {
+                        return Err(SessionError::Protocol(format!(
+                            "gateway speaks version {version}, we speak {PROTOCOL_VERSION}"
+                        )));
+                    }
+                    announced.version = Some(version);
+                }
+                ControlMessage::LinkMtu(mtu) => announced.mtu = Some(mtu),
+                ControlMessage::DnsServers(servers) => announced.dns = servers,
+                ControlMessage::AddressAssign(addresses) => {
+                    for a in addresses {
+                        match a.address {
+                            IpAddr::V4(v4) => announced.ipv4 = Some(v4),
+                            IpAddr::V6(v6) => announced.ipv6 = Some(v6),
+                        }
+                    }
+                    if announced.version.is_none() {
+                        return Err(SessionError::Protocol("ADDRESS_ASSIGN before hello".into()));
+                    }
+                    return Ok(announced);
+                }
+                ControlMessage::Close { code, reason } => {
+                    return Err(SessionError::Closed { code, reason });
+                }
+                ControlMessage::RouteAdvertisement(_)
+                | ControlMessage::ClientHello { .. }
+                | ControlMessage::Unknown { .. } => {}
+            }
+        }
+        match recv.read(&mut buf).await {
+            Ok(Some(n)) => decoder.extend(&buf[..n]),
+            Ok(None) | Err(_) => {
+                // The gateway may have closed the session with a reason code instead.
+                let error = connection.closed().await;
+                return Err(close_reason(&error).unwrap_or_else(|| {
+                    SessionError::Protocol(format!("control stream ended: {error}"))
+                }));
+            }
+        }
+    }
+}
+
+/// Extracts the gateway's reason code from a WebTransport/QUIC close.
+fn close_reason(error: &wtransport::error::ConnectionError) -> Option<SessionError> {
+    if let wtransport::error::ConnectionError::ApplicationClosed(close) = error {
+        let code = u32::try_from(close.code().into_inner()).ok()?;
+        return Some(SessionError::Closed {
+            code: CloseCode::from_u32(code),
+            reason: String::from_utf8_lossy(close.reason()).into_owned(),
+        });
+    }
+    None
+}
+
+/// Follows the control stream after the handshake: later announcements and the close reason.
+async fn read_control(
+    core: Arc<Core>,
+    mut recv: wtransport::RecvStream,
+    mut decoder: CapsuleDecoder,
+    _send: wtransport::SendStream,
+    _endpoint: Endpoint<wtransport::endpoint::endpoint_side::Client>,
+) {
+    let mut buf = [0u8; 4096];
+    loop {
+        loop {
+            match decoder.next_message() {
+                Ok(Some(ControlMessage::DnsServers(servers))) => {
+                    core.lock().stack.set_dns_servers(&servers);
+                }
+                Ok(Some(ControlMessage::Close { code, reason })) => {
+                    tracing::info!(%code, %reason, "gateway is closing the session");
+                    core.lock().close(SessionError::Closed { code, reason });
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "bad control message from the gateway");
+                    break;
+                }
+            }
+        }
+        match recv.read(&mut buf).await {
+            Ok(Some(n)) => decoder.extend(&buf[..n]),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let error = core.connection.closed().await;
+    let reason = close_reason(&error).unwrap_or_else(|| SessionError::Lost(error.to_string()));
+    core.lock().close(reason);
+    core.poke.notify_one();
+}
+
+pub(crate) fn connect_error_to_io(error: &TcpError) -> io::Error {
+    use webnic_stack::ConnectError as C;
+    let kind = match error {
+        TcpError::Connect(C::Refused) => io::ErrorKind::ConnectionRefused,
+        TcpError::Connect(C::TimedOut) => io::ErrorKind::TimedOut,
+        TcpError::Connect(C::NoRoute(_)) => io::ErrorKind::NetworkUnreachable,
+        TcpError::Connect(C::InvalidDestination(_)) => io::ErrorKind::InvalidInput,
+        TcpError::Connect(C::NoFreePort) => io::ErrorKind::AddrNotAvailable,
+        TcpError::Connect(C::Resolve { .. }) => io::ErrorKind::NotFound,
+        TcpError::Reset => io::ErrorKind::ConnectionReset,
+        TcpError::WouldBlock => io::ErrorKind::WouldBlock,
+        TcpError::NotConnected | TcpError::InvalidHandle => io::ErrorKind::NotConnected,
+        TcpError::WriteClosed => io::ErrorKind::BrokenPipe,
+    };
+    io::Error::new(kind, error.clone())
+}
+
+fn dns_error_to_io(error: DnsError) -> io::Error {
+    let kind = match error {
+        DnsError::Failed => io::ErrorKind::NotFound,
+        DnsError::InvalidName => io::ErrorKind::InvalidInput,
+        DnsError::NoServers => io::ErrorKind::NotConnected,
+        DnsError::TooManyQueries => io::ErrorKind::WouldBlock,
+        DnsError::InvalidHandle => io::ErrorKind::InvalidInput,
+    };
+    io::Error::new(kind, error)
+}
