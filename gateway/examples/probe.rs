@@ -76,7 +76,8 @@ async fn main() -> anyhow::Result<()> {
     let Some(IpAddr::V4(me)) = address else {
         bail!("no IPv4 address");
     };
-    let gateway = std::net::Ipv4Addr::new(10, 77, 0, 1);
+    // The gateway holds the first host address of the pool (assumed to be a /24 or larger).
+    let gateway = std::net::Ipv4Addr::from((u32::from(me) & 0xffff_ff00) | 1);
     connection.send_datagram(echo(me, gateway))?;
     let reply = tokio::time::timeout(Duration::from_secs(3), connection.receive_datagram())
         .await

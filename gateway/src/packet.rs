@@ -448,6 +448,14 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn drop_reason_indices_match_all() {
+        for (i, reason) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), i);
+            assert!(!reason.to_string().is_empty());
+        }
+    }
+
+    #[test]
     fn classifies_valid_packets() {
         let addrs = [ip("10.77.0.2"), ip("fd00:77::2")];
         let p = ipv4_packet("10.77.0.2", "1.1.1.1", 17, &[0; 12]);
