@@ -8,7 +8,7 @@
 //! MTU are dropped and counted (`oversize`).
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::pool::Cidr;
@@ -135,6 +135,12 @@ impl TunDevice {
             Some(pool_v6) => {
                 if disable_ipv6.exists() {
                     sys::write_sysctl(&disable_ipv6, "0")?;
+                    // A point-to-point TUN has no routers to solicit and needs no link-local
+                    // address; both would only send kernel noise into the tunnel (counted as
+                    // `no_route`).
+                    let conf = format!("/proc/sys/net/ipv6/conf/{name}");
+                    sys::write_sysctl(Path::new(&format!("{conf}/router_solicitations")), "0")?;
+                    sys::write_sysctl(Path::new(&format!("{conf}/addr_gen_mode")), "1")?;
                 }
                 let address = format!("{}/{}", pool_v6.gateway_address(), pool_v6.prefix_len);
                 // The kernel adds the on-link route for the prefix with the address.
