@@ -72,7 +72,7 @@ pub struct Cli {
     /// Extra subject name for the self-signed certificate (repeatable).
     #[arg(long, value_name = "NAME")]
     pub hostname: Vec<String>,
-    /// Extra allowed web origin, scheme://host[:port], matched exactly (repeatable).
+    /// Extra allowed web origin, `scheme://host[:port]`, matched exactly (repeatable).
     #[arg(long, value_name = "ORIGIN")]
     pub allow_origin: Vec<String>,
     /// Serve Prometheus metrics over HTTP on this address.
