@@ -306,6 +306,24 @@ impl Config {
     }
 }
 
+/// The nameservers of a resolv.conf that a client on the far side of the tunnel can reach:
+/// loopback ones (systemd-resolved's 127.0.0.53, say) answer only on the gateway host itself.
+pub fn reachable_nameservers(resolv_conf: &str) -> Vec<IpAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| {
+            rest.split_whitespace()
+                .next()?
+                .split('%')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .filter(|ip: &IpAddr| !ip.is_loopback() && !ip.is_unspecified())
+        .collect()
+}
+
 impl FileConfig {
     /// Reads and parses a TOML file.
     ///
@@ -371,6 +389,15 @@ mod tests {
         )
         .unwrap();
         let cli = Cli::parse_from(["webnic-gateway", "--mtu", "1300", "--dns", "1.1.1.1"]);
+        assert_eq!(
+            reachable_nameservers(
+                "# comment\nnameserver 127.0.0.53\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\noptions edns0\n"
+            ),
+            [
+                "10.0.0.2".parse::<IpAddr>().unwrap(),
+                "fe80::1".parse().unwrap()
+            ]
+        );
         let c = Config::resolve(cli, file).unwrap();
         assert_eq!(c.listen, "[::]:5000".parse().unwrap());
         assert_eq!(c.pool_v4.to_string(), "10.9.0.0/16");

@@ -28,7 +28,19 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = Config::load(cli)?;
+    let mut config = Config::load(cli)?;
+    if config.dns.is_empty() {
+        // Boring default: the host's own resolvers, when clients can reach them.
+        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        config.dns = webnic_gateway::config::reachable_nameservers(&resolv);
+        if config.dns.is_empty() {
+            tracing::warn!(
+                "no --dns given and /etc/resolv.conf has no resolver clients can reach; clients cannot resolve names"
+            );
+        } else {
+            tracing::info!(dns = ?config.dns, "announcing the host's resolvers (override with --dns)");
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
