@@ -80,10 +80,13 @@ async fn run(cli: Cli) -> Result<()> {
         .await
         .with_context(|| format!("opening a session with {}", cli.gateway))?;
     eprintln!(
-        "webnic: session up, address {}{}, mtu {}",
+        "webnic: session up, address {}{}, mtu {}, max datagram {}",
         client.ipv4().map(|a| a.to_string()).unwrap_or_default(),
         client.ipv6().map(|a| format!(" {a}")).unwrap_or_default(),
-        client.mtu()
+        client.mtu(),
+        client
+            .max_datagram_size()
+            .map_or_else(|| "none".to_owned(), |n| n.to_string())
     );
     match cli.command {
         Command::Nc { host, port } => netcat(&client, &host, port).await,

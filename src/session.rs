@@ -236,6 +236,12 @@ impl Client {
         self.mtu
     }
 
+    /// The largest datagram payload the QUIC path takes right now (it grows with path MTU
+    /// discovery); `None` if the gateway does not do datagrams.
+    pub fn max_datagram_size(&self) -> Option<usize> {
+        self.core.connection.max_datagram_size()
+    }
+
     /// The resolvers the gateway announced.
     pub fn dns_servers(&self) -> Vec<IpAddr> {
         self.dns_servers.clone()
