@@ -28,3 +28,4 @@ pub mod socks5;
 
 pub use session::{Client, ClientStats, ConnectOptions, SessionError};
 pub use sockets::{TcpListener, TcpStream, UdpSocket};
+pub use webnic_stack::{DnsKind, TcpOptions};

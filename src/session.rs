@@ -265,12 +265,24 @@ impl Client {
     /// `ConnectionRefused`, `TimedOut`, `NetworkUnreachable` (no address of that family), or the
     /// session's error.
     pub async fn tcp_connect(&self, remote: SocketAddr) -> io::Result<TcpStream> {
+        self.tcp_connect_with(remote, TcpOptions::default()).await
+    }
+
+    /// [`tcp_connect`](Self::tcp_connect) with explicit buffer sizes, Nagle and keep-alive.
+    ///
+    /// # Errors
+    /// As [`tcp_connect`](Self::tcp_connect).
+    pub async fn tcp_connect_with(
+        &self,
+        remote: SocketAddr,
+        options: TcpOptions,
+    ) -> io::Result<TcpStream> {
         let handle = {
             let mut shared = self.core.lock();
             shared.check_open()?;
             shared
                 .stack
-                .tcp_connect(remote, TcpOptions::default())
+                .tcp_connect(remote, options)
                 .map_err(|e| connect_error_to_io(&TcpError::Connect(e)))?
         };
         self.finish_connect(handle).await
@@ -281,12 +293,26 @@ impl Client {
     /// # Errors
     /// As [`tcp_connect`](Self::tcp_connect), plus `NotFound` when the name does not resolve.
     pub async fn tcp_connect_host(&self, host: &str, port: u16) -> io::Result<TcpStream> {
+        self.tcp_connect_host_with(host, port, TcpOptions::default())
+            .await
+    }
+
+    /// [`tcp_connect_host`](Self::tcp_connect_host) with explicit socket options.
+    ///
+    /// # Errors
+    /// As [`tcp_connect_host`](Self::tcp_connect_host).
+    pub async fn tcp_connect_host_with(
+        &self,
+        host: &str,
+        port: u16,
+        options: TcpOptions,
+    ) -> io::Result<TcpStream> {
         let handle = {
             let mut shared = self.core.lock();
             shared.check_open()?;
             shared
                 .stack
-                .tcp_connect_host(host, port, TcpOptions::default())
+                .tcp_connect_host(host, port, options)
                 .map_err(|e| connect_error_to_io(&TcpError::Connect(e)))?
         };
         self.finish_connect(handle).await
