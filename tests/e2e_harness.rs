@@ -405,3 +405,17 @@ fn dns_query(server: SocketAddr, name: &str, qtype: u16) -> Result<(u8, Vec<Vec<
     }
     Ok((rcode, out))
 }
+
+/// An option passed to `start_gateway` replaces its default: a /29 pool leaves 5 client addresses.
+#[test]
+fn gateway_extra_args_override_defaults() {
+    let topology = Topology::new();
+    let gateway = topology.start_gateway(&["--pool-v4", "10.77.0.0/29"]);
+    let text = gateway.metrics_text();
+    eprintln!("{text}");
+    assert_eq!(
+        gateway.metric("webnic_pool_addresses_free{family=\"ipv4\"}"),
+        5.0,
+        "{text}"
+    );
+}

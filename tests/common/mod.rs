@@ -214,9 +214,18 @@ pub(crate) fn wait_tcp_accepting(addr: SocketAddr, timeout: Duration, what: &Pro
 
 /// Runs a command to completion with a time limit; kills it (by PID) when the limit passes.
 pub(crate) fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    run_with_stdin(cmd, Stdio::null(), timeout)
+}
+
+/// [`run_with_timeout`] with the given stdin (e.g. a `File`).
+pub(crate) fn run_with_stdin(
+    cmd: &mut Command,
+    stdin: impl Into<Stdio>,
+    timeout: Duration,
+) -> Output {
     let described = format!("{cmd:?}");
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -935,8 +944,9 @@ impl Topology {
     // -------------------------------------------------------------------------------- gateway
 
     /// Starts `webnic-gateway` in the gateway namespace and waits until it is ready (it writes its
-    /// certificate hash file once it listens and its TUN is up). `extra_args` come last, so they
-    /// override the defaults.
+    /// certificate hash file once it listens and its TUN is up). An option in `extra_args` replaces
+    /// its default (e.g. `&["--pool-v4", "10.77.0.0/29"]`); keep `--cert-hash-file`, it is how
+    /// readiness is detected.
     pub(crate) fn start_gateway(&self, extra_args: &[&str]) -> GatewayProcess {
         let binary = gateway_binary();
         let dir = self.tmp().join(format!(
@@ -947,23 +957,28 @@ impl Topology {
         let hash_file = dir.join("hash");
         let listen = format!("{}:{GATEWAY_PORT}", self.gw_addr());
         let dns = self.srv_ipv4().to_string();
-        let mut args = vec![
-            binary.to_str().expect("utf-8 path"),
-            "--listen",
-            &listen,
-            "--pool-v4",
-            "10.77.0.0/24",
-            "--pool-v6",
-            "fd00:77::/112",
-            "--tun",
-            "wntun0",
-            "--dns",
-            &dns,
-            "--cert-hash-file",
-            hash_file.to_str().expect("utf-8 path"),
-            "--metrics",
-            "127.0.0.1:9100",
+        let hash_path = hash_file.to_str().expect("utf-8 path");
+        let defaults: [(&str, &str); 7] = [
+            ("--listen", &listen),
+            ("--pool-v4", "10.77.0.0/24"),
+            ("--pool-v6", "fd00:77::/112"),
+            ("--tun", "wntun0"),
+            ("--dns", &dns),
+            ("--cert-hash-file", hash_path),
+            ("--metrics", "127.0.0.1:9100"),
         ];
+        // An option given in `extra_args` replaces its default (clap refuses a repeated option).
+        let overridden = |flag: &str| {
+            extra_args
+                .iter()
+                .any(|arg| *arg == flag || arg.starts_with(&format!("{flag}=")))
+        };
+        let mut args = vec![binary.to_str().expect("utf-8 path")];
+        for (flag, value) in defaults {
+            if !overridden(flag) {
+                args.extend([flag, value]);
+            }
+        }
         args.extend_from_slice(extra_args);
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.gw_ns()]).args(&args);
@@ -1207,4 +1222,103 @@ pub(crate) fn parse_prometheus(text: &str) -> HashMap<String, f64> {
         metrics.insert(key.trim().to_owned(), value);
     }
     metrics
+}
+
+/// Polls (bounded) until `process` exits; returns its exit description ("exit code 0", ...).
+pub(crate) fn wait_exit(process: &Process, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = process.exit_status() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not exit within {timeout:?}\n{}",
+            process.name(),
+            process.logs()
+        );
+        thread::sleep(POLL);
+    }
+}
+
+/// The packet count of the first nft rule line containing `needle` (`... counter packets N bytes M`).
+pub(crate) fn nft_packets(ruleset: &str, needle: &str) -> Option<u64> {
+    let line = ruleset.lines().find(|line| line.contains(needle))?;
+    let mut words = line.split_whitespace();
+    words.find(|w| *w == "packets")?;
+    words.next()?.parse().ok()
+}
+
+// ------------------------------------------------------------------------------------------------
+// Client-side helpers (async)
+
+/// Overall time limit of one end-to-end test.
+pub(crate) const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Awaits `future`, panicking with `what` if it takes longer than `limit`.
+pub(crate) async fn within<F: Future>(limit: Duration, what: &str, future: F) -> F::Output {
+    match tokio::time::timeout(limit, future).await {
+        Ok(output) => output,
+        Err(_) => panic!("{what}: timed out after {limit:?}"),
+    }
+}
+
+/// Connects a library client to `gateway` (30 s limit), panicking with the gateway's logs on error.
+pub(crate) async fn connect_client(gateway: &GatewayProcess) -> webnic::Client {
+    let options = webnic::ConnectOptions::new(gateway.url()).cert_hash(gateway.cert_hash());
+    match within(
+        Duration::from_secs(30),
+        "Client::connect",
+        webnic::Client::connect(options),
+    )
+    .await
+    {
+        Ok(client) => client,
+        Err(e) => panic!(
+            "Client::connect({}) failed: {e}\n{}",
+            gateway.url(),
+            gateway.process.logs()
+        ),
+    }
+}
+
+/// Opens a TCP connection through `client`, writes `data` (in a separate task) then half-closes,
+/// and reads everything the peer sends until its FIN.
+pub(crate) async fn tcp_exchange(
+    client: &webnic::Client,
+    remote: SocketAddr,
+    data: Vec<u8>,
+) -> io::Result<Vec<u8>> {
+    let stream = client.tcp_connect(remote).await?;
+    stream_exchange(stream, data).await
+}
+
+/// Writes `data` to `stream` (in a separate task) then half-closes; reads until the peer's FIN.
+pub(crate) async fn stream_exchange(
+    stream: webnic::TcpStream,
+    data: Vec<u8>,
+) -> io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let expected = data.len();
+    let write = tokio::spawn(async move {
+        writer.write_all(&data).await?;
+        writer.shutdown().await?;
+        Ok::<_, io::Error>(writer)
+    });
+    let mut received = Vec::with_capacity(expected);
+    reader.read_to_end(&mut received).await?;
+    let _writer = write.await.map_err(io::Error::other)??;
+    Ok(received)
+}
+
+/// Asserts `received` is byte-exact `sent`, reporting lengths and hashes (not megabytes of bytes).
+#[track_caller]
+pub(crate) fn assert_same_bytes(received: &[u8], sent: &[u8], what: &str) {
+    assert_eq!(received.len(), sent.len(), "{what}: length differs");
+    assert_eq!(
+        sha256_hex(received),
+        sha256_hex(sent),
+        "{what}: sha256 differs"
+    );
 }
