@@ -191,6 +191,31 @@ fn servers_answer_from_the_gateway_namespace_and_cleanup_is_complete() {
     );
 }
 
+/// The TCP echo neither stalls nor truncates: 32 MiB at full speed, and several slow readers at once.
+#[test]
+fn tcp_echo_handles_bulk_and_slow_readers() {
+    let topology = Topology::new();
+    let echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
+    let gw_ns = topology.gw_ns();
+    let v4 = SocketAddr::new(IpAddr::V4(topology.srv_ipv4()), TCP_ECHO_PORT);
+    let v6 = SocketAddr::new(IpAddr::V6(topology.srv_ipv6()), TCP_ECHO_PORT);
+    assert!(
+        in_netns(&gw_ns, move || tcp_echo_roundtrip(v4, 32 << 20, false)),
+        "32 MiB echo\n{}",
+        echo.logs()
+    );
+    let slow: Vec<_> = [v4, v6, v4, v6]
+        .into_iter()
+        .map(|addr| {
+            let ns = gw_ns.clone();
+            thread::spawn(move || in_netns(&ns, move || tcp_echo_roundtrip(addr, 4 << 20, true)))
+        })
+        .collect();
+    for handle in slow {
+        assert!(handle.join().unwrap(), "slow reader echo\n{}", echo.logs());
+    }
+}
+
 /// The topology is cleaned up when the test panics while servers run.
 #[test]
 fn cleanup_runs_on_panic() {

@@ -826,11 +826,13 @@ impl Topology {
     pub(crate) fn serve_tcp_echo(&self, port: u16) -> Process {
         let listen = format!("TCP6-LISTEN:{port},ipv6only=0,fork,reuseaddr,backlog=64");
         // -t 60: after one direction's EOF, keep echoing for up to 60 s (the default 0.5 s would cut
-        // a slow tunnel's tail off).
+        // a slow tunnel's tail off). EXEC:cat, not PIPE: socat blocks writing a full buffer into its
+        // own pipe, which only it drains (deadlock); EXEC talks to cat over a socketpair, which
+        // select() reports writable only with far more room than one 16 KiB block.
         let process = self.spawn_in(
             &self.srv_ns(),
             &format!("socat-tcp-echo-{port}"),
-            &["socat", "-b", "65536", "-t", "60", &listen, "PIPE"],
+            &["socat", "-b", "16384", "-t", "60", &listen, "EXEC:cat"],
             Vec::new(),
         );
         self.wait_listening(&self.srv_ns(), "tcp", port, &process);
