@@ -479,8 +479,31 @@ impl Client {
     }
 }
 
+/// Kernel buffer asked for the client's UDP socket. The default (≈ 208 KiB) holds only ~160
+/// small packets, and a burst of ACK-carrying datagrams from the gateway overflowed it during
+/// uploads (`UdpRcvbufErrors`), stalling the tunnelled TCP. Capped by `net.core.rmem_max`.
+const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
+
+/// A dual-stack UDP socket (IPv4-only where the host has no IPv6) with enlarged buffers.
+fn bind_udp() -> Result<std::net::UdpSocket, SessionError> {
+    let socket = std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))
+        .or_else(|_| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
+        .map_err(|e| SessionError::Connect(format!("cannot bind a UDP socket: {e}")))?;
+    let state = wtransport::quinn::udp::UdpSocketState::new((&socket).into())
+        .map_err(|e| SessionError::Connect(e.to_string()))?;
+    for result in [
+        state.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER),
+        state.set_send_buffer_size((&socket).into(), SOCKET_BUFFER),
+    ] {
+        if let Err(error) = result {
+            tracing::debug!(%error, "could not enlarge the UDP socket buffer");
+        }
+    }
+    Ok(socket)
+}
+
 fn client_config(options: &ConnectOptions) -> Result<ClientConfig, SessionError> {
-    let builder = ClientConfig::builder().with_bind_default();
+    let builder = ClientConfig::builder().with_bind_socket(bind_udp()?);
     let builder = match &options.cert_hash {
         Some(hex) => {
             let digest = parse_cert_hash(hex)?;

@@ -81,7 +81,7 @@ pub async fn forward(client: Client, listener: TcpListener, target: Destination)
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(%from, target = ?target, %error, "forward: connect failed")
+                    tracing::warn!(%from, target = ?target, %error, "forward: connect failed");
                 }
             }
         });

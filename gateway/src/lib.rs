@@ -34,3 +34,4 @@ pub mod server;
 pub mod session;
 pub mod sys;
 pub mod tun_device;
+pub mod udp_socket;

@@ -116,12 +116,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         None
     };
 
-    let endpoint = Endpoint::server(server_config(&config, identity)).map_err(|source| {
-        StartError::Listen {
-            address: config.listen,
-            source,
-        }
+    let socket = crate::udp_socket::bind(config.listen).map_err(|source| StartError::Listen {
+        address: config.listen,
+        source,
     })?;
+    let endpoint =
+        Endpoint::server(server_config(&config, identity, socket)).map_err(|source| {
+            StartError::Listen {
+                address: config.listen,
+                source,
+            }
+        })?;
     let local = endpoint.local_addr().map_err(|source| StartError::Listen {
         address: config.listen,
         source,
@@ -243,7 +248,7 @@ async fn load_identity(config: &Config) -> Result<Identity, StartError> {
     }
 }
 
-fn server_config(config: &Config, identity: Identity) -> ServerConfig {
+fn server_config(config: &Config, identity: Identity, socket: std::net::UdpSocket) -> ServerConfig {
     let mut transport = wtransport::quinn::TransportConfig::default();
     transport
         .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
@@ -251,7 +256,7 @@ fn server_config(config: &Config, identity: Identity) -> ServerConfig {
         .max_idle_timeout(wtransport::quinn::IdleTimeout::try_from(config.idle_timeout).ok())
         .keep_alive_interval(Some(KEEP_ALIVE.min(config.idle_timeout / 2)));
     ServerConfig::builder()
-        .with_bind_address(config.listen)
+        .with_bind_socket(socket)
         .with_custom_transport(identity, transport)
         .build()
 }

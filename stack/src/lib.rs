@@ -21,6 +21,6 @@ mod stack;
 pub use error::{ConnectError, DnsError, ListenError, PacketError, TcpError, UdpError};
 pub use smoltcp::time::{Duration, Instant};
 pub use stack::{
-    DnsHandle, DnsKind, Event, ListenerHandle, Stack, StackConfig, StackStats, TcpHandle,
-    TcpOptions, UdpHandle, UdpOptions,
+    Congestion, DnsHandle, DnsKind, Event, ListenerHandle, Stack, StackConfig, StackStats,
+    TcpHandle, TcpOptions, UdpHandle, UdpOptions,
 };
