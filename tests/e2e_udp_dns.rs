@@ -7,7 +7,10 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use common::{TEST_TIMEOUT, Topology, UDP_ECHO_PORT, connect_client, random_bytes, within};
+use common::{
+    TCP_ECHO_PORT, TEST_TIMEOUT, Topology, UDP_ECHO_PORT, assert_same_bytes, connect_client,
+    random_bytes, stream_exchange, within,
+};
 
 const DATAGRAMS: u32 = 1000;
 const WINDOW: usize = 32;
@@ -82,9 +85,11 @@ async fn udp_echo_1000_datagrams() {
 async fn dns_resolution_through_the_tunnel() {
     let topology = Topology::new();
     let dnsmasq = topology.serve_dnsmasq();
+    let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
     let gateway = topology.start_gateway(&[]);
     within(TEST_TIMEOUT, "DNS", async {
         let client = connect_client(&gateway).await;
+        assert!(client.mtu() >= 576, "implausible MTU {}", client.mtu());
         let dns = client.dns_servers();
         assert!(
             dns.contains(&IpAddr::V4(topology.srv_ipv4())),
@@ -113,6 +118,18 @@ async fn dns_resolution_through_the_tunnel() {
         )
         .await;
         assert!(missing.is_err(), "nope.test resolved to {missing:?}");
+
+        // Connecting by name resolves through the tunnel too.
+        let stream = client
+            .tcp_connect_host("echo.test", TCP_ECHO_PORT)
+            .await
+            .unwrap_or_else(|e| panic!("tcp_connect_host(echo.test): {e}\n{}", dnsmasq.logs()));
+        assert_eq!(stream.peer_addr().ip(), IpAddr::V4(topology.srv_ipv4()));
+        let data = random_bytes(64 << 10);
+        let echoed = stream_exchange(stream, data.clone())
+            .await
+            .expect("echo via echo.test");
+        assert_same_bytes(&echoed, &data, "echo via echo.test");
         client.close().await;
     })
     .await;
