@@ -654,13 +654,7 @@ impl Stack {
     /// the connection is gone.
     pub fn tcp_recv(&mut self, handle: TcpHandle, buf: &mut [u8]) -> Result<usize, TcpError> {
         let entry = self.tcp.get_mut(&handle.0).ok_or(TcpError::InvalidHandle)?;
-        let socket = match entry.phase {
-            TcpPhase::Socket(socket) => socket,
-            TcpPhase::Resolving { .. } => return Err(TcpError::WouldBlock),
-            TcpPhase::Failed => {
-                return Err(entry.outcome.clone().unwrap_or(TcpError::NotConnected));
-            }
-        };
+        let socket = entry.socket()?;
         let socket = self.sockets.get_mut::<tcp::Socket>(socket);
         match socket.recv_slice(buf) {
             Ok(0) if !buf.is_empty() => {
@@ -702,13 +696,7 @@ impl Stack {
     /// set up; [`TcpError::WriteClosed`] after [`tcp_shutdown`](Self::tcp_shutdown).
     pub fn tcp_send(&mut self, handle: TcpHandle, data: &[u8]) -> Result<usize, TcpError> {
         let entry = self.tcp.get_mut(&handle.0).ok_or(TcpError::InvalidHandle)?;
-        let socket = match entry.phase {
-            TcpPhase::Socket(socket) => socket,
-            TcpPhase::Resolving { .. } => return Err(TcpError::WouldBlock),
-            TcpPhase::Failed => {
-                return Err(entry.outcome.clone().unwrap_or(TcpError::NotConnected));
-            }
-        };
+        let socket = entry.socket()?;
         if entry.closed_locally {
             return Err(TcpError::WriteClosed);
         }
@@ -1407,6 +1395,15 @@ impl std::fmt::Debug for Query {
 }
 
 impl TcpEntry {
+    /// The smoltcp socket, or why there is none to read or write yet (or any more).
+    fn socket(&self) -> Result<SocketHandle, TcpError> {
+        match self.phase {
+            TcpPhase::Socket(socket) => Ok(socket),
+            TcpPhase::Resolving { .. } => Err(TcpError::WouldBlock),
+            TcpPhase::Failed => Err(self.outcome.clone().unwrap_or(TcpError::NotConnected)),
+        }
+    }
+
     fn new(phase: TcpPhase, options: TcpOptions, now: Instant, local_port: Option<u16>) -> Self {
         Self {
             phase,
