@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The one benchmark command: builds release, runs every bench RUNS times (default 3), and writes
+# docs/PERFORMANCE.md from the `RESULT` lines the benches print. Each figure sits next to a
+# baseline measured in the same run, because absolute numbers on shared machines drift.
+#
+#   sudo scripts/bench.sh              # all benches, 3 runs each
+#   sudo RUNS=5 scripts/bench.sh       # more runs
+#   sudo scripts/bench.sh stack_pair   # only the named benches
+#
+# Root because the tunnel bench builds network namespaces. Never run in CI (CI only compiles the
+# benches, through `cargo clippy --all-targets`). criterion's HTML report stays in
+# target/criterion/report/index.html.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "$(id -u)" -ne 0 ]]; then
+    echo "scripts/bench.sh must run as root (the tunnel bench creates network namespaces): sudo scripts/bench.sh" >&2
+    exit 1
+fi
+
+RUNS="${RUNS:-3}"
+ALL_BENCHES=(stack_pair gateway_forward tunnel)
+if (($# > 0)); then
+    BENCHES=("$@")
+else
+    BENCHES=()
+    # Only the benches that exist in this checkout.
+    for bench in "${ALL_BENCHES[@]}"; do
+        [[ -f "benches/$bench.rs" ]] && BENCHES+=("$bench")
+    done
+fi
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "building release binaries (the tunnel bench runs target/release/webnic-gateway)"
+cargo build --release --workspace --bins
+
+log_dir="target/bench-logs"
+mkdir -p "$log_dir"
+results="$log_dir/results.txt"
+: >"$results"
+for bench in "${BENCHES[@]}"; do
+    for run in $(seq 1 "$RUNS"); do
+        step "bench $bench, run $run of $RUNS"
+        log="$log_dir/$bench-$run.log"
+        cargo bench --bench "$bench" 2>&1 | tee "$log"
+        if ! grep -q '^RESULT ' "$log"; then
+            echo "bench $bench printed no RESULT line (see $log)" >&2
+            exit 1
+        fi
+        grep '^RESULT ' "$log" >>"$results"
+    done
+done
+
+step "writing docs/PERFORMANCE.md"
+cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+{
+    echo "# Performance"
+    echo
+    echo "Written by \`scripts/bench.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'); do not edit by hand."
+    echo
+    echo "Every figure is measured next to a baseline in the same run, and the ratio (figure ÷"
+    echo "baseline) is what to compare across machines: absolute numbers on shared machines drift."
+    echo "For a rate, the ratio is the fraction of the baseline reached; for a time (ns, ms, µs), how"
+    echo "many times slower than the baseline. Each row is the run with the median ratio of $RUNS runs."
+    echo
+    echo "| Figure | Value | Unit | Baseline | Baseline value | Ratio |"
+    echo "|---|---:|---|---|---:|---:|"
+    # Names in first-seen order; per name the median run by ratio (column 7).
+    awk '{ print $2 }' "$results" | awk '!seen[$0]++' | while read -r name; do
+        lines="$(awk -v n="$name" '$2 == n' "$results" | sort -g -k7,7)"
+        count="$(printf '%s\n' "$lines" | wc -l)"
+        printf '%s\n' "$lines" | sed -n "$(((count + 1) / 2))p" |
+            awk '{ printf "| %s | %s | %s | %s | %s | %s |\n", $2, $3, $4, $5, $6, $7 }'
+    done
+    echo
+    echo "## What each baseline is"
+    echo
+    echo "- \`stack_pair\` (two webnic-stack instances wired in memory, no I/O): bulk goodput against a"
+    echo "  memcpy of the same bytes through two \`VecDeque<Vec<u8>>\` hops of MTU-sized chunks; 64-byte"
+    echo "  request/response against the same exchange over a \`UnixStream\` pair from one thread;"
+    echo "  1,000 concurrent connections set up and torn down against the kernel over loopback TCP."
+    echo "- \`gateway_forward\` (the gateway's per-packet code without the network, cycling over 1, 100"
+    echo "  and 10,000 sessions): against a bare \`HashMap<IpAddr, VecDeque<Bytes>>\` lookup plus a push"
+    echo "  and pop of a copy of the same packet."
+    echo "- \`tunnel\` (native client → QUIC → gateway → TUN → server namespace): against plain TCP over"
+    echo "  the same veth path, without the tunnel."
+    echo
+    echo "## Machine"
+    echo
+    echo "- CPU: ${cpu_model:-unknown}, \`nproc\` = $(nproc)"
+    echo "- Kernel: $(uname -sr)"
+    echo "- Rust: $(rustc --version)"
+    echo
+    echo "## Reproduce"
+    echo
+    echo '```sh'
+    echo "sudo scripts/bench.sh            # RUNS=5 for more runs; bench names to run only some"
+    echo '```'
+    echo
+    echo "Raw logs: \`target/bench-logs/\`; criterion's HTML report: \`target/criterion/report/index.html\`."
+} >docs/PERFORMANCE.md
+cat docs/PERFORMANCE.md
