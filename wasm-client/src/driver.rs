@@ -1,0 +1,344 @@
+//! The state shared by the page's socket calls and the tasks that drive the stack.
+//!
+//! The page is single-threaded: state lives in a `RefCell`, and no borrow is held across an
+//! `await`. Wakers of wasm-bindgen-futures only queue their task, so waking under a borrow is
+//! safe.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::{Rc, Weak};
+use std::task::{Poll, Waker};
+
+use js_sys::Uint8Array;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::JsFuture;
+use web_sys::{ReadableStreamDefaultReader, WebTransport, WritableStreamDefaultWriter};
+use webnic_stack::protocol::{CapsuleDecoder, ControlMessage};
+use webnic_stack::{ConnectError, Event, Instant, Stack, TcpHandle};
+
+use crate::session::{SessionError, close_reason, js_message, read_chunk};
+
+#[wasm_bindgen]
+extern "C" {
+    // Globals of both Window and WorkerGlobalScope, so the driver runs in either.
+    #[wasm_bindgen(js_namespace = performance, js_name = now)]
+    pub(crate) fn performance_now() -> f64;
+    #[wasm_bindgen(js_namespace = crypto, js_name = getRandomValues)]
+    fn get_random_values(buf: &mut [u8]);
+    #[wasm_bindgen(js_name = setTimeout)]
+    fn set_timeout(callback: &js_sys::Function, ms: f64) -> JsValue;
+    #[wasm_bindgen(js_name = clearTimeout)]
+    fn clear_timeout(id: &JsValue);
+}
+
+/// 64 random bits from `crypto.getRandomValues`.
+pub(crate) fn random_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    get_random_values(&mut bytes);
+    u64::from_le_bytes(bytes)
+}
+
+/// What a parked future waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Interest {
+    TcpConnect(TcpHandle),
+    TcpRead(TcpHandle),
+    TcpWrite(TcpHandle),
+    /// [`crate::Nic::closed`]: only the session's end wakes it.
+    Closed,
+}
+
+/// Everything behind the `RefCell`.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) stack: Stack,
+    wakers: HashMap<Interest, Waker>,
+    /// Outcome of connection attempts, until the connecting future collects it.
+    pub(crate) connect_results: HashMap<TcpHandle, Result<(), ConnectError>>,
+    /// Set once the session is gone; every operation fails with it from then on.
+    pub(crate) closed: Option<SessionError>,
+    /// The driver task, parked until a poke or its timer.
+    driver_waker: Option<Waker>,
+    poked: bool,
+    /// The pending `setTimeout` and the stack time it fires at.
+    timer: Option<(JsValue, Instant)>,
+}
+
+impl Shared {
+    pub(crate) fn park(&mut self, interest: Interest, waker: &Waker) {
+        self.wakers.insert(interest, waker.clone());
+    }
+
+    pub(crate) fn forget(&mut self, interest: Interest) {
+        self.wakers.remove(&interest);
+    }
+
+    fn wake(&mut self, interest: Interest) {
+        if let Some(waker) = self.wakers.remove(&interest) {
+            waker.wake();
+        }
+    }
+
+    fn dispatch(&mut self, event: Event) {
+        match event {
+            Event::TcpConnected(h) => {
+                self.connect_results.insert(h, Ok(()));
+                self.wake(Interest::TcpConnect(h));
+            }
+            Event::TcpConnectFailed(h, error) => {
+                self.connect_results.insert(h, Err(error));
+                self.wake(Interest::TcpConnect(h));
+                self.wake(Interest::TcpRead(h));
+                self.wake(Interest::TcpWrite(h));
+            }
+            Event::TcpReadable(h) => self.wake(Interest::TcpRead(h)),
+            Event::TcpWritable(h) => self.wake(Interest::TcpWrite(h)),
+            Event::TcpReset(h) | Event::TcpClosed(h) => {
+                self.wake(Interest::TcpConnect(h));
+                self.wake(Interest::TcpRead(h));
+                self.wake(Interest::TcpWrite(h));
+            }
+            // Listeners, UDP and stand-alone DNS are not exposed to pages yet.
+            Event::Accept(_)
+            | Event::UdpReadable(_)
+            | Event::UdpWritable(_)
+            | Event::DnsDone(_) => {}
+        }
+    }
+
+    pub(crate) fn close(&mut self, error: SessionError) {
+        if self.closed.is_none() {
+            self.closed = Some(error);
+        }
+        for (_, waker) in self.wakers.drain() {
+            waker.wake();
+        }
+        self.poked = true;
+        if let Some(waker) = self.driver_waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+/// The part of the session every socket call holds.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub(crate) shared: RefCell<Shared>,
+    pub(crate) transport: WebTransport,
+    datagram_writer: WritableStreamDefaultWriter,
+    /// `performance.now()` at stack creation, in ms.
+    epoch: f64,
+    /// Fires the driver's timer; holds only a weak reference, so the session can be dropped.
+    on_timer: Closure<dyn FnMut()>,
+    /// Swallows the rejections of datagram writes nobody awaits (they reject once the session
+    /// is gone, which the session already reports).
+    ignore_rejection: Closure<dyn FnMut(JsValue)>,
+}
+
+impl Core {
+    pub(crate) fn new(
+        stack: Stack,
+        transport: WebTransport,
+        datagram_writer: WritableStreamDefaultWriter,
+        epoch: f64,
+    ) -> Rc<Self> {
+        Rc::new_cyclic(|weak: &Weak<Self>| {
+            let weak = weak.clone();
+            Self {
+                shared: RefCell::new(Shared {
+                    stack,
+                    wakers: HashMap::new(),
+                    connect_results: HashMap::new(),
+                    closed: None,
+                    driver_waker: None,
+                    poked: false,
+                    timer: None,
+                }),
+                transport,
+                datagram_writer,
+                epoch,
+                on_timer: Closure::new(move || {
+                    if let Some(core) = weak.upgrade() {
+                        core.shared.borrow_mut().timer = None;
+                        core.poke();
+                    }
+                }),
+                ignore_rejection: Closure::new(|_: JsValue| {}),
+            }
+        })
+    }
+
+    /// Stack time: ms since the session started, from `performance.now()`.
+    pub(crate) fn now(&self) -> Instant {
+        Instant::from_micros(((performance_now() - self.epoch) * 1000.0) as i64)
+    }
+
+    /// Wakes the driver after a socket call changed the stack.
+    pub(crate) fn poke(&self) {
+        let mut shared = self.shared.borrow_mut();
+        shared.poked = true;
+        if let Some(waker) = shared.driver_waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// The error every operation returns once the session is closed.
+    pub(crate) fn check_open(&self) -> Result<(), SessionError> {
+        match &self.shared.borrow().closed {
+            None => Ok(()),
+            Some(error) => Err(error.clone()),
+        }
+    }
+
+    /// Arms the timer for `at` unless an earlier one is pending.
+    fn arm_timer(&self, at: Instant) {
+        let mut shared = self.shared.borrow_mut();
+        if let Some((id, pending_at)) = &shared.timer {
+            if *pending_at <= at {
+                return;
+            }
+            clear_timeout(id);
+        }
+        let delay_ms = (at - self.now().min(at)).micros() as f64 / 1000.0;
+        let id = set_timeout(self.on_timer.as_ref().unchecked_ref(), delay_ms);
+        shared.timer = Some((id, at));
+    }
+
+    /// Waits for a poke (socket call, packet, timer).
+    async fn parked(&self) {
+        std::future::poll_fn(|cx| {
+            let mut shared = self.shared.borrow_mut();
+            if shared.poked {
+                shared.poked = false;
+                return Poll::Ready(());
+            }
+            shared.driver_waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+    }
+}
+
+/// Feeds the gateway's datagrams into the stack until the session ends. It never pauses for
+/// the page: a stalled reader makes Chromium drop datagrams.
+pub(crate) async fn read_datagrams(core: Rc<Core>, reader: ReadableStreamDefaultReader) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let chunk = match read_chunk(&reader).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => {
+                core.shared
+                    .borrow_mut()
+                    .close(SessionError::Lost("datagram stream ended".into()));
+                return;
+            }
+            Err(error) => {
+                core.shared
+                    .borrow_mut()
+                    .close(SessionError::Lost(js_message(&error)));
+                return;
+            }
+        };
+        let len = chunk.length() as usize;
+        if len > buf.len() {
+            continue;
+        }
+        chunk.copy_to(&mut buf[..len]);
+        {
+            let mut shared = core.shared.borrow_mut();
+            let now = core.now();
+            // A malformed or unroutable packet is the gateway's or the peer's problem, not the
+            // session's: the stack counts it and we carry on.
+            let _ = shared.stack.handle_packet(now, &buf[..len]);
+        }
+        core.poke();
+    }
+}
+
+/// Follows the control stream after the handshake (DNS updates, the close reason), then waits
+/// for the session's end and fails every socket with its reason.
+pub(crate) async fn read_control(
+    core: Rc<Core>,
+    reader: ReadableStreamDefaultReader,
+    mut decoder: CapsuleDecoder,
+    _writer: WritableStreamDefaultWriter,
+) {
+    'stream: loop {
+        loop {
+            match decoder.next_message() {
+                Ok(Some(ControlMessage::DnsServers(servers))) => {
+                    core.shared.borrow_mut().stack.set_dns_servers(&servers);
+                }
+                Ok(Some(ControlMessage::Close { code, reason })) => {
+                    core.shared
+                        .borrow_mut()
+                        .close(SessionError::Closed { code, reason });
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => break 'stream,
+            }
+        }
+        match read_chunk(&reader).await {
+            Ok(Some(chunk)) => decoder.extend(&chunk.to_vec()),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let reason = close_reason(&core.transport)
+        .await
+        .unwrap_or_else(|| SessionError::Lost("the WebTransport session ended".into()));
+    core.shared.borrow_mut().close(reason);
+}
+
+/// Polls the stack, writes its packets as datagrams, and sleeps until the next packet, socket
+/// call or timer. Mirrors the native client's driver.
+pub(crate) async fn drive(core: Rc<Core>) {
+    let mut outgoing = Vec::new();
+    loop {
+        let deadline = {
+            let mut shared = core.shared.borrow_mut();
+            if shared.closed.is_some() {
+                if let Some((id, _)) = shared.timer.take() {
+                    clear_timeout(&id);
+                }
+                return;
+            }
+            shared.poked = false;
+            let now = core.now();
+            shared.stack.poll(now);
+            while let Some(packet) = shared.stack.poll_transmit() {
+                outgoing.push(packet);
+            }
+            while let Some(event) = shared.stack.poll_event() {
+                shared.dispatch(event);
+            }
+            shared.stack.poll_timeout()
+        };
+        let sent_any = !outgoing.is_empty();
+        for packet in outgoing.drain(..) {
+            // Waiting for room (instead of letting the browser drop datagrams past its high
+            // water mark) turns a full datagram queue into TCP backpressure.
+            if matches!(core.datagram_writer.desired_size(), Ok(Some(room)) if room <= 0.0)
+                && let Err(error) = JsFuture::from(core.datagram_writer.ready()).await
+            {
+                core.shared
+                    .borrow_mut()
+                    .close(SessionError::Lost(js_message(&error)));
+                return;
+            }
+            let written = core
+                .datagram_writer
+                .write_with_chunk(&Uint8Array::from(&packet[..]));
+            let _ = written.catch(&core.ignore_rejection);
+            core.shared.borrow_mut().stack.recycle(packet);
+        }
+        if sent_any {
+            // Sending may have let acknowledgements in; the stack may have more to say.
+            continue;
+        }
+        if let Some(at) = deadline {
+            core.arm_timer(at);
+        }
+        core.parked().await;
+    }
+}
