@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::policy::{DestRule, EgressPolicy, parse_ports};
 use crate::pool::{Cidr, PoolError};
 
 /// Default UDP listen address.
@@ -84,6 +85,22 @@ pub struct Cli {
     /// QUIC idle timeout in seconds [default: 30].
     #[arg(long, value_name = "SECS")]
     pub idle_timeout: Option<u64>,
+    /// Allow destinations the default policy refuses: `CIDR[:PORTS]`, e.g. `10.1.2.0/24` or
+    /// `fd00:1::/64:80,443` (repeatable). The gateway's own addresses stay refused.
+    #[arg(long, value_name = "CIDR[:PORTS]")]
+    pub allow_dest: Vec<String>,
+    /// Refuse destinations, `CIDR[:PORTS]` (repeatable); wins over every allow rule.
+    #[arg(long, value_name = "CIDR[:PORTS]")]
+    pub deny_dest: Vec<String>,
+    /// Allow TCP ports denied by default (25), e.g. `25` (repeatable).
+    #[arg(long, value_name = "PORTS")]
+    pub allow_port: Vec<String>,
+    /// Refuse TCP/UDP destination ports everywhere, e.g. `6667` or `135-139` (repeatable).
+    #[arg(long, value_name = "PORTS")]
+    pub deny_port: Vec<String>,
+    /// Let clients reach each other's pool addresses.
+    #[arg(long)]
+    pub allow_client_to_client: bool,
 }
 
 /// The configuration file: the same settings as [`Cli`].
@@ -124,6 +141,21 @@ pub struct FileConfig {
     pub cert_hash_file: Option<PathBuf>,
     /// See [`Cli::idle_timeout`].
     pub idle_timeout: Option<u64>,
+    /// See [`Cli::allow_dest`].
+    #[serde(default)]
+    pub allow_dest: Vec<String>,
+    /// See [`Cli::deny_dest`].
+    #[serde(default)]
+    pub deny_dest: Vec<String>,
+    /// See [`Cli::allow_port`].
+    #[serde(default)]
+    pub allow_port: Vec<String>,
+    /// See [`Cli::deny_port`].
+    #[serde(default)]
+    pub deny_port: Vec<String>,
+    /// See [`Cli::allow_client_to_client`].
+    #[serde(default)]
+    pub allow_client_to_client: bool,
 }
 
 /// Why the configuration is unusable.
@@ -189,6 +221,8 @@ pub struct Config {
     pub cert_hash_file: Option<PathBuf>,
     /// QUIC idle timeout.
     pub idle_timeout: Duration,
+    /// The egress policy's rules (host addresses and pools are added at startup).
+    pub policy: EgressPolicy,
 }
 
 impl Config {
@@ -284,7 +318,34 @@ impl Config {
                 "idle_timeout must be at least 1 second".to_owned(),
             ));
         }
+        let rules = |texts: Vec<String>, option: &str| {
+            texts
+                .iter()
+                .map(|text| {
+                    text.parse::<DestRule>()
+                        .map_err(|error| ConfigError::Invalid(format!("{option} {text}: {error}")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let ports = |texts: Vec<String>, option: &str| {
+            let mut all = Vec::new();
+            for text in texts {
+                all.extend(
+                    parse_ports(&text)
+                        .map_err(|error| ConfigError::Invalid(format!("{option}: {error}")))?,
+                );
+            }
+            Ok::<_, ConfigError>(all)
+        };
+        let policy = EgressPolicy::new(
+            rules(prefer_cli(cli.allow_dest, file.allow_dest), "allow_dest")?,
+            rules(prefer_cli(cli.deny_dest, file.deny_dest), "deny_dest")?,
+            ports(prefer_cli(cli.allow_port, file.allow_port), "allow_port")?,
+            ports(prefer_cli(cli.deny_port, file.deny_port), "deny_port")?,
+            cli.allow_client_to_client || file.allow_client_to_client,
+        );
         Ok(Self {
+            policy,
             listen,
             pool_v4,
             pool_v6,

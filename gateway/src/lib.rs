@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod nat;
 pub mod origin;
 pub mod packet;
+pub mod policy;
 pub mod pool;
 pub mod queue;
 pub mod server;

@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::packet::DropReason;
+use crate::policy::DenyClass;
 
 /// Why the gateway refused a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -87,6 +88,8 @@ pub struct Metrics {
     bytes: [AtomicU64; 2],
     dropped: [AtomicU64; DropReason::ALL.len()],
     refused: [AtomicU64; RefusalReason::ALL.len()],
+    policy_refused: [AtomicU64; DenyClass::ALL.len()],
+    icmp_prohibited_sent: AtomicU64,
     pool_in_use: [AtomicU64; 2],
     pool_free: [AtomicU64; 2],
     pool_configured: [AtomicU64; 2],
@@ -128,6 +131,18 @@ impl Metrics {
     /// Packets dropped for `reason` so far.
     pub fn dropped_count(&self, reason: DropReason) -> u64 {
         self.dropped[reason.index()].load(Ordering::Relaxed)
+    }
+
+    /// One client packet refused by the egress policy for `class` (also counted as a
+    /// [`DropReason::Policy`] drop).
+    pub fn policy_refused(&self, class: DenyClass) {
+        self.dropped(DropReason::Policy);
+        self.policy_refused[class.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One ICMP administratively-prohibited reply queued to a client.
+    pub fn icmp_prohibited_sent(&self) {
+        self.icmp_prohibited_sent.fetch_add(1, Ordering::Relaxed);
     }
 
     /// One session refused for `reason`.
@@ -215,6 +230,26 @@ impl Metrics {
                 load(&self.dropped[reason.index()])
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP webnic_policy_refused_packets_total Client packets refused by the egress policy, by destination class.\n\
+             # TYPE webnic_policy_refused_packets_total counter"
+        );
+        for class in DenyClass::ALL {
+            let _ = writeln!(
+                out,
+                "webnic_policy_refused_packets_total{{class=\"{}\"}} {}",
+                class.label(),
+                load(&self.policy_refused[class.index()])
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP webnic_icmp_prohibited_sent_total ICMP administratively-prohibited replies sent to clients (rate-limited per session).\n\
+             # TYPE webnic_icmp_prohibited_sent_total counter\n\
+             webnic_icmp_prohibited_sent_total {}",
+            load(&self.icmp_prohibited_sent)
+        );
         let _ = writeln!(
             out,
             "# HELP webnic_refused_sessions_total Sessions refused, by reason.\n\
@@ -314,6 +349,13 @@ mod tests {
         assert!(text.contains("webnic_bytes_total{direction=\"to_client\"} 100\n"));
         assert!(text.contains("webnic_pool_addresses_free{family=\"ipv4\"} 252\n"));
         assert!(!text.contains("family=\"ipv6\""));
+        m.policy_refused(DenyClass::Platform);
+        let text = m.render();
+        assert!(text.contains("webnic_dropped_packets_total{reason=\"policy\"} 1\n"));
+        assert!(text.contains("webnic_dropped_packets_total{reason=\"ip_options\"} 0\n"));
+        assert!(text.contains("webnic_policy_refused_packets_total{class=\"platform\"} 1\n"));
+        assert!(text.contains("webnic_policy_refused_packets_total{class=\"port\"} 0\n"));
+        assert!(text.contains("webnic_icmp_prohibited_sent_total 0\n"));
     }
 
     #[tokio::test]

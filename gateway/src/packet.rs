@@ -27,11 +27,28 @@ pub enum DropReason {
     TxOversize,
     /// QUIC refused the datagram (connection lost, datagrams unsupported).
     SendFailed,
+    /// IPv4 with options (IHL > 5): options such as source routing are never needed by a
+    /// client and have a history of abuse.
+    IpOptions,
+    /// An IPv4 fragment (MF set or offset != 0): fragments hide the transport header from the
+    /// policy check.
+    Fragment,
+    /// IPv6 with an extension header (hop-by-hop, routing, fragment, destination options...):
+    /// only TCP, UDP and ICMPv6 directly after the fixed header are forwarded.
+    ExtensionHeader,
+    /// A transport protocol other than TCP, UDP, ICMP/ICMPv6.
+    Protocol,
+    /// A TCP/UDP/ICMP packet too short for its own header.
+    TransportTruncated,
+    /// The source is the unspecified address or an IPv4-mapped IPv6 address.
+    BadSource,
+    /// The egress policy refused the destination (see [`crate::policy`]).
+    Policy,
 }
 
 impl DropReason {
     /// Every reason, in the order the metrics list them.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 15] = [
         Self::Malformed,
         Self::Spoofed,
         Self::NoRoute,
@@ -40,6 +57,13 @@ impl DropReason {
         Self::TunWrite,
         Self::TxOversize,
         Self::SendFailed,
+        Self::IpOptions,
+        Self::Fragment,
+        Self::ExtensionHeader,
+        Self::Protocol,
+        Self::TransportTruncated,
+        Self::BadSource,
+        Self::Policy,
     ];
 
     /// The metric label value.
@@ -53,6 +77,13 @@ impl DropReason {
             Self::TunWrite => "tun_write",
             Self::TxOversize => "tx_oversize",
             Self::SendFailed => "send_failed",
+            Self::IpOptions => "ip_options",
+            Self::Fragment => "fragment",
+            Self::ExtensionHeader => "extension_header",
+            Self::Protocol => "protocol",
+            Self::TransportTruncated => "transport_truncated",
+            Self::BadSource => "bad_source",
+            Self::Policy => "policy",
         }
     }
 
@@ -73,6 +104,13 @@ impl fmt::Display for DropReason {
             Self::TunWrite => "TUN write failed",
             Self::TxOversize => "larger than the QUIC datagram limit",
             Self::SendFailed => "QUIC datagram send failed",
+            Self::IpOptions => "IPv4 options",
+            Self::Fragment => "IPv4 fragment",
+            Self::ExtensionHeader => "IPv6 extension header",
+            Self::Protocol => "transport protocol not TCP, UDP or ICMP",
+            Self::TransportTruncated => "transport header truncated",
+            Self::BadSource => "unspecified or IPv4-mapped source",
+            Self::Policy => "refused by the egress policy",
         })
     }
 }
@@ -84,25 +122,45 @@ pub struct Classified {
     pub source: IpAddr,
     /// Destination address.
     pub destination: IpAddr,
+    /// Transport protocol: [`PROTO_TCP`], [`PROTO_UDP`], [`PROTO_ICMP`] or [`PROTO_ICMPV6`].
+    pub protocol: u8,
+    /// Destination port for TCP and UDP; `None` for ICMP.
+    pub destination_port: Option<u16>,
 }
 
 const IPV4_HEADER_LEN: usize = 20;
 const IPV6_HEADER_LEN: usize = 40;
-const PROTO_TCP: u8 = 6;
-const PROTO_ICMP: u8 = 1;
+/// IP protocol number of TCP.
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const PROTO_UDP: u8 = 17;
+/// IP protocol number of ICMP.
+pub const PROTO_ICMP: u8 = 1;
+/// IPv6 next-header value of ICMPv6.
+pub const PROTO_ICMPV6: u8 = 58;
+const TCP_HEADER_LEN: usize = 20;
+const UDP_HEADER_LEN: usize = 8;
+const ICMP_HEADER_LEN: usize = 8;
 
-/// Checks a packet received from a client: it must be exactly one valid IPv4 packet (version 4,
-/// IHL >= 5, total length equal to the datagram length, valid header checksum) or IPv6 packet
-/// (payload length + 40 equal to the datagram length), and its source must be one of
-/// `session_addrs`.
+/// Checks a packet received from a client, in this order:
+///
+/// 1. exactly one well-formed IPv4 packet (version 4, IHL >= 5, total length equal to the
+///    datagram length, valid header checksum) or IPv6 packet (payload length + 40 equal to the
+///    datagram length) — else [`DropReason::Malformed`];
+/// 2. a source that is neither unspecified nor IPv4-mapped ([`DropReason::BadSource`]) and is
+///    one of `session_addrs` ([`DropReason::Spoofed`]);
+/// 3. no IPv4 options ([`DropReason::IpOptions`]), no IPv4 fragment ([`DropReason::Fragment`]),
+///    no IPv6 extension header ([`DropReason::ExtensionHeader`]);
+/// 4. TCP, UDP or ICMP/ICMPv6 ([`DropReason::Protocol`]) with room for its header
+///    ([`DropReason::TransportTruncated`]).
 ///
 /// # Errors
-/// [`DropReason::Malformed`] or [`DropReason::Spoofed`].
+/// The first [`DropReason`] that applies.
 pub fn classify_from_client(
     packet: &[u8],
     session_addrs: &[IpAddr],
 ) -> Result<Classified, DropReason> {
-    let (source, destination) = match packet.first().map(|b| b >> 4) {
+    let (source, destination, header_len, protocol) = match packet.first().map(|b| b >> 4) {
         Some(4) => {
             if packet.len() < IPV4_HEADER_LEN {
                 return Err(DropReason::Malformed);
@@ -116,7 +174,12 @@ pub fn classify_from_client(
             {
                 return Err(DropReason::Malformed);
             }
-            (ipv4_at(packet, 12), ipv4_at(packet, 16))
+            (
+                ipv4_at(packet, 12),
+                ipv4_at(packet, 16),
+                header_len,
+                packet[9],
+            )
         }
         Some(6) => {
             if packet.len() < IPV6_HEADER_LEN {
@@ -126,16 +189,73 @@ pub fn classify_from_client(
             if payload_len + IPV6_HEADER_LEN != packet.len() {
                 return Err(DropReason::Malformed);
             }
-            (ipv6_at(packet, 8), ipv6_at(packet, 24))
+            (
+                ipv6_at(packet, 8),
+                ipv6_at(packet, 24),
+                IPV6_HEADER_LEN,
+                packet[6],
+            )
         }
         _ => return Err(DropReason::Malformed),
     };
+    let bad_source = match source {
+        IpAddr::V4(v4) => v4.is_unspecified(),
+        IpAddr::V6(v6) => v6.is_unspecified() || v6.to_ipv4_mapped().is_some(),
+    };
+    if bad_source {
+        return Err(DropReason::BadSource);
+    }
     if !session_addrs.contains(&source) {
         return Err(DropReason::Spoofed);
     }
+    if source.is_ipv4() {
+        if header_len > IPV4_HEADER_LEN {
+            return Err(DropReason::IpOptions);
+        }
+        // MF (0x2000) or a non-zero offset (low 13 bits).
+        if u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff != 0 {
+            return Err(DropReason::Fragment);
+        }
+    }
+    let transport = &packet[header_len..];
+    let destination_port = match (protocol, source) {
+        (PROTO_TCP, _) => {
+            let data_offset = transport.get(12).map(|b| usize::from(b >> 4) * 4);
+            match data_offset {
+                Some(offset) if offset >= TCP_HEADER_LEN && offset <= transport.len() => {}
+                _ => return Err(DropReason::TransportTruncated),
+            }
+            Some(u16::from_be_bytes([transport[2], transport[3]]))
+        }
+        (PROTO_UDP, _) => {
+            let Some(length) = transport.get(4..6) else {
+                return Err(DropReason::TransportTruncated);
+            };
+            let length = usize::from(u16::from_be_bytes([length[0], length[1]]));
+            if length < UDP_HEADER_LEN || length > transport.len() {
+                return Err(DropReason::TransportTruncated);
+            }
+            Some(u16::from_be_bytes([transport[2], transport[3]]))
+        }
+        (PROTO_ICMP, IpAddr::V4(_)) | (PROTO_ICMPV6, IpAddr::V6(_)) => {
+            if transport.len() < ICMP_HEADER_LEN {
+                return Err(DropReason::TransportTruncated);
+            }
+            None
+        }
+        // Every IPv6 extension header (hop-by-hop 0, routing 43, fragment 44, ESP 50, AH 51,
+        // destination options 60, mobility 135, HIP 139, shim6 140, experimental 253/254) and
+        // "no next header" 59.
+        (0 | 43 | 44 | 50 | 51 | 59 | 60 | 135 | 139 | 140 | 253 | 254, IpAddr::V6(_)) => {
+            return Err(DropReason::ExtensionHeader);
+        }
+        _ => return Err(DropReason::Protocol),
+    };
     Ok(Classified {
         source,
         destination,
+        protocol,
+        destination_port,
     })
 }
 
@@ -344,6 +464,97 @@ pub fn icmp_frag_needed(original: &[u8], gateway: Ipv4Addr, next_hop_mtu: u16) -
     Some(out)
 }
 
+/// ICMP "communication administratively prohibited": Destination Unreachable code 13 (RFC 1812
+/// §5.2.7.1) for IPv4, Destination Unreachable code 1 (RFC 4443 §3.1) for IPv6.
+///
+/// Built from `from` (the gateway's address on the client link) to the source of `original`,
+/// quoting `original` as RFC 792 (IP header + 8 bytes) and RFC 4443 (as much as fits in the
+/// IPv6 minimum MTU of 1280) ask, with valid checksums. An IPv6 reply is also kept within
+/// `max_len` (the client link MTU) so it fits a datagram.
+///
+/// Returns `None` where no ICMP error may be sent (RFC 1122 §3.2.2, RFC 4443 §2.4): `original`
+/// is malformed, a non-first fragment, an ICMP error itself (only echo requests and other
+/// informational messages are answered), or `from` is of the other family.
+pub fn icmp_prohibited(original: &[u8], from: IpAddr, max_len: usize) -> Option<Vec<u8>> {
+    match (original.first()? >> 4, from) {
+        (4, IpAddr::V4(from)) => icmpv4_prohibited(original, from),
+        (6, IpAddr::V6(from)) => icmpv6_prohibited(original, from, max_len),
+        _ => None,
+    }
+}
+
+fn icmpv4_prohibited(original: &[u8], from: Ipv4Addr) -> Option<Vec<u8>> {
+    if original.len() < IPV4_HEADER_LEN {
+        return None;
+    }
+    let header_len = usize::from(original[0] & 0x0f) * 4;
+    if header_len < IPV4_HEADER_LEN || header_len > original.len() {
+        return None;
+    }
+    if u16::from_be_bytes([original[6], original[7]]) & 0x1fff != 0 {
+        return None;
+    }
+    // Only an echo request (8) may be answered with an error; anything else could be one.
+    if original[9] == PROTO_ICMP && original.get(header_len) != Some(&8) {
+        return None;
+    }
+    let quoted = &original[..(header_len + 8).min(original.len())];
+    let total = IPV4_HEADER_LEN + ICMP_HEADER_LEN + quoted.len();
+    let mut out = vec![0u8; total];
+    out[0] = 0x45;
+    out[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    out[8] = 64; // TTL
+    out[9] = PROTO_ICMP;
+    out[12..16].copy_from_slice(&from.octets());
+    out[16..20].copy_from_slice(&original[12..16]);
+    let ip_checksum = internet_checksum(&out[..IPV4_HEADER_LEN]);
+    out[10..12].copy_from_slice(&ip_checksum.to_be_bytes());
+    let icmp = &mut out[IPV4_HEADER_LEN..];
+    icmp[0] = 3; // Destination Unreachable
+    icmp[1] = 13; // Communication administratively prohibited
+    icmp[8..].copy_from_slice(quoted);
+    let icmp_checksum = internet_checksum(icmp);
+    icmp[2..4].copy_from_slice(&icmp_checksum.to_be_bytes());
+    Some(out)
+}
+
+fn icmpv6_prohibited(original: &[u8], from: Ipv6Addr, max_len: usize) -> Option<Vec<u8>> {
+    /// The IPv6 minimum MTU: an ICMPv6 error must not exceed it (RFC 4443 §2.4 (c)).
+    const MIN_MTU: usize = 1280;
+    if original.len() < IPV6_HEADER_LEN {
+        return None;
+    }
+    // Informational ICMPv6 messages have types >= 128; errors must not be answered.
+    if original[6] == PROTO_ICMPV6
+        && original
+            .get(IPV6_HEADER_LEN)
+            .is_none_or(|icmp_type| *icmp_type < 128)
+    {
+        return None;
+    }
+    let room = max_len
+        .min(MIN_MTU)
+        .checked_sub(IPV6_HEADER_LEN + ICMP_HEADER_LEN + IPV6_HEADER_LEN)?
+        + IPV6_HEADER_LEN;
+    let quoted = &original[..original.len().min(room)];
+    let icmp_len = ICMP_HEADER_LEN + quoted.len();
+    let mut out = vec![0u8; IPV6_HEADER_LEN + icmp_len];
+    out[0] = 0x60;
+    out[4..6].copy_from_slice(&(icmp_len as u16).to_be_bytes());
+    out[6] = PROTO_ICMPV6;
+    out[7] = 64; // hop limit
+    out[8..24].copy_from_slice(&from.octets());
+    out[24..40].copy_from_slice(&original[8..24]);
+    let destination = ipv6_at(original, 8);
+    let icmp = &mut out[IPV6_HEADER_LEN..];
+    icmp[0] = 1; // Destination Unreachable
+    icmp[1] = 1; // Communication with destination administratively prohibited
+    icmp[8..].copy_from_slice(quoted);
+    let checksum = transport_checksum(IpAddr::V6(from), destination, PROTO_ICMPV6, icmp);
+    icmp[2..4].copy_from_slice(&checksum.to_be_bytes());
+    Some(out)
+}
+
 /// The TCP/UDP checksum over the pseudo-header and `segment`; 0 when `segment` carries a valid
 /// checksum. Used by tests and available to benches.
 pub fn transport_checksum(
@@ -458,18 +669,221 @@ pub(crate) mod tests {
     #[test]
     fn classifies_valid_packets() {
         let addrs = [ip("10.77.0.2"), ip("fd00:77::2")];
-        let p = ipv4_packet("10.77.0.2", "1.1.1.1", 17, &[0; 12]);
+        let p = ipv4_packet("10.77.0.2", "1.1.1.1", 17, &udp_header(53, 12));
         assert_eq!(
             classify_from_client(&p, &addrs),
             Ok(Classified {
                 source: ip("10.77.0.2"),
-                destination: ip("1.1.1.1")
+                destination: ip("1.1.1.1"),
+                protocol: PROTO_UDP,
+                destination_port: Some(53),
             })
         );
-        let p = ipv6_packet("fd00:77::2", "2001:db8::1", 17, &[0; 12]);
+        let p = ipv6_packet("fd00:77::2", "2001:db8::1", 17, &udp_header(443, 12));
+        let c = classify_from_client(&p, &addrs).unwrap();
+        assert_eq!(c.destination, ip("2001:db8::1"));
+        assert_eq!(c.destination_port, Some(443));
+        let syn = tcp_syn("10.77.0.2", "1.1.1.1", &[], false);
+        let c = classify_from_client(&syn, &addrs).unwrap();
+        assert_eq!((c.protocol, c.destination_port), (PROTO_TCP, Some(80)));
+        let echo = ipv4_packet(
+            "10.77.0.2",
+            "1.1.1.1",
+            PROTO_ICMP,
+            &[8, 0, 0, 0, 0, 1, 0, 1],
+        );
+        let c = classify_from_client(&echo, &addrs).unwrap();
+        assert_eq!((c.protocol, c.destination_port), (PROTO_ICMP, None));
+        let echo6 = ipv6_packet(
+            "fd00:77::2",
+            "2001:db8::1",
+            PROTO_ICMPV6,
+            &[128, 0, 0, 0, 0, 1, 0, 1],
+        );
+        assert!(classify_from_client(&echo6, &addrs).is_ok());
+    }
+
+    /// A UDP header for `port` with `payload_len` zero bytes after it (checksum 0: "none").
+    fn udp_header(port: u16, payload_len: usize) -> Vec<u8> {
+        let mut udp = vec![0u8; 8 + payload_len];
+        udp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        udp[2..4].copy_from_slice(&port.to_be_bytes());
+        udp[4..6].copy_from_slice(&((8 + payload_len) as u16).to_be_bytes());
+        udp
+    }
+
+    /// `packet` with the IPv4 header checksum recomputed after an edit.
+    fn fix_ipv4_checksum(mut packet: Vec<u8>) -> Vec<u8> {
+        let header_len = usize::from(packet[0] & 0x0f) * 4;
+        packet[10..12].copy_from_slice(&[0, 0]);
+        let c = internet_checksum(&packet[..header_len]);
+        packet[10..12].copy_from_slice(&c.to_be_bytes());
+        packet
+    }
+
+    #[test]
+    fn strict_classification_reasons() {
+        let addrs = [ip("10.77.0.2"), ip("fd00:77::2")];
+        let check = |packet: &[u8], expected: DropReason, what: &str| {
+            assert_eq!(
+                classify_from_client(packet, &addrs),
+                Err(expected),
+                "{what}"
+            );
+        };
+        // IPv4 with options: IHL 6 with a 4-byte NOP option (valid checksum).
+        let plain = ipv4_packet("10.77.0.2", "1.1.1.1", 17, &udp_header(53, 4));
+        let mut with_options = plain[..20].to_vec();
+        with_options[0] = 0x46;
+        with_options.extend_from_slice(&[1, 1, 1, 0]);
+        with_options.extend_from_slice(&plain[20..]);
+        let total = with_options.len() as u16;
+        with_options[2..4].copy_from_slice(&total.to_be_bytes());
+        check(
+            &fix_ipv4_checksum(with_options),
+            DropReason::IpOptions,
+            "options",
+        );
+        // Fragments: MF set, and a non-zero offset.
+        let mut first = plain.clone();
+        first[6] = 0x20;
+        check(&fix_ipv4_checksum(first), DropReason::Fragment, "MF");
+        let mut later = plain.clone();
+        later[6] = 0x00;
+        later[7] = 0x10;
+        check(&fix_ipv4_checksum(later), DropReason::Fragment, "offset");
+        // IPv6 extension headers, each directly after the fixed header.
+        for next in [0u8, 43, 44, 50, 51, 59, 60, 135, 139, 140, 253, 254] {
+            let p = ipv6_packet(
+                "fd00:77::2",
+                "2001:db8::1",
+                next,
+                &[17, 0, 0, 0, 0, 0, 0, 0],
+            );
+            check(
+                &p,
+                DropReason::ExtensionHeader,
+                &format!("next header {next}"),
+            );
+        }
+        // Other protocols: GRE (47) over IPv4, SCTP (132) over IPv6, ICMPv6 inside IPv4.
+        check(
+            &ipv4_packet("10.77.0.2", "1.1.1.1", 47, &[0; 8]),
+            DropReason::Protocol,
+            "GRE",
+        );
+        check(
+            &ipv6_packet("fd00:77::2", "2001:db8::1", 132, &[0; 12]),
+            DropReason::Protocol,
+            "SCTP",
+        );
+        check(
+            &ipv4_packet("10.77.0.2", "1.1.1.1", PROTO_ICMPV6, &[0; 8]),
+            DropReason::Protocol,
+            "ICMPv6 over IPv4",
+        );
+        // Truncated transport headers.
+        check(
+            &ipv4_packet("10.77.0.2", "1.1.1.1", 6, &[0; 19]),
+            DropReason::TransportTruncated,
+            "TCP 19",
+        );
+        let mut bad_offset = tcp_syn("10.77.0.2", "1.1.1.1", &[], false);
+        bad_offset[20 + 12] = 0xf0; // data offset 60 > 20 bytes present
+        check(
+            &bad_offset,
+            DropReason::TransportTruncated,
+            "TCP data offset",
+        );
+        let mut tiny_offset = tcp_syn("10.77.0.2", "1.1.1.1", &[], false);
+        tiny_offset[20 + 12] = 0x40; // data offset 16 < 20
+        check(
+            &tiny_offset,
+            DropReason::TransportTruncated,
+            "TCP data offset < 5",
+        );
+        check(
+            &ipv4_packet("10.77.0.2", "1.1.1.1", 17, &[0; 7]),
+            DropReason::TransportTruncated,
+            "UDP 7",
+        );
+        let mut long_udp = udp_header(53, 4);
+        long_udp[4..6].copy_from_slice(&100u16.to_be_bytes());
+        check(
+            &ipv4_packet("10.77.0.2", "1.1.1.1", 17, &long_udp),
+            DropReason::TransportTruncated,
+            "UDP length",
+        );
+        check(
+            &ipv4_packet("10.77.0.2", "1.1.1.1", 1, &[8, 0, 0]),
+            DropReason::TransportTruncated,
+            "ICMP 3",
+        );
+        check(
+            &ipv6_packet("fd00:77::2", "2001:db8::1", 58, &[128]),
+            DropReason::TransportTruncated,
+            "ICMPv6 1",
+        );
+        // Bad sources, even if (misconfigured) listed as the session's.
+        let odd = [ip("0.0.0.0"), ip("::"), ip("::ffff:10.77.0.2")];
+        let p = ipv4_packet("0.0.0.0", "1.1.1.1", 17, &udp_header(53, 0));
+        assert_eq!(classify_from_client(&p, &odd), Err(DropReason::BadSource));
+        for src in ["::", "::ffff:10.77.0.2"] {
+            let p = ipv6_packet(src, "2001:db8::1", 17, &udp_header(53, 0));
+            assert_eq!(
+                classify_from_client(&p, &odd),
+                Err(DropReason::BadSource),
+                "{src}"
+            );
+        }
+    }
+
+    #[test]
+    fn prohibited_replies_are_well_formed() {
+        // IPv4: a UDP packet; the reply quotes its header + 8 bytes.
+        let original = ipv4_packet("10.77.0.2", "169.254.169.254", 17, &udp_header(80, 100));
+        let reply = icmp_prohibited(&original, ip("10.77.0.1"), 1280).unwrap();
+        assert_eq!(reply.len(), 20 + 8 + 28);
+        assert_eq!(internet_checksum(&reply[..20]), 0, "IP header checksum");
+        assert_eq!(internet_checksum(&reply[20..]), 0, "ICMP checksum");
+        assert_eq!(&reply[12..16], &[10, 77, 0, 1]);
+        assert_eq!(&reply[16..20], &[10, 77, 0, 2]);
+        assert_eq!(&reply[20..22], &[3, 13]);
+        assert_eq!(&reply[28..], &original[..28]);
+        // No error about an ICMP error; an echo request gets one.
+        assert!(icmp_prohibited(&reply, ip("10.77.0.1"), 1280).is_none());
+        let echo = ipv4_packet("10.77.0.2", "127.0.0.1", 1, &[8, 0, 0, 0, 0, 1, 0, 1]);
+        assert!(icmp_prohibited(&echo, ip("10.77.0.1"), 1280).is_some());
+        let echo_reply = ipv4_packet("10.77.0.2", "127.0.0.1", 1, &[0, 0, 0, 0, 0, 1, 0, 1]);
+        assert!(icmp_prohibited(&echo_reply, ip("10.77.0.1"), 1280).is_none());
+        // Wrong family for `from`.
+        assert!(icmp_prohibited(&original, ip("fd00:77::1"), 1280).is_none());
+
+        // IPv6: quotes the whole (small) packet, checksum over the pseudo-header.
+        let original = ipv6_packet("fd00:77::2", "::1", 17, &udp_header(22, 10));
+        let reply = icmp_prohibited(&original, ip("fd00:77::1"), 1280).unwrap();
+        assert_eq!(reply.len(), 40 + 8 + original.len());
+        assert_eq!(&reply[40..42], &[1, 1]);
+        assert_eq!(ipv6_at(&reply, 24), ip("fd00:77::2"));
         assert_eq!(
-            classify_from_client(&p, &addrs).unwrap().destination,
-            ip("2001:db8::1")
+            transport_checksum(ip("fd00:77::1"), ip("fd00:77::2"), 58, &reply[40..]),
+            0
+        );
+        assert_eq!(&reply[48..], &original[..]);
+        assert!(classify_from_client(&reply, &[ip("fd00:77::1")]).is_ok());
+        assert!(
+            icmp_prohibited(&reply, ip("fd00:77::1"), 1280).is_none(),
+            "no error about an error"
+        );
+        // A large packet is quoted only up to the IPv6 minimum MTU.
+        let big = ipv6_packet("fd00:77::2", "::1", 17, &udp_header(22, 1400));
+        assert_eq!(
+            icmp_prohibited(&big, ip("fd00:77::1"), 1280).unwrap().len(),
+            1280
+        );
+        assert_eq!(
+            icmp_prohibited(&big, ip("fd00:77::1"), 1152).unwrap().len(),
+            1152
         );
     }
 

@@ -80,6 +80,9 @@ pub enum StartError {
     /// Signal handlers.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// Listing the host's addresses for the egress policy.
+    #[error("cannot list the host's addresses: {0}")]
+    HostAddresses(std::io::Error),
 }
 
 /// Runs the gateway until SIGINT or SIGTERM, then shuts down cleanly.
@@ -146,7 +149,25 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // After the TUN is up, so its addresses are among the host's.
+    let mut policy = config.policy.clone();
+    let mut link_addresses = vec![config.pool_v4.gateway_address()];
+    link_addresses.extend(config.pool_v6.map(|pool| pool.gateway_address()));
+    policy.add_pool(config.pool_v4);
+    if let Some(pool_v6) = config.pool_v6 {
+        policy.add_pool(pool_v6);
+    }
+    policy.add_host_addresses(crate::sys::local_addresses().map_err(StartError::HostAddresses)?);
+    policy.add_host_addresses(link_addresses.iter().copied());
+    // The loopback addresses even if `lo` is down in this namespace.
+    policy.add_host_addresses([
+        IpAddr::from([127, 0, 0, 1]),
+        IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
+    ]);
+    tracing::info!(host_addresses = ?policy.host_addresses(), "egress policy refuses the gateway's own addresses");
     let shared = Arc::new(Shared {
+        policy,
+        link_addresses,
         metrics: Arc::clone(&metrics),
         pools: Mutex::new(pools),
         routes: RouteTable::new(),

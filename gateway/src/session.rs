@@ -32,8 +32,10 @@ use wtransport::{Connection, RecvStream, SendStream, VarInt};
 use crate::metrics::{Direction, Family, Metrics, RefusalReason};
 use crate::origin::OriginPolicy;
 use crate::packet::{
-    DropReason, clamp_tcp_mss, classify_from_client, max_mss_for_mtu, mss_clamp_needed,
+    DropReason, clamp_tcp_mss, classify_from_client, icmp_prohibited, max_mss_for_mtu,
+    mss_clamp_needed,
 };
+use crate::policy::{EgressPolicy, TokenBucket};
 use crate::pool::AddressPool;
 use crate::queue::{RouteTable, SessionQueue};
 use crate::tun_device::TunIo;
@@ -110,7 +112,16 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// Session numbering for logs.
     pub next_session: AtomicU64,
+    /// Which destinations client packets may reach.
+    pub policy: EgressPolicy,
+    /// The gateway's addresses on the client link (the pools' first addresses): the source of
+    /// the ICMP errors it sends to clients. IPv4 first, then IPv6 if on.
+    pub link_addresses: Vec<IpAddr>,
 }
+
+/// ICMP administratively-prohibited replies per second per session (and burst): enough for a
+/// client to learn quickly, too few to make the gateway a reflector.
+pub const ICMP_PROHIBITED_RATE: f64 = 100.0;
 
 impl Shared {
     /// The MSS limits for the link MTU: (IPv4, IPv6).
@@ -450,6 +461,7 @@ async fn serve(
         connection.clone(),
         Arc::clone(shared),
         addresses.to_vec(),
+        Arc::clone(queue),
         Arc::clone(stats),
     ));
     let mut tx = tokio::spawn(tun_to_client(
@@ -498,28 +510,64 @@ async fn client_to_tun(
     connection: Connection,
     shared: Arc<Shared>,
     addresses: Vec<IpAddr>,
+    queue: Arc<SessionQueue>,
     stats: Arc<SessionStats>,
 ) -> End {
     let (max_v4, max_v6) = shared.max_mss();
+    let mut icmp_budget = TokenBucket::new(ICMP_PROHIBITED_RATE, ICMP_PROHIBITED_RATE);
     loop {
         let datagram = match connection.receive_datagram().await {
             Ok(datagram) => datagram,
             Err(error) => return End::Connection(error),
         };
         let packet = datagram.payload();
-        if let Err(reason) = classify_from_client(&packet, &addresses) {
-            shared.metrics.dropped(reason);
-            if reason == DropReason::Spoofed {
-                let n = stats.spoofed.fetch_add(1, Ordering::Relaxed) + 1;
-                if n == 1 || n.is_multiple_of(1000) {
-                    tracing::warn!(
-                        remote = %connection.remote_address(),
-                        spoofed_so_far = n,
-                        "dropping client packets with a source address not assigned to the session"
-                    );
+        let classified = match classify_from_client(&packet, &addresses) {
+            Ok(classified) => classified,
+            Err(reason) => {
+                shared.metrics.dropped(reason);
+                if reason == DropReason::Spoofed {
+                    let n = stats.spoofed.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n == 1 || n.is_multiple_of(1000) {
+                        tracing::warn!(
+                            remote = %connection.remote_address(),
+                            spoofed_so_far = n,
+                            "dropping client packets with a source address not assigned to the session"
+                        );
+                    }
+                } else {
+                    tracing::debug!(%reason, len = packet.len(), "dropped client packet");
                 }
-            } else {
-                tracing::debug!(%reason, len = packet.len(), "dropped client packet");
+                continue;
+            }
+        };
+        if let Err(refusal) = shared.policy.check(
+            classified.destination,
+            classified.protocol,
+            classified.destination_port,
+        ) {
+            shared.metrics.policy_refused(refusal.class);
+            tracing::debug!(
+                destination = %classified.destination,
+                protocol = classified.protocol,
+                port = ?classified.destination_port,
+                %refusal,
+                "refused client packet"
+            );
+            let from = shared
+                .link_addresses
+                .iter()
+                .find(|a| a.is_ipv4() == classified.source.is_ipv4());
+            if let Some(from) = from
+                && let Some(reply) = icmp_prohibited(&packet, *from, usize::from(shared.link_mtu))
+                && icmp_budget.try_take(Instant::now())
+            {
+                let mut datagram = Vec::with_capacity(queue.header().len() + reply.len());
+                datagram.extend_from_slice(queue.header());
+                datagram.extend_from_slice(&reply);
+                if queue.push(Bytes::from(datagram)) {
+                    shared.metrics.dropped(DropReason::QueueFull);
+                }
+                shared.metrics.icmp_prohibited_sent();
             }
             continue;
         }

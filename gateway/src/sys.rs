@@ -144,3 +144,46 @@ impl Drop for SysctlGuard {
         self.restore();
     }
 }
+
+/// Every address configured on an interface of this host (in the gateway's network
+/// namespace), from `getifaddrs(3)`: the egress policy refuses them all.
+///
+/// # Errors
+/// The `getifaddrs` error.
+pub fn local_addresses() -> std::io::Result<Vec<std::net::IpAddr>> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut addresses = Vec::new();
+    let mut entry = head;
+    while !entry.is_null() {
+        // SAFETY: `entry` is a node of the list getifaddrs returned and is not yet freed;
+        // `ifa_addr` is null or points to a sockaddr whose family says its real type.
+        unsafe {
+            let address = (*entry).ifa_addr;
+            if !address.is_null() {
+                match i32::from((*address).sa_family) {
+                    libc::AF_INET => {
+                        let v4 = &*address.cast::<libc::sockaddr_in>();
+                        addresses
+                            .push(IpAddr::V4(Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr))));
+                    }
+                    libc::AF_INET6 => {
+                        let v6 = &*address.cast::<libc::sockaddr_in6>();
+                        addresses.push(IpAddr::V6(Ipv6Addr::from(v6.sin6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+            }
+            entry = (*entry).ifa_next;
+        }
+    }
+    // SAFETY: `head` came from a successful getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    addresses.sort();
+    addresses.dedup();
+    Ok(addresses)
+}

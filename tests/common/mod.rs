@@ -981,6 +981,13 @@ impl Topology {
                 args.extend([flag, value]);
             }
         }
+        // The gateway's egress policy refuses private destinations by default: open the
+        // server link, which is how every test reaches its servers.
+        let allow_v4 = format!("10.201.{}.0/24", self.n);
+        let allow_v6 = format!("{}::/64", self.v6_prefix());
+        if !overridden("--allow-dest") {
+            args.extend(["--allow-dest", &allow_v4, "--allow-dest", &allow_v6]);
+        }
         args.extend_from_slice(extra_args);
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.gw_ns()]).args(&args);
