@@ -657,6 +657,7 @@ pub(crate) fn connect_error_to_io(error: &TcpError) -> io::Error {
     let kind = match error {
         TcpError::Connect(C::Refused) => io::ErrorKind::ConnectionRefused,
         TcpError::Connect(C::TimedOut) => io::ErrorKind::TimedOut,
+        TcpError::Connect(C::Prohibited) => io::ErrorKind::PermissionDenied,
         TcpError::Connect(C::NoRoute(_)) => io::ErrorKind::NetworkUnreachable,
         TcpError::Connect(C::InvalidDestination(_)) => io::ErrorKind::InvalidInput,
         TcpError::Connect(C::NoFreePort) => io::ErrorKind::AddrNotAvailable,

@@ -39,6 +39,10 @@ pub enum ConnectError {
     /// No answer within the connection timeout.
     #[error("connection timed out")]
     TimedOut,
+    /// The gateway (or a router) answered with ICMP "communication administratively
+    /// prohibited": its egress policy refuses the destination.
+    #[error("connection prohibited by the gateway's policy")]
+    Prohibited,
     /// The host name could not be resolved.
     #[error("could not resolve {name}: {reason}")]
     Resolve {

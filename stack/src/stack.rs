@@ -203,6 +203,8 @@ pub struct StackStats {
     pub udp_dropped_foreign: u64,
     /// SYNs dropped because the listener's backlog was full (the peer retries, as with Linux).
     pub syn_dropped_backlog: u64,
+    /// Connects failed at once by an ICMP "administratively prohibited" for their SYN.
+    pub connects_prohibited: u64,
 }
 
 #[derive(Debug)]
@@ -234,6 +236,8 @@ struct TcpEntry {
     closed_reported: bool,
     released: bool,
     connect_timed_out: bool,
+    /// An ICMP "administratively prohibited" answered our SYN.
+    connect_prohibited: bool,
     local_port: Option<u16>,
 }
 
@@ -415,6 +419,12 @@ impl Stack {
     pub fn poll(&mut self, now: Instant) {
         self.now = now;
         for _ in 0..self.config.ingress_budget {
+            // smoltcp ignores ICMP errors for TCP: act on "prohibited" for a pending connect
+            // ourselves, so it fails at once instead of timing out. The packet still goes on to
+            // smoltcp, which drops it.
+            if let Some((local, remote)) = self.device.rx.front().and_then(|p| prohibited_syn(p)) {
+                self.abort_prohibited_connect(local, remote);
+            }
             if self
                 .device
                 .rx
@@ -1079,6 +1089,26 @@ impl Stack {
     /// Whether `packet` is a TCP SYN for one of our listeners that has no free listening socket.
     /// smoltcp would answer it with RST; dropping it instead lets the peer retry, as a full
     /// Linux backlog does.
+    /// Aborts the connection from `local` to `remote` if it is still waiting for its SYN-ACK.
+    fn abort_prohibited_connect(&mut self, local: SocketAddr, remote: SocketAddr) {
+        for entry in self.tcp.values_mut() {
+            let TcpPhase::Socket(handle) = entry.phase else {
+                continue;
+            };
+            let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+            if entry.established
+                || socket.state() != tcp::State::SynSent
+                || socket.local_endpoint().map(endpoint_to_socket_addr) != Some(local)
+                || socket.remote_endpoint().map(endpoint_to_socket_addr) != Some(remote)
+            {
+                continue;
+            }
+            socket.abort();
+            entry.connect_prohibited = true;
+            self.stats.connects_prohibited += 1;
+        }
+    }
+
     fn syn_without_room(&self, packet: &[u8]) -> bool {
         let tcp_offset = match packet.first().map(|b| b >> 4) {
             Some(4) if packet.len() >= 20 && packet[9] == 6 => usize::from(packet[0] & 0x0f) * 4,
@@ -1259,7 +1289,9 @@ impl Stack {
                 entry.closed_reported = true;
                 if !entry.established {
                     if !entry.closed_locally {
-                        let error = if entry.connect_timed_out {
+                        let error = if entry.connect_prohibited {
+                            ConnectError::Prohibited
+                        } else if entry.connect_timed_out {
                             ConnectError::TimedOut
                         } else {
                             ConnectError::Refused
@@ -1418,6 +1450,7 @@ impl TcpEntry {
             closed_reported: false,
             released: false,
             connect_timed_out: false,
+            connect_prohibited: false,
             local_port,
         }
     }
@@ -1430,6 +1463,60 @@ fn dns_server_list(servers: &[IpAddr]) -> Vec<IpAddress> {
         .take(4)
         .map(|ip| IpAddress::from(*ip))
         .collect()
+}
+
+/// If `packet` is an ICMP "communication administratively prohibited" (IPv4 Destination
+/// Unreachable codes 9, 10, 13; ICMPv6 Destination Unreachable code 1) quoting a TCP segment:
+/// the quoted segment's (source, destination), i.e. our (local, remote) endpoints.
+///
+/// The checksum is not verified: packets reach the stack only from the gateway, over the
+/// session's authenticated QUIC connection, and a wrong match only fails a connect that had
+/// not yet succeeded.
+pub(crate) fn prohibited_syn(packet: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+    const PROTO_TCP: u8 = 6;
+    let (quoted_at, v6) = match packet.first()? >> 4 {
+        4 => {
+            let header_len = usize::from(packet[0] & 0x0f) * 4;
+            let icmp = packet.get(header_len..header_len + 2)?;
+            if packet.get(9) != Some(&1) || icmp[0] != 3 || !matches!(icmp[1], 9 | 10 | 13) {
+                return None;
+            }
+            (header_len + 8, false)
+        }
+        6 => {
+            let icmp = packet.get(40..42)?;
+            if packet[6] != 58 || icmp != [1, 1] {
+                return None;
+            }
+            (48, true)
+        }
+        _ => return None,
+    };
+    let quoted = packet.get(quoted_at..)?;
+    let (source, destination, tcp_at) = if v6 {
+        if quoted.len() < 40 || quoted[0] >> 4 != 6 || quoted[6] != PROTO_TCP {
+            return None;
+        }
+        let source: [u8; 16] = quoted[8..24].try_into().ok()?;
+        let destination: [u8; 16] = quoted[24..40].try_into().ok()?;
+        (IpAddr::from(source), IpAddr::from(destination), 40)
+    } else {
+        if quoted.len() < 20 || quoted[0] >> 4 != 4 || quoted[9] != PROTO_TCP {
+            return None;
+        }
+        let source: [u8; 4] = quoted[12..16].try_into().ok()?;
+        let destination: [u8; 4] = quoted[16..20].try_into().ok()?;
+        (
+            IpAddr::from(source),
+            IpAddr::from(destination),
+            usize::from(quoted[0] & 0x0f) * 4,
+        )
+    };
+    let ports = quoted.get(tcp_at..tcp_at + 4)?;
+    Some((
+        SocketAddr::new(source, u16::from_be_bytes([ports[0], ports[1]])),
+        SocketAddr::new(destination, u16::from_be_bytes([ports[2], ports[3]])),
+    ))
 }
 
 fn ip_from(address: IpAddress) -> IpAddr {
