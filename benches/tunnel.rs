@@ -261,6 +261,248 @@ impl Endpoints<'_> {
     }
 }
 
+// ------------------------------------------------------------------------------------------------
+// Baseline (a): raw QUIC datagrams between two endpoints on the same veth addresses, through the
+// same WebTransport/quinn layers and buffer sizes webnic uses: the transport's ceiling.
+
+/// The datagram server's port on the gateway namespace's veth address (next to the gateway's).
+const RAW_PORT: u16 = 4434;
+/// The QUIC datagram buffers webnic's client and gateway use, both directions.
+const RAW_DATAGRAM_BUFFER: usize = 1 << 20;
+/// UDP socket buffers, as webnic's client asks for (capped by `net.core.rmem_max`).
+const RAW_SOCKET_BUFFER: usize = 8 * 1024 * 1024;
+/// First byte of an echo request; any other datagram is counted by the sink.
+const ECHO_TAG: u8 = b'E';
+/// How long a receiver waits after the last datagram before it calls a transfer done.
+const RAW_IDLE: Duration = Duration::from_millis(200);
+
+fn raw_socket(address: SocketAddr) -> std::net::UdpSocket {
+    let socket = std::net::UdpSocket::bind(address).expect("bind UDP");
+    let state = wtransport::quinn::udp::UdpSocketState::new((&socket).into()).expect("UDP state");
+    // Best effort, as in webnic's client: the kernel caps it at rmem_max/wmem_max.
+    let _ = state.set_recv_buffer_size((&socket).into(), RAW_SOCKET_BUFFER);
+    let _ = state.set_send_buffer_size((&socket).into(), RAW_SOCKET_BUFFER);
+    socket
+}
+
+fn raw_transport() -> wtransport::quinn::TransportConfig {
+    let mut transport = wtransport::quinn::TransportConfig::default();
+    transport
+        .datagram_receive_buffer_size(Some(RAW_DATAGRAM_BUFFER))
+        .datagram_send_buffer_size(RAW_DATAGRAM_BUFFER);
+    transport
+}
+
+/// Sends `count` datagrams of `size` bytes with QUIC backpressure, as webnic's driver does.
+async fn raw_send(connection: &wtransport::Connection, count: usize, size: usize) {
+    let (header, header_len) =
+        webnic_stack::protocol::datagram_header(connection.session_id().into_u64());
+    let mut datagram = vec![0x5a; header_len + size];
+    datagram[..header_len].copy_from_slice(&header[..header_len]);
+    let datagram = bytes::Bytes::from(datagram);
+    for _ in 0..count {
+        connection
+            .quic_connection()
+            .send_datagram_wait(datagram.clone())
+            .await
+            .expect("send datagram");
+    }
+}
+
+/// Counts received non-echo bytes until `RAW_IDLE` passes without one; returns bytes and the
+/// time from the first to the last datagram.
+async fn raw_sink(connection: &wtransport::Connection) -> (usize, Duration) {
+    let first = connection.receive_datagram().await.expect("first datagram");
+    let start = Instant::now();
+    let mut total = first.payload().len();
+    let mut last = start;
+    while let Ok(Ok(datagram)) = tokio::time::timeout(RAW_IDLE, connection.receive_datagram()).await
+    {
+        total += datagram.payload().len();
+        last = Instant::now();
+    }
+    (total, last - start)
+}
+
+/// The datagram server, in the gateway namespace: one session at a time. Commands arrive on a
+/// bidirectional stream: `D` + count + size (send that many datagrams), `U` (count what arrives,
+/// then reply bytes and nanoseconds), `E` (echo every datagram until the stream ends).
+fn start_raw_server(topology: &Topology) -> wtransport::tls::Sha256Digest {
+    let address = SocketAddr::new(IpAddr::V4(topology.gw_addr()), RAW_PORT);
+    let identity = wtransport::Identity::self_signed([topology.gw_addr().to_string()])
+        .expect("self-signed identity");
+    let hash = identity.certificate_chain().as_slice()[0].hash();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    in_netns(&topology.gw_ns(), move || {
+        // Threads inherit their creator's namespace: this one serves from the gateway's.
+        thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let config = wtransport::ServerConfig::builder()
+                    .with_bind_socket(raw_socket(address))
+                    .with_custom_transport(identity, raw_transport())
+                    .build();
+                let endpoint = wtransport::Endpoint::server(config).expect("raw server");
+                ready_tx.send(()).expect("ready");
+                loop {
+                    let Ok(request) = endpoint.accept().await.await else {
+                        continue;
+                    };
+                    let Ok(connection) = request.accept().await else {
+                        continue;
+                    };
+                    // Errors end this session only; the client reports what it missed.
+                    let _ = raw_session(connection).await;
+                }
+            });
+        });
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("raw datagram server did not start");
+    hash
+}
+
+async fn raw_session(connection: wtransport::Connection) -> Result<(), Box<dyn std::error::Error>> {
+    loop {
+        let (mut send, mut recv) = connection.accept_bi().await?;
+        let mut command = [0u8; 17];
+        recv.read_exact(&mut command[..1]).await?;
+        match command[0] {
+            b'D' => {
+                recv.read_exact(&mut command[1..17]).await?;
+                let count = u64::from_be_bytes(command[1..9].try_into()?) as usize;
+                let size = u64::from_be_bytes(command[9..17].try_into()?) as usize;
+                raw_send(&connection, count, size).await;
+                send.write_all(b"done").await?;
+            }
+            b'U' => {
+                send.write_all(b"go").await?;
+                let (bytes, elapsed) = raw_sink(&connection).await;
+                send.write_all(&(bytes as u64).to_be_bytes()).await?;
+                send.write_all(&(elapsed.as_nanos() as u64).to_be_bytes())
+                    .await?;
+            }
+            b'E' => {
+                send.write_all(b"go").await?;
+                let mut end = [0u8; 1];
+                loop {
+                    tokio::select! {
+                        datagram = connection.receive_datagram() => {
+                            let datagram = datagram?;
+                            connection.send_datagram(datagram.payload())?;
+                        }
+                        // The client ends echo mode by closing its side of the stream.
+                        _ = recv.read(&mut end) => break,
+                    }
+                }
+            }
+            other => return Err(format!("unknown command {other}").into()),
+        }
+        send.finish().await?;
+    }
+}
+
+/// Raw datagram download and upload goodput (Mbit/s of payload) and echo RTT p50/p99 (µs).
+async fn measure_raw(
+    server: SocketAddr,
+    hash: wtransport::tls::Sha256Digest,
+) -> (f64, f64, f64, f64) {
+    let mut config = wtransport::ClientConfig::builder()
+        .with_bind_socket(raw_socket(SocketAddr::new(
+            IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            0,
+        )))
+        .with_server_certificate_hashes([hash])
+        .build();
+    config
+        .quic_config_mut()
+        .transport_config(std::sync::Arc::new(raw_transport()));
+    let endpoint = wtransport::Endpoint::client(config).expect("raw client");
+    let connection = endpoint
+        .connect(format!("https://{server}/raw"))
+        .await
+        .expect("raw connect");
+    // Let PMTU discovery settle, as it has for the tunnel's long-lived session.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let size = connection.max_datagram_size().expect("datagrams enabled");
+    let count = TRANSFER / size;
+    let mut down = Vec::new();
+    let mut up = Vec::new();
+    for _ in 0..RUNS {
+        let (mut send, mut recv) = connection.open_bi().await.expect("open").await.expect("bi");
+        let mut command = vec![b'D'];
+        command.extend_from_slice(&(count as u64).to_be_bytes());
+        command.extend_from_slice(&(size as u64).to_be_bytes());
+        send.write_all(&command).await.expect("command");
+        let (bytes, elapsed) =
+            within(TRANSFER_TIMEOUT, "raw download", raw_sink(&connection)).await;
+        let mut done = [0u8; 4];
+        recv.read_exact(&mut done).await.expect("done");
+        down.push(bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e6);
+        // Datagrams have no flow control: what the receiver could not take in is lost, and
+        // the figure counts only what arrived. Say how much that was.
+        println!(
+            "NOTE raw download delivered {:.1}% of {} datagrams of {size} bytes",
+            bytes as f64 * 100.0 / (count * size) as f64,
+            count
+        );
+
+        let (mut send, mut recv) = connection.open_bi().await.expect("open").await.expect("bi");
+        send.write_all(b"U").await.expect("command");
+        let mut go = [0u8; 2];
+        recv.read_exact(&mut go).await.expect("go");
+        within(
+            TRANSFER_TIMEOUT,
+            "raw upload",
+            raw_send(&connection, count, size),
+        )
+        .await;
+        let mut reply = [0u8; 16];
+        recv.read_exact(&mut reply).await.expect("upload reply");
+        let bytes = u64::from_be_bytes(reply[..8].try_into().expect("8 bytes"));
+        let nanos = u64::from_be_bytes(reply[8..].try_into().expect("8 bytes"));
+        up.push(bytes as f64 * 8.0 / (nanos as f64 / 1e9) / 1e6);
+    }
+
+    let (mut send, mut recv) = connection.open_bi().await.expect("open").await.expect("bi");
+    send.write_all(b"E").await.expect("command");
+    let mut go = [0u8; 2];
+    recv.read_exact(&mut go).await.expect("go");
+    let mut message = [0u8; MESSAGE];
+    message[0] = ECHO_TAG;
+    let mut rtts = Vec::with_capacity(ECHO_COUNT);
+    let mut lost = 0;
+    for i in 0..ECHO_WARMUP + ECHO_COUNT {
+        let start = Instant::now();
+        connection
+            .send_datagram(message)
+            .expect("send echo datagram");
+        match tokio::time::timeout(Duration::from_secs(1), connection.receive_datagram()).await {
+            Ok(Ok(reply)) => {
+                assert_eq!(&reply.payload()[..], &message[..], "echo corrupted");
+                if i >= ECHO_WARMUP {
+                    rtts.push(start.elapsed());
+                }
+            }
+            _ => lost += 1,
+        }
+    }
+    assert!(lost < ECHO_COUNT / 100, "{lost} raw echo datagrams lost");
+    send.finish().await.expect("end echo");
+    connection.close(0u32.into(), b"done");
+    rtts.sort();
+    (
+        median(down),
+        median(up),
+        percentile(&rtts, 0.5),
+        percentile(&rtts, 0.99),
+    )
+}
+
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
@@ -285,13 +527,15 @@ fn main() {
         &format!("10.200.{n}.1"),
     ]);
     let gateway = topology.start_gateway(&[]);
+    let raw_hash = start_raw_server(&topology);
+    let raw_server = SocketAddr::new(IpAddr::V4(topology.gw_addr()), RAW_PORT);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio runtime");
     let server = IpAddr::V4(topology.srv_ipv4());
-    let (tunnel, direct) = runtime.block_on(async {
+    let (tunnel, direct, raw) = runtime.block_on(async {
         let client = connect_client(&gateway).await;
         let endpoints = Endpoints {
             client: &client,
@@ -300,7 +544,8 @@ fn main() {
         let tunnel = endpoints.measure(Path::Tunnel).await;
         let direct = endpoints.measure(Path::Direct).await;
         client.close().await;
-        (tunnel, direct)
+        let raw = measure_raw(raw_server, raw_hash).await;
+        (tunnel, direct, raw)
     });
     report(
         "tunnel.download_1flow",
@@ -330,4 +575,18 @@ fn main() {
         "plain_tcp_same_veths",
         direct.3,
     );
+    for (name, value, unit, baseline) in [
+        ("download_1flow", tunnel.0, "Mbit/s", raw.0),
+        ("upload_1flow", tunnel.1, "Mbit/s", raw.1),
+        ("echo_64B_rtt_p50", tunnel.2, "us", raw.2),
+        ("echo_64B_rtt_p99", tunnel.3, "us", raw.3),
+    ] {
+        report(
+            &format!("tunnel.{name}.vs_quic"),
+            value,
+            unit,
+            "raw_quic_datagrams",
+            baseline,
+        );
+    }
 }
