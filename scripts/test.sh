@@ -26,9 +26,14 @@ if ! installed nginx-light && ! installed nginx && ! installed nginx-core && ! i
     && ! command -v nginx >/dev/null 2>&1; then
     missing+=(nginx)
 fi
-for pkg in dnsmasq-base socat openssh-server openssh-client netcat-openbsd iperf3 nftables iproute2 curl procps; do
+# chromium: the browser end-to-end tests (tests/e2e_browser.rs).
+for pkg in dnsmasq-base socat openssh-server openssh-client netcat-openbsd iperf3 nftables iproute2 curl procps \
+    chromium; do
     installed "$pkg" || missing+=("$pkg")
 done
+# Node drives Chromium (playwright-core); any install will do (nodesource's nodejs bundles npm).
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 
 if ((${#missing[@]} > 0)); then
     echo "installing: ${missing[*]}"
@@ -67,6 +72,9 @@ cargo build -p webnic-stack --target wasm32-unknown-unknown
 
 step "cargo build --workspace --bins"
 cargo build --workspace --bins
+
+step "scripts/build-wasm.sh (wasm-bindgen-cli, npm packages, the browser package)"
+scripts/build-wasm.sh
 
 step "cargo test --workspace $*"
 cargo test --workspace "$@"

@@ -1,0 +1,257 @@
+//! End-to-end in a real browser: headless Chromium (Debian's `chromium`, driven by playwright-core)
+//! loads `tests/browser/page.html`, which uses the wasm client (`wasm-client/pkg`, built by
+//! `scripts/build-wasm.sh`) to reach servers in the server namespace through the gateway.
+//!
+//! The page is served from 127.0.0.1 by a small static server in this test: that origin is a
+//! secure context (WebTransport, `crypto.subtle`) and the gateway's default origin policy allows it.
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Topology, find_command, random_bytes, require_prerequisites, sha256_hex, wait_exit};
+
+/// What the page may take for one test function (session, transfer, hashing).
+const PAGE_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Panics, naming what is missing, unless Chromium, Node, playwright-core and the built package
+/// are there: `sudo scripts/test.sh` installs and builds them.
+fn require_browser() {
+    let mut missing = Vec::new();
+    if !Path::new("/usr/bin/chromium").exists() {
+        missing.push("/usr/bin/chromium (apt package `chromium`)".to_owned());
+    }
+    if find_command("node").is_none() {
+        missing.push("command `node`".to_owned());
+    }
+    for path in [
+        "wasm-client/node_modules/playwright-core/package.json",
+        "wasm-client/pkg/webnic_wasm.js",
+        "wasm-client/pkg/webnic_wasm_bg.wasm",
+    ] {
+        if !repo().join(path).exists() {
+            missing.push(path.to_owned());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "browser test prerequisites missing: {} (run `sudo scripts/test.sh`, which installs \
+         chromium and the npm packages and runs scripts/build-wasm.sh)",
+        missing.join(", ")
+    );
+}
+
+/// A static file server on 127.0.0.1 for the test page, `wasm-client/js` and `wasm-client/pkg`;
+/// it stops when dropped.
+struct PageServer {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl PageServer {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().expect("local_addr").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let thread = thread::spawn(move || {
+            while !stop_flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        // One short-lived thread per connection: Chromium opens several at once.
+                        thread::spawn(move || serve_one(stream));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Self {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+impl Drop for PageServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Answers the requests of one connection (keep-alive) until the client closes it or idles.
+fn serve_one(stream: TcpStream) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
+    let mut writer = stream;
+    for _ in 0..100 {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                return;
+            }
+            if header == "\r\n" || header == "\n" {
+                break;
+            }
+        }
+        let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+        let path = path.split('?').next().unwrap_or(path);
+        let (status, content_type, body) = match resolve(path) {
+            Some(file) => match fs::read(&file) {
+                Ok(body) => ("200 OK", content_type(&file), body),
+                Err(_) => ("404 Not Found", "text/plain", b"not found".to_vec()),
+            },
+            None => ("404 Not Found", "text/plain", b"not found".to_vec()),
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+             Cache-Control: no-store\r\n\r\n",
+            body.len()
+        );
+        if writer.write_all(head.as_bytes()).is_err() || writer.write_all(&body).is_err() {
+            return;
+        }
+    }
+}
+
+/// Maps a URL path to a file, only inside the three served directories.
+fn resolve(path: &str) -> Option<PathBuf> {
+    if path.contains("..") {
+        return None;
+    }
+    if path == "/page.html" {
+        return Some(repo().join("tests/browser/page.html"));
+    }
+    for prefix in ["/js/", "/pkg/"] {
+        if let Some(rest) = path.strip_prefix(prefix) {
+            return Some(repo().join("wasm-client").join(&prefix[1..]).join(rest));
+        }
+    }
+    None
+}
+
+fn content_type(file: &Path) -> &'static str {
+    match file.extension().and_then(|e| e.to_str()) {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js" | "mjs") => "text/javascript",
+        Some("wasm") => "application/wasm",
+        _ => "application/octet-stream",
+    }
+}
+
+/// Runs page function `name` with `arg` (JSON) in headless Chromium; returns its JSON result.
+/// Panics with the page's console when it fails.
+fn run_in_page(topology: &Topology, server: &PageServer, name: &str, arg: &str) -> String {
+    let mut cmd = Command::new(find_command("node").expect("node"));
+    cmd.arg(repo().join("tests/browser/run.mjs"))
+        .arg(server.url("/page.html"))
+        .arg(name)
+        .arg(arg)
+        .arg(PAGE_TIMEOUT.as_millis().to_string());
+    let process = topology.spawn_root(&format!("browser-{name}"), &mut cmd);
+    // run.mjs enforces PAGE_TIMEOUT itself and closes Chromium; this bound is the backstop.
+    let status = wait_exit(&process, PAGE_TIMEOUT + Duration::from_secs(30));
+    let stdout =
+        fs::read_to_string(topology.tmp().join(format!("browser-{name}.out"))).unwrap_or_default();
+    let result = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("RESULT "))
+        .map(str::to_owned);
+    match result {
+        Some(json) if status == "exit code 0" => json,
+        _ => panic!("page function {name} failed ({status})\n{}", process.logs()),
+    }
+}
+
+/// The value of `"key":` in a flat JSON object, as its raw text (strings without quotes).
+fn json_field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
+    let start = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = &json[start..];
+    if let Some(string) = rest.strip_prefix('"') {
+        return string.split('"').next();
+    }
+    rest.split([',', '}']).next()
+}
+
+/// `TCPSocket` GET of a 4 MiB random file from nginx in the server namespace: the sha256 the
+/// page computes equals the file's.
+#[test]
+fn browser_tcp_get_4_mib_sha256() {
+    require_prerequisites();
+    require_browser();
+    let topology = Topology::new();
+    let www = topology.tmp().join("www");
+    fs::create_dir_all(&www).expect("www dir");
+    let data = random_bytes(4 << 20);
+    fs::write(www.join("random.bin"), &data).expect("write random.bin");
+    let _nginx = topology.serve_nginx(&www);
+    let gateway = topology.start_gateway(&[]);
+    let server = PageServer::start();
+
+    let started = Instant::now();
+    let arg = format!(
+        r#"{{"gateway":"{}","certHash":"{}","host":"{}","port":80,"path":"/random.bin"}}"#,
+        gateway.url(),
+        gateway.cert_hash(),
+        topology.srv_ipv4()
+    );
+    let result = run_in_page(&topology, &server, "httpGetSha256", &arg);
+    println!("page result after {:?}: {result}", started.elapsed());
+
+    assert_eq!(
+        json_field(&result, "status"),
+        Some("HTTP/1.1 200 OK"),
+        "{result}"
+    );
+    assert_eq!(
+        json_field(&result, "bodyLength"),
+        Some(data.len().to_string().as_str()),
+        "{result}"
+    );
+    assert_eq!(
+        json_field(&result, "sha256"),
+        Some(sha256_hex(&data).as_str()),
+        "the page received different bytes: {result}"
+    );
+    assert_eq!(
+        json_field(&result, "remoteAddress"),
+        Some(topology.srv_ipv4().to_string().as_str()),
+        "{result}"
+    );
+    let address = json_field(&result, "address").unwrap_or_default();
+    assert!(
+        address.starts_with("10.77.0."),
+        "the session's address {address:?} is not from the pool 10.77.0.0/24: {result}"
+    );
+    assert_eq!(
+        json_field(&result, "localAddress"),
+        Some(address),
+        "{result}"
+    );
+}
