@@ -494,6 +494,13 @@ fn icmpv4_prohibited(original: &[u8], from: Ipv4Addr) -> Option<Vec<u8>> {
     if u16::from_be_bytes([original[6], original[7]]) & 0x1fff != 0 {
         return None;
     }
+    // Nor about a packet to a multicast or broadcast address (RFC 1122 §3.2.2).
+    let IpAddr::V4(destination) = ipv4_at(original, 16) else {
+        return None;
+    };
+    if destination.is_multicast() || destination.is_broadcast() {
+        return None;
+    }
     // Only an echo request (8) may be answered with an error; anything else could be one.
     if original[9] == PROTO_ICMP && original.get(header_len) != Some(&8) {
         return None;
@@ -522,6 +529,10 @@ fn icmpv6_prohibited(original: &[u8], from: Ipv6Addr, max_len: usize) -> Option<
     /// The IPv6 minimum MTU: an ICMPv6 error must not exceed it (RFC 4443 §2.4 (c)).
     const MIN_MTU: usize = 1280;
     if original.len() < IPV6_HEADER_LEN {
+        return None;
+    }
+    // Nor about a packet to a multicast address (RFC 4443 §2.4 (e)).
+    if original[24] == 0xff {
         return None;
     }
     // Informational ICMPv6 messages have types >= 128; errors must not be answered.
@@ -856,6 +867,16 @@ pub(crate) mod tests {
         assert!(icmp_prohibited(&echo, ip("10.77.0.1"), 1280).is_some());
         let echo_reply = ipv4_packet("10.77.0.2", "127.0.0.1", 1, &[0, 0, 0, 0, 0, 1, 0, 1]);
         assert!(icmp_prohibited(&echo_reply, ip("10.77.0.1"), 1280).is_none());
+        // Multicast and broadcast destinations get no error.
+        for dst in ["224.0.0.1", "255.255.255.255"] {
+            let p = ipv4_packet("10.77.0.2", dst, 17, &udp_header(80, 0));
+            assert!(
+                icmp_prohibited(&p, ip("10.77.0.1"), 1280).is_none(),
+                "{dst}"
+            );
+        }
+        let p = ipv6_packet("fd00:77::2", "ff02::16", 58, &[143, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(icmp_prohibited(&p, ip("fd00:77::1"), 1280).is_none());
         // Wrong family for `from`.
         assert!(icmp_prohibited(&original, ip("fd00:77::1"), 1280).is_none());
 
