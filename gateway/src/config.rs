@@ -472,6 +472,63 @@ mod tests {
     }
 
     #[test]
+    fn policy_options() {
+        let file = FileConfig::parse(
+            r#"
+            allow_dest = ["10.201.3.0/24", "fd00:201:3::/64:80,443"]
+            deny_port = ["6667"]
+            allow_client_to_client = true
+            "#,
+        )
+        .unwrap();
+        let c = Config::resolve(Cli::parse_from(["webnic-gateway"]), file).unwrap();
+        let tcp = crate::packet::PROTO_TCP;
+        assert!(
+            c.policy
+                .check("10.201.3.2".parse().unwrap(), tcp, Some(22))
+                .is_ok()
+        );
+        assert!(
+            c.policy
+                .check("fd00:201:3::2".parse().unwrap(), tcp, Some(443))
+                .is_ok()
+        );
+        assert!(
+            c.policy
+                .check("fd00:201:3::2".parse().unwrap(), tcp, Some(22))
+                .is_err()
+        );
+        assert!(
+            c.policy
+                .check("1.1.1.1".parse().unwrap(), tcp, Some(6667))
+                .is_err()
+        );
+        let cli = Cli::parse_from([
+            "webnic-gateway",
+            "--deny-dest",
+            "1.1.1.0/24",
+            "--allow-port",
+            "25",
+        ]);
+        let c = Config::resolve(cli, FileConfig::default()).unwrap();
+        assert!(
+            c.policy
+                .check("1.1.1.1".parse().unwrap(), tcp, Some(443))
+                .is_err()
+        );
+        assert!(
+            c.policy
+                .check("8.8.8.8".parse().unwrap(), tcp, Some(25))
+                .is_ok()
+        );
+        assert!(
+            c.policy
+                .check("10.0.0.1".parse().unwrap(), tcp, Some(443))
+                .is_err()
+        );
+    }
+
+    #[test]
     fn invalid_values() {
         assert!(FileConfig::parse("bogus = 1").is_err());
         let bad = |args: &[&str]| {
@@ -486,6 +543,9 @@ mod tests {
         assert!(bad(&["--tun", "a-very-long-device-name"]));
         assert!(bad(&["--tun", "bad name"]));
         assert!(bad(&["--idle-timeout", "0"]));
+        assert!(bad(&["--allow-dest", "10.0.0.1/8"]));
+        assert!(bad(&["--allow-dest", "10.0.0.0/8:0"]));
+        assert!(bad(&["--deny-port", "x"]));
         assert!(Cli::try_parse_from(["webnic-gateway", "--cert", "c.pem"]).is_err());
     }
 }

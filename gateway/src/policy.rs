@@ -10,7 +10,8 @@
 //! Order of [`EgressPolicy::check`]:
 //! 1. `--deny-dest` rules and `--deny-port` ports: refused;
 //! 2. the gateway host's own addresses: refused (no allow rule overrides this);
-//! 3. the client pools: refused unless client-to-client traffic is on;
+//! 3. the client pools: refused unless client-to-client traffic is on (then allowed, but for
+//!    step 6);
 //! 4. an `--allow-dest` rule matching the destination (and its ports, if it lists any):
 //!    allowed, overriding the default classes (that is how a LAN service is published);
 //! 5. a default-deny address class: refused;
@@ -229,6 +230,21 @@ impl EgressPolicy {
         }
     }
 
+    /// Allows port 53 (TCP and UDP) on each resolver announced to clients: they are often
+    /// private addresses, and a client must reach the resolvers it is told to use.
+    pub fn allow_resolvers(&mut self, resolvers: &[IpAddr]) {
+        for resolver in resolvers {
+            let prefix_len = if resolver.is_ipv4() { 32 } else { 128 };
+            self.allow.push(DestRule {
+                cidr: Cidr {
+                    network: *resolver,
+                    prefix_len,
+                },
+                ports: vec![53..=53],
+            });
+        }
+    }
+
     /// Adds a client pool (refused unless client-to-client traffic is on).
     pub fn add_pool(&mut self, pool: Cidr) {
         self.pools.push(pool);
@@ -261,11 +277,14 @@ impl EgressPolicy {
         if self.host_addresses.contains(&canonical(destination)) {
             return refuse(DenyClass::GatewayHost);
         }
-        if !self.allow_client_to_client && self.pools.iter().any(|p| p.contains(destination)) {
+        let in_pool = self.pools.iter().any(|p| p.contains(destination));
+        if in_pool && !self.allow_client_to_client {
             return refuse(DenyClass::ClientPool);
         }
         let allow_rule = self.allow.iter().find(|r| r.matches(destination, port));
+        // An enabled client pool is allowed although its prefix is usually private.
         if allow_rule.is_none()
+            && !in_pool
             && let Some(class) = default_class(destination)
         {
             return refuse(class);
@@ -571,8 +590,17 @@ mod tests {
         assert_eq!(check("10.77.0.1", PROTO_UDP, Some(9)), Err(GatewayHost));
         let mut open = policy();
         open.allow_client_to_client = true;
-        open.allow.push("10.77.0.0/24".parse().unwrap());
         assert_eq!(open.check(ip("10.77.0.5"), PROTO_UDP, Some(9)), Ok(()));
+        // Announced resolvers: port 53 only.
+        let mut dns = policy();
+        dns.allow_resolvers(&[ip("10.0.0.2"), ip("fd00:5::53")]);
+        assert_eq!(dns.check(ip("10.0.0.2"), PROTO_UDP, Some(53)), Ok(()));
+        assert_eq!(dns.check(ip("fd00:5::53"), PROTO_TCP, Some(53)), Ok(()));
+        assert_eq!(
+            dns.check(ip("10.0.0.2"), PROTO_TCP, Some(22))
+                .map_err(|r| r.class),
+            Err(Private)
+        );
         // --allow-port 25.
         let mut smtp = policy();
         smtp.allow_ports = parse_ports("25").unwrap();

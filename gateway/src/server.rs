@@ -151,6 +151,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // After the TUN is up, so its addresses are among the host's.
     let mut policy = config.policy.clone();
+    policy.allow_resolvers(&config.dns);
     let mut link_addresses = vec![config.pool_v4.gateway_address()];
     link_addresses.extend(config.pool_v6.map(|pool| pool.gateway_address()));
     policy.add_pool(config.pool_v4);
