@@ -17,7 +17,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Topology, find_command, random_bytes, require_prerequisites, sha256_hex, wait_exit};
+use common::{
+    TCP_ECHO_PORT, Topology, find_command, random_bytes, require_prerequisites, sha256_hex,
+    wait_exit,
+};
 
 /// What the page may take for one test function (session, transfer, hashing).
 const PAGE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -253,5 +256,40 @@ fn browser_tcp_get_4_mib_sha256() {
         json_field(&result, "localAddress"),
         Some(address),
         "{result}"
+    );
+}
+
+/// 16 MiB through the socat TCP echo, written and read concurrently by the page: byte-exact
+/// (the sha256 of what the page sent equals that of what came back), after one-byte pings.
+#[test]
+fn browser_tcp_echo_16_mib() {
+    require_prerequisites();
+    require_browser();
+    let topology = Topology::new();
+    let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
+    let gateway = topology.start_gateway(&[]);
+    let server = PageServer::start();
+
+    let bytes = 16 << 20;
+    let arg = format!(
+        r#"{{"gateway":"{}","certHash":"{}","host":"{}","port":{TCP_ECHO_PORT},"bytes":{bytes},"pings":20}}"#,
+        gateway.url(),
+        gateway.cert_hash(),
+        topology.srv_ipv4()
+    );
+    let result = run_in_page(&topology, &server, "tcpEcho", &arg);
+    println!("page result: {result}");
+
+    assert_eq!(
+        json_field(&result, "receivedLength"),
+        Some(bytes.to_string().as_str()),
+        "{result}"
+    );
+    let sent = json_field(&result, "sentSha256").expect("sentSha256");
+    assert_eq!(sent.len(), 64, "{result}");
+    assert_eq!(
+        json_field(&result, "receivedSha256"),
+        Some(sent),
+        "the echo differs from what the page sent: {result}"
     );
 }
