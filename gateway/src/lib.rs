@@ -4,7 +4,8 @@
 //! # Layers
 //!
 //! - Sans-IO core, unit-tested on byte arrays: [`packet`] (classification of client packets,
-//!   TCP MSS clamping, ICMP "fragmentation needed"), [`pool`] (client addresses), [`queue`]
+//!   TCP MSS clamping, ICMP "fragmentation needed" and "administratively prohibited"), [`policy`]
+//!   (the default-deny egress policy and the ICMP token bucket), [`pool`] (client addresses), [`queue`]
 //!   (per-session drop-oldest queues and the route table), [`origin`] (the Origin allow-list),
 //!   [`config`].
 //! - System glue: [`tun_device`] (TUN, routes, forwarding sysctls), [`nat`] (nftables),
@@ -15,8 +16,10 @@
 //! # Data path
 //!
 //! Client → Internet: WebTransport datagram → [`packet::classify_from_client`] (well-formed,
-//! source is the session's address) → [`packet::clamp_tcp_mss`] → TUN write → kernel routing
-//! (and NAT with `--nat`).
+//! source is the session's address, no options/fragments/extension headers, TCP/UDP/ICMP only)
+//! → [`policy::EgressPolicy::check`] (refused: ICMP "administratively prohibited" back to the
+//! session's queue, rate-limited) → [`packet::clamp_tcp_mss`] → TUN write → kernel routing (and
+//! NAT with `--nat`).
 //!
 //! Internet → client: TUN read → [`packet::clamp_tcp_mss`] → [`queue::RouteTable`] lookup by
 //! destination → link-MTU check → [`queue::SessionQueue`] (drop-oldest) → the session's sender
