@@ -242,9 +242,13 @@ impl Nic {
         let handle = self.handles.get(id);
         future_to_promise(async move {
             let handle = handle?;
-            let mut buf = vec![0u8; max.max(1) as usize];
+            let mut buf = Vec::new();
             let read = poll_fn(|cx| {
                 let mut shared = core.shared.borrow_mut();
+                // Size the buffer to what is queued (at least 1 byte, so an empty read means
+                // end of stream): most reads carry one packet, not `max` bytes.
+                let queued = shared.stack.tcp_recv_queue(handle);
+                buf.resize(queued.clamp(1, max.max(1) as usize), 0);
                 match shared.stack.tcp_recv(handle, &mut buf) {
                     Ok(n) => Poll::Ready(Ok(n)),
                     Err(TcpError::WouldBlock) => {
