@@ -182,6 +182,8 @@ fn run_in_page(topology: &Topology, server: &PageServer, name: &str, arg: &str) 
     let status = wait_exit(&process, PAGE_TIMEOUT + Duration::from_secs(30));
     let stdout =
         fs::read_to_string(topology.tmp().join(format!("browser-{name}.out"))).unwrap_or_default();
+    // The page's console (and the profile with WEBNIC_PROFILE=1), shown with --nocapture.
+    eprintln!("{}", process.stderr());
     let result = stdout
         .lines()
         .find_map(|line| line.strip_prefix("RESULT "))

@@ -37,10 +37,31 @@ try {
   page.on('pageerror', (err) => consoleLines.push(`[pageerror] ${err}`));
   await page.goto(pageUrl);
   await page.waitForFunction(() => window.webnicTestsReady === true, null, { timeout: 10000 });
+  // WEBNIC_PROFILE=1: CPU-profile the page during the test and print where its time went.
+  const cdp = process.env.WEBNIC_PROFILE ? await browser.newCDPSession(page) : null;
+  if (cdp) {
+    await cdp.send('Profiler.enable');
+    await cdp.send('Profiler.start');
+  }
   const result = await page.evaluate(
     ([fn, arg]) => window.webnicTests[fn](arg),
     [name, JSON.parse(argJson)],
   );
+  if (cdp) {
+    const { profile } = await cdp.send('Profiler.stop');
+    const self = new Map();
+    const dt = profile.timeDeltas;
+    const byId = new Map(profile.nodes.map((n) => [n.id, n]));
+    for (let i = 0; i < profile.samples.length; i++) {
+      const node = byId.get(profile.samples[i]);
+      const key = `${node.callFrame.functionName || '(anon)'} ${node.callFrame.url.split('/').pop()}`;
+      self.set(key, (self.get(key) ?? 0) + (dt[i] ?? 0));
+    }
+    const total = [...self.values()].reduce((a, b) => a + b, 0);
+    const top = [...self.entries()].sort((a, b) => b[1] - a[1]).slice(0, 15);
+    console.error(`profile: ${(total / 1000).toFixed(0)} ms sampled`);
+    for (const [k, v] of top) console.error(`  ${(v / 1000).toFixed(1).padStart(8)} ms  ${k}`);
+  }
   console.log(`RESULT ${JSON.stringify(result)}`);
   console.error(`page console:\n${consoleLines.join('\n')}`);
   clearTimeout(limit);
