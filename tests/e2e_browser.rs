@@ -151,7 +151,7 @@ fn resolve(path: &str) -> Option<PathBuf> {
     if path == "/page.html" {
         return Some(repo().join("tests/browser/page.html"));
     }
-    for prefix in ["/js/", "/pkg/"] {
+    for prefix in ["/js/", "/pkg/", "/demo/"] {
         if let Some(rest) = path.strip_prefix(prefix) {
             return Some(repo().join("wasm-client").join(&prefix[1..]).join(rest));
         }
@@ -294,4 +294,48 @@ fn browser_tcp_echo_16_mib() {
         Some(sent),
         "the echo differs from what the page sent: {result}"
     );
+}
+
+/// The demo page, driven like a user: connect, speed-test a 4 MiB download from nginx; the page
+/// reports the full size, and a screenshot is saved next to the test's output
+/// (`target/browser-demo.png`).
+#[test]
+fn browser_demo_speed_test_screenshot() {
+    require_prerequisites();
+    require_browser();
+    let topology = Topology::new();
+    let www = topology.tmp().join("www");
+    fs::create_dir_all(&www).expect("www dir");
+    let data = random_bytes(4 << 20);
+    fs::write(www.join("speed.bin"), &data).expect("write speed.bin");
+    let _nginx = topology.serve_nginx(&www);
+    let gateway = topology.start_gateway(&[]);
+    let server = PageServer::start();
+
+    let screenshot = repo().join("target/browser-demo.png");
+    let _ = fs::remove_file(&screenshot);
+    let mut cmd = Command::new(find_command("node").expect("node"));
+    cmd.arg(repo().join("tests/browser/demo.mjs"))
+        .arg(server.url(&format!(
+            "/demo/index.html?gateway={}&hash={}",
+            gateway.url(),
+            gateway.cert_hash()
+        )))
+        .arg(format!("{}:80/speed.bin", topology.srv_ipv4()))
+        .arg(&screenshot)
+        .arg(PAGE_TIMEOUT.as_millis().to_string());
+    let process = topology.spawn_root("browser-demo", &mut cmd);
+    let status = wait_exit(&process, PAGE_TIMEOUT + Duration::from_secs(30));
+    let stdout = fs::read_to_string(topology.tmp().join("browser-demo.out")).unwrap_or_default();
+    eprintln!("{}", process.stderr());
+    let result = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("the demo failed ({status})\n{}", process.logs()));
+    println!("demo: {result}");
+    assert!(result.starts_with("connected: 10.77.0."), "{result}");
+    // The response is the 4 MiB body plus nginx's header (a few hundred bytes): "4.2 MB in".
+    assert!(result.contains("| 4.2 MB in "), "{result}");
+    let png = fs::read(&screenshot).expect("screenshot written");
+    assert!(png.starts_with(b"\x89PNG"), "the screenshot is not a PNG");
 }
