@@ -32,9 +32,11 @@ extern "C" {
 }
 
 // A macrotask boundary without `setTimeout`'s clamping: a MessageChannel round trip.
-#[wasm_bindgen(inline_js = "const channel = new MessageChannel(); const waiting = []; \
+#[wasm_bindgen(
+    inline_js = "const channel = new MessageChannel(); const waiting = []; \
     channel.port1.onmessage = () => waiting.shift()(); \
-    export function next_task() { return new Promise((resolve) => { waiting.push(resolve); channel.port2.postMessage(0); }); }")]
+    export function next_task() { return new Promise((resolve) => { waiting.push(resolve); channel.port2.postMessage(0); }); }"
+)]
 extern "C" {
     fn next_task() -> js_sys::Promise;
 }
