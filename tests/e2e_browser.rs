@@ -218,6 +218,8 @@ fn browser_tcp_get_4_mib_sha256() {
     let _nginx = topology.serve_nginx(&www);
     let gateway = topology.start_gateway(&[]);
     let server = PageServer::start();
+    let free_key = "webnic_pool_addresses_free{family=\"ipv4\"}";
+    let free_before = gateway.metric(free_key);
 
     let started = Instant::now();
     let arg = format!(
@@ -259,6 +261,19 @@ fn browser_tcp_get_4_mib_sha256() {
         Some(address),
         "{result}"
     );
+    // The page called nic.close() and Chromium has exited: the session is gone and the gateway
+    // took the address back.
+    assert_eq!(
+        gateway.metric("webnic_sessions_total"),
+        1.0,
+        "one page session"
+    );
+    gateway.wait_metric("webnic_sessions_active", Duration::from_secs(10), |n| {
+        n == 0.0
+    });
+    gateway.wait_metric(free_key, Duration::from_secs(10), |free| {
+        (free - free_before).abs() < 0.5
+    });
 }
 
 /// 16 MiB through the socat TCP echo, written and read concurrently by the page: byte-exact
