@@ -84,7 +84,12 @@ cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo "  and 10,000 sessions): against a bare \`HashMap<IpAddr, VecDeque<Bytes>>\` lookup plus a push"
     echo "  and pop of a copy of the same packet."
     echo "- \`tunnel\` (native client → QUIC → gateway → TUN → server namespace): against plain TCP over"
-    echo "  the same veth path, without the tunnel."
+    echo "  the same veth path, without the tunnel (\`plain_tcp_same_veths\`), and raw QUIC datagrams"
+    echo "  between the client's and the gateway namespace's veth addresses through the same"
+    echo "  WebTransport/quinn layers and buffer sizes (\`raw_quic_datagrams\`). Caveat: that baseline"
+    echo "  sends unpaced, and datagrams have no flow control, so its receiver drops most of a download"
+    echo "  (the bench prints \`NOTE raw download delivered N%\`, 5-30% here): it under-states the"
+    echo "  transport's ceiling until it is paced, and its ratios are not yet the issue's targets."
     echo
     echo "## Machine"
     echo
