@@ -28,6 +28,70 @@ export interface TCPSocket {
   close(): Promise<void>;
 }
 
+/** Connected mode: every datagram goes to (and only datagrams from) this peer. */
+export interface UDPSocketConnectedOptions {
+  remoteAddress: string;
+  remotePort: number;
+}
+
+/** Bound mode: each outgoing message names its destination. */
+export interface UDPSocketBoundOptions {
+  /** The session's address, or '0.0.0.0' / '::'. */
+  localAddress: string;
+  /** 0 or absent picks a free port. */
+  localPort?: number;
+}
+
+export interface UDPMessage {
+  data: Uint8Array;
+  remoteAddress: string;
+  remotePort: number;
+}
+
+export interface UDPOutgoingMessage {
+  data: BufferSource;
+  /** Required in bound mode, ignored in connected mode. */
+  remoteAddress?: string;
+  remotePort?: number;
+}
+
+export interface UDPSocketOpenInfo {
+  readable: ReadableStream<UDPMessage>;
+  writable: WritableStream<UDPOutgoingMessage>;
+  /** Connected mode only. */
+  remoteAddress?: string;
+  remotePort?: number;
+  localAddress: string;
+  localPort: number;
+}
+
+export interface UDPSocket {
+  readonly opened: Promise<UDPSocketOpenInfo>;
+  readonly closed: Promise<void>;
+  close(): Promise<void>;
+}
+
+export interface TCPServerSocketOptions {
+  /** 0 or absent picks a free port. */
+  localPort?: number;
+  /** Connections being set up or waiting to be read from `readable` (default 128). */
+  backlog?: number;
+}
+
+export interface TCPServerSocketOpenInfo {
+  /** One TCPSocket per accepted connection; its `opened` resolves at once. */
+  readable: ReadableStream<TCPSocket>;
+  localAddress: string;
+  localPort: number;
+}
+
+export interface TCPServerSocket {
+  readonly opened: Promise<TCPServerSocketOpenInfo>;
+  readonly closed: Promise<void>;
+  /** Stops listening; accepted connections stay open. */
+  close(): Promise<void>;
+}
+
 export interface WebNicStats {
   packetsSent: number;
   packetsReceived: number;
@@ -39,6 +103,8 @@ export interface WebNicStats {
 export declare class WebNic {
   static connect(url: string, options?: WebNicConnectOptions): Promise<WebNic>;
   readonly TCPSocket: new (remoteAddress: string, remotePort: number, options?: TCPSocketOptions) => TCPSocket;
+  readonly UDPSocket: new (options: UDPSocketConnectedOptions | UDPSocketBoundOptions) => UDPSocket;
+  readonly TCPServerSocket: new (localAddress: string, options?: TCPServerSocketOptions) => TCPServerSocket;
   readonly address: string;
   readonly addressV6: string | undefined;
   readonly mtu: number;

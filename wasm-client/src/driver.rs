@@ -14,7 +14,7 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{ReadableStreamDefaultReader, WebTransport, WritableStreamDefaultWriter};
 use webnic_stack::protocol::{CapsuleDecoder, ControlMessage};
-use webnic_stack::{ConnectError, Event, Instant, Stack, TcpHandle};
+use webnic_stack::{ConnectError, Event, Instant, ListenerHandle, Stack, TcpHandle, UdpHandle};
 
 use crate::session::{SessionError, close_reason, js_message, read_chunk};
 
@@ -54,6 +54,10 @@ pub(crate) enum Interest {
     TcpConnect(TcpHandle),
     TcpRead(TcpHandle),
     TcpWrite(TcpHandle),
+    /// A listener's accept queue got a connection.
+    Accept(ListenerHandle),
+    UdpRead(UdpHandle),
+    UdpWrite(UdpHandle),
     /// [`crate::Nic::closed`]: only the session's end wakes it.
     Closed,
 }
@@ -83,7 +87,8 @@ impl Shared {
         self.wakers.remove(&interest);
     }
 
-    fn wake(&mut self, interest: Interest) {
+    /// Wakes whoever waits for `interest` (an event, or its socket was just closed).
+    pub(crate) fn wake(&mut self, interest: Interest) {
         if let Some(waker) = self.wakers.remove(&interest) {
             waker.wake();
         }
@@ -108,11 +113,11 @@ impl Shared {
                 self.wake(Interest::TcpRead(h));
                 self.wake(Interest::TcpWrite(h));
             }
-            // Listeners, UDP and stand-alone DNS are not exposed to pages yet.
-            Event::Accept(_)
-            | Event::UdpReadable(_)
-            | Event::UdpWritable(_)
-            | Event::DnsDone(_) => {}
+            Event::Accept(l) => self.wake(Interest::Accept(l)),
+            Event::UdpReadable(h) => self.wake(Interest::UdpRead(h)),
+            Event::UdpWritable(h) => self.wake(Interest::UdpWrite(h)),
+            // Stand-alone DNS lookups are not exposed to pages yet.
+            Event::DnsDone(_) => {}
         }
     }
 

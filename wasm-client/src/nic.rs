@@ -4,14 +4,17 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::future::poll_fn;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::task::Poll;
 
 use js_sys::{Array, Object, Promise, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{future_to_promise, spawn_local};
-use webnic_stack::{Stack, StackConfig, TcpError, TcpHandle, TcpOptions};
+use webnic_stack::{
+    ListenError, ListenerHandle, Stack, StackConfig, TcpError, TcpHandle, TcpOptions, UdpError,
+    UdpHandle, UdpOptions,
+};
 
 use crate::driver::{self, Core, Interest};
 use crate::session::{self, SessionError};
@@ -76,19 +79,43 @@ pub async fn connect(url: String, server_certificate_hashes: JsValue) -> Result<
     })
 }
 
-/// TCP handles as the page sees them (small integers), mapped to the stack's.
+/// Socket handles as the page sees them (small integers, one sequence for every kind), mapped
+/// to the stack's.
 #[derive(Debug, Default)]
 struct Handles {
     next: Cell<u32>,
     tcp: std::cell::RefCell<HashMap<u32, TcpHandle>>,
+    udp: std::cell::RefCell<HashMap<u32, UdpHandle>>,
+    listeners: std::cell::RefCell<HashMap<u32, ListenerHandle>>,
 }
 
 impl Handles {
-    fn insert(&self, handle: TcpHandle) -> u32 {
+    fn next_id(&self) -> u32 {
         let id = self.next.get() + 1;
         self.next.set(id);
+        id
+    }
+
+    fn insert(&self, handle: TcpHandle) -> u32 {
+        let id = self.next_id();
         self.tcp.borrow_mut().insert(id, handle);
         id
+    }
+
+    fn udp(&self, id: u32) -> Result<UdpHandle, JsError> {
+        self.udp
+            .borrow()
+            .get(&id)
+            .copied()
+            .ok_or_else(|| JsError::new("InvalidStateError: the socket is closed"))
+    }
+
+    fn listener(&self, id: u32) -> Result<ListenerHandle, JsError> {
+        self.listeners
+            .borrow()
+            .get(&id)
+            .copied()
+            .ok_or_else(|| JsError::new("InvalidStateError: the server socket is closed"))
     }
 
     fn get(&self, id: u32) -> Result<TcpHandle, JsError> {
@@ -125,6 +152,30 @@ fn tcp_error(error: &TcpError) -> JsValue {
         | TcpError::WriteClosed => "InvalidStateError",
     };
     JsError::new(&format!("{name}: {error}")).into()
+}
+
+fn udp_error(error: &UdpError) -> JsValue {
+    let name = match error {
+        UdpError::AddrInUse(_) | UdpError::NoFreePort | UdpError::Unaddressable(_) => {
+            "NetworkError"
+        }
+        UdpError::TooLarge(_) | UdpError::Truncated { .. } => "DataError",
+        UdpError::WouldBlock | UdpError::InvalidHandle | UdpError::NotConnected => {
+            "InvalidStateError"
+        }
+    };
+    JsError::new(&format!("{name}: {error}")).into()
+}
+
+fn listen_error(error: &ListenError) -> JsValue {
+    JsError::new(&format!("NetworkError: {error}")).into()
+}
+
+/// An address literal (UDP and listeners take no names: there is nothing to resolve locally).
+fn parse_address(address: &str) -> Result<IpAddr, JsError> {
+    address
+        .parse()
+        .map_err(|_| JsError::new(&format!("DataError: {address:?} is not an IP address")))
 }
 
 #[wasm_bindgen]
@@ -332,6 +383,263 @@ impl Nic {
             }
         }
         self.core.poke();
+    }
+
+    /// Opens a UDP socket on `port` (0 picks one) of the session's addresses; returns its id.
+    /// `local_address` must be empty, unspecified, or one of the session's addresses.
+    #[wasm_bindgen(js_name = udpBind)]
+    pub fn udp_bind(&self, local_address: String, port: u16) -> Result<u32, JsValue> {
+        self.check_local_address(&local_address)?;
+        self.core.check_open().map_err(|e| session_error(&e))?;
+        let handle = self
+            .core
+            .shared
+            .borrow_mut()
+            .stack
+            .udp_bind(port, UdpOptions::default())
+            .map_err(|e| udp_error(&e))?;
+        let id = self.handles.next_id();
+        self.handles.udp.borrow_mut().insert(id, handle);
+        Ok(id)
+    }
+
+    /// Opens a UDP socket on an ephemeral port whose peer is fixed to `remote:port`: sends go
+    /// there and datagrams from anyone else are dropped. Returns its id.
+    #[wasm_bindgen(js_name = udpConnect)]
+    pub fn udp_connect(&self, remote: String, port: u16) -> Result<u32, JsValue> {
+        let remote = SocketAddr::new(parse_address(&remote)?, port);
+        let id = self.udp_bind(String::new(), 0)?;
+        let handle = self.handles.udp(id)?;
+        let connected = self
+            .core
+            .shared
+            .borrow_mut()
+            .stack
+            .udp_connect(handle, remote);
+        if let Err(error) = connected {
+            self.udp_close(id);
+            return Err(udp_error(&error));
+        }
+        Ok(id)
+    }
+
+    /// `[localAddress, localPort]` of UDP socket `id`.
+    #[wasm_bindgen(js_name = udpEndpoint)]
+    pub fn udp_endpoint(&self, id: u32) -> Result<Array, JsValue> {
+        let handle = self.handles.udp(id)?;
+        let port = self
+            .core
+            .shared
+            .borrow()
+            .stack
+            .udp_port(handle)
+            .ok_or_else(|| JsError::new("InvalidStateError: the socket is closed"))?;
+        Ok(Array::of2(
+            &self.address.clone().into(),
+            &JsValue::from(port),
+        ))
+    }
+
+    /// Sends `data` as one datagram: to `remote:port` when given, else to the connected peer.
+    /// Resolves once the stack queued it (waiting while the send queue is full).
+    #[wasm_bindgen(js_name = udpSend)]
+    pub fn udp_send(
+        &self,
+        id: u32,
+        data: Uint8Array,
+        remote: Option<String>,
+        port: Option<u16>,
+    ) -> Promise {
+        let core = self.core.clone();
+        let handle = self.handles.udp(id);
+        let destination = match (remote, port) {
+            (Some(remote), Some(port)) => {
+                parse_address(&remote).map(|ip| Some(SocketAddr::new(ip, port)))
+            }
+            (None, None) => Ok(None),
+            _ => Err(JsError::new(
+                "TypeError: remoteAddress and remotePort go together",
+            )),
+        };
+        future_to_promise(async move {
+            let handle = handle?;
+            let destination = destination?;
+            let data = data.to_vec();
+            poll_fn(|cx| {
+                let mut shared = core.shared.borrow_mut();
+                let sent = match destination {
+                    Some(remote) => shared.stack.udp_send_to(handle, &data, remote),
+                    None => shared.stack.udp_send(handle, &data),
+                };
+                match sent {
+                    Ok(()) => Poll::Ready(Ok(())),
+                    Err(UdpError::WouldBlock) => {
+                        if let Some(error) = &shared.closed {
+                            return Poll::Ready(Err(session_error(error)));
+                        }
+                        shared.park(Interest::UdpWrite(handle), cx.waker());
+                        Poll::Pending
+                    }
+                    Err(error) => Poll::Ready(Err(udp_error(&error))),
+                }
+            })
+            .await?;
+            core.poke();
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
+    /// Resolves to the next datagram of UDP socket `id`: `[data, remoteAddress, remotePort]`.
+    #[wasm_bindgen(js_name = udpRecv)]
+    pub fn udp_recv(&self, id: u32) -> Promise {
+        let core = self.core.clone();
+        let handle = self.handles.udp(id);
+        future_to_promise(async move {
+            let handle = handle?;
+            // The largest UDP payload: one read always fits.
+            let mut buf = vec![0u8; 65_535];
+            let (n, from) = poll_fn(|cx| {
+                let mut shared = core.shared.borrow_mut();
+                match shared.stack.udp_recv_from(handle, &mut buf) {
+                    Ok(got) => Poll::Ready(Ok(got)),
+                    Err(UdpError::WouldBlock) => {
+                        if let Some(error) = &shared.closed {
+                            return Poll::Ready(Err(session_error(error)));
+                        }
+                        shared.park(Interest::UdpRead(handle), cx.waker());
+                        Poll::Pending
+                    }
+                    Err(error) => Poll::Ready(Err(udp_error(&error))),
+                }
+            })
+            .await?;
+            Ok(Array::of3(
+                &Uint8Array::from(&buf[..n]),
+                &from.ip().to_string().into(),
+                &JsValue::from(from.port()),
+            )
+            .into())
+        })
+    }
+
+    /// Closes UDP socket `id`; its pending reads and sends fail.
+    #[wasm_bindgen(js_name = udpClose)]
+    pub fn udp_close(&self, id: u32) {
+        let Some(handle) = self.handles.udp.borrow_mut().remove(&id) else {
+            return;
+        };
+        let mut shared = self.core.shared.borrow_mut();
+        // Wake the parked futures: they see the invalid handle and fail.
+        shared.wake(Interest::UdpRead(handle));
+        shared.wake(Interest::UdpWrite(handle));
+        shared.stack.udp_close(handle);
+    }
+
+    /// Opens a TCP listener on `port` (0 picks one) of the session's addresses, with up to
+    /// `backlog` connections waiting to be accepted; returns its id.
+    #[wasm_bindgen(js_name = tcpListen)]
+    pub fn tcp_listen(
+        &self,
+        local_address: String,
+        port: u16,
+        backlog: u32,
+    ) -> Result<u32, JsValue> {
+        self.check_local_address(&local_address)?;
+        self.core.check_open().map_err(|e| session_error(&e))?;
+        let backlog = if backlog == 0 { 128 } else { backlog as usize };
+        let options = TcpOptions {
+            no_delay: true,
+            ..TcpOptions::default()
+        };
+        let listener = self
+            .core
+            .shared
+            .borrow_mut()
+            .stack
+            .tcp_listen(port, backlog, options)
+            .map_err(|e| listen_error(&e))?;
+        self.core.poke();
+        let id = self.handles.next_id();
+        self.handles.listeners.borrow_mut().insert(id, listener);
+        Ok(id)
+    }
+
+    /// The port listener `id` is bound to.
+    #[wasm_bindgen(js_name = tcpListenerPort)]
+    pub fn tcp_listener_port(&self, id: u32) -> Result<u16, JsValue> {
+        let listener = self.handles.listener(id)?;
+        Ok(self
+            .core
+            .shared
+            .borrow()
+            .stack
+            .listener_port(listener)
+            .ok_or_else(|| JsError::new("InvalidStateError: the server socket is closed"))?)
+    }
+
+    /// Resolves to the id of the next established connection of listener `id` (a TCP socket
+    /// id for `tcpRead`/`tcpWrite`/`tcpEndpoints`).
+    #[wasm_bindgen(js_name = tcpAccept)]
+    pub fn tcp_accept(&self, id: u32) -> Promise {
+        let core = self.core.clone();
+        let handles = self.handles.clone();
+        let listener = self.handles.listener(id);
+        future_to_promise(async move {
+            let listener = listener?;
+            let handle = poll_fn(|cx| {
+                let mut shared = core.shared.borrow_mut();
+                if let Some((handle, _)) = shared.stack.tcp_accept(listener) {
+                    return Poll::Ready(Ok(handle));
+                }
+                if let Some(error) = &shared.closed {
+                    return Poll::Ready(Err(session_error(error)));
+                }
+                if !handles.listeners.borrow().contains_key(&id) {
+                    return Poll::Ready(Err(JsError::new(
+                        "InvalidStateError: the server socket is closed",
+                    )
+                    .into()));
+                }
+                shared.park(Interest::Accept(listener), cx.waker());
+                Poll::Pending
+            })
+            .await?;
+            // Accepting refilled the listener's backlog: let the driver see it.
+            core.poke();
+            Ok(JsValue::from(handles.insert(handle)))
+        })
+    }
+
+    /// Closes listener `id`: no new connections; accepted ones stay open.
+    #[wasm_bindgen(js_name = tcpListenerClose)]
+    pub fn tcp_listener_close(&self, id: u32) {
+        let Some(listener) = self.handles.listeners.borrow_mut().remove(&id) else {
+            return;
+        };
+        {
+            let mut shared = self.core.shared.borrow_mut();
+            shared.wake(Interest::Accept(listener));
+            shared.stack.tcp_close_listener(listener);
+        }
+        self.core.poke();
+    }
+
+    fn check_local_address(&self, local_address: &str) -> Result<(), JsValue> {
+        if local_address.is_empty() {
+            return Ok(());
+        }
+        let ip = parse_address(local_address)?;
+        let ours = ip.is_unspecified()
+            || ip.to_string() == self.address
+            || self.address_v6.as_deref() == Some(ip.to_string().as_str());
+        if ours {
+            Ok(())
+        } else {
+            Err(JsError::new(&format!(
+                "NetworkError: {local_address} is not an address of this session"
+            ))
+            .into())
+        }
     }
 
     /// Ends the session: the gateway frees the address and every socket fails.
