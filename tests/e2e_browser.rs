@@ -354,3 +354,174 @@ fn browser_demo_speed_test_screenshot() {
     let png = fs::read(&screenshot).expect("screenshot written");
     assert!(png.starts_with(b"\x89PNG"), "the screenshot is not a PNG");
 }
+
+/// `UDPSocket` in connected mode: the page builds an A query for `web.test`, sends it to dnsmasq
+/// on 10.201.n.2:53 and parses the answer itself; the address it found is the host record's.
+#[test]
+fn browser_udp_dns_query() {
+    require_prerequisites();
+    require_browser();
+    let topology = Topology::new();
+    let dnsmasq = topology.serve_dnsmasq();
+    let gateway = topology.start_gateway(&[]);
+    let server = PageServer::start();
+
+    let arg = format!(
+        r#"{{"gateway":"{}","certHash":"{}","server":"{}","name":"web.test"}}"#,
+        gateway.url(),
+        gateway.cert_hash(),
+        topology.srv_ipv4()
+    );
+    let result = run_in_page(&topology, &server, "udpDnsQuery", &arg);
+    println!("page result: {result}");
+    let srv = topology.srv_ipv4().to_string();
+    assert_eq!(json_field(&result, "rcode"), Some("0"), "{result}");
+    assert_eq!(
+        json_field(&result, "address"),
+        Some(srv.as_str()),
+        "the page parsed another address for web.test: {result}\n{}",
+        dnsmasq.logs()
+    );
+    assert_eq!(
+        json_field(&result, "from"),
+        Some(format!("{srv}:53").as_str()),
+        "{result}"
+    );
+    assert_eq!(
+        json_field(&result, "localAddress"),
+        json_field(&result, "sessionAddress"),
+        "{result}"
+    );
+    let local_port: u16 = json_field(&result, "localPort")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no localPort: {result}"));
+    assert_ne!(local_port, 0, "{result}");
+}
+
+/// `TCPServerSocket`: the page listens; socat in the server namespace connects to the page's
+/// session address and sends 1 MiB of random bytes; the page replies with the sha256 of what it
+/// received, which equals the file's both in the page's result and in the reply socat wrote.
+#[test]
+fn browser_tcp_server_socket_1_mib() {
+    const PORT: u16 = 7100;
+    require_prerequisites();
+    require_browser();
+    let topology = Topology::new();
+    let gateway = topology.start_gateway(&[]);
+    let server = PageServer::start();
+    let upload = random_bytes(1 << 20);
+    let upload_path = topology.tmp().join("upload.bin");
+    fs::write(&upload_path, &upload).expect("write upload.bin");
+    let reply_path = topology.tmp().join("reply.txt");
+
+    let arg = format!(
+        r#"{{"gateway":"{}","certHash":"{}","port":{PORT}}}"#,
+        gateway.url(),
+        gateway.cert_hash(),
+    );
+    let name = "tcpServerSha256";
+    let mut cmd = Command::new(find_command("node").expect("node"));
+    cmd.arg(repo().join("tests/browser/run.mjs"))
+        .arg(server.url("/page.html"))
+        .arg(name)
+        .arg(&arg)
+        .arg(PAGE_TIMEOUT.as_millis().to_string());
+    let page = topology.spawn_root(&format!("browser-{name}"), &mut cmd);
+    let out_path = topology.tmp().join(format!("browser-{name}.out"));
+
+    // The page prints its listener once it is open.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ready = loop {
+        let out = fs::read_to_string(&out_path).unwrap_or_default();
+        if let Some(line) = out
+            .lines()
+            .find_map(|l| l.strip_prefix("WEBNIC_READY "))
+            .map(str::to_owned)
+        {
+            break line;
+        }
+        assert!(
+            Instant::now() < deadline && page.exit_status().is_none(),
+            "the page never reported its listener\n{}",
+            page.logs()
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    let address = json_field(&ready, "address").expect("address").to_owned();
+    assert!(address.starts_with("10.77.0."), "{ready}");
+    assert_eq!(json_field(&ready, "localAddress"), Some(address.as_str()));
+    assert_eq!(
+        json_field(&ready, "localPort"),
+        Some(PORT.to_string().as_str())
+    );
+
+    // socat's `!!` pairs a read address with a write address: it sends the file, half-closes,
+    // and (for up to -t seconds) writes what comes back into reply.txt.
+    let sender = topology.spawn_in(
+        &topology.srv_ns(),
+        "socat-upload",
+        &[
+            "socat",
+            "-t",
+            "30",
+            &format!(
+                "OPEN:{}!!CREATE:{}",
+                upload_path.display(),
+                reply_path.display()
+            ),
+            &format!("TCP:{address}:{PORT}"),
+        ],
+        Vec::new(),
+    );
+    let status = wait_exit(&sender, Duration::from_secs(60));
+    assert_eq!(status, "exit code 0", "{}\n{}", sender.logs(), page.logs());
+    let reply = fs::read_to_string(&reply_path).expect("socat wrote the reply");
+    // A second connection tells the page that the reply arrived and it may end the session.
+    let done = topology.spawn_in(
+        &topology.srv_ns(),
+        "socat-done",
+        &[
+            "socat",
+            "-u",
+            "OPEN:/dev/null",
+            &format!("TCP:{address}:{PORT}"),
+        ],
+        Vec::new(),
+    );
+    let status = wait_exit(&done, Duration::from_secs(30));
+    assert_eq!(status, "exit code 0", "{}", done.logs());
+
+    let status = wait_exit(&page, PAGE_TIMEOUT + Duration::from_secs(30));
+    let stdout = fs::read_to_string(&out_path).unwrap_or_default();
+    eprintln!("{}", page.stderr());
+    let result = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("page function {name} failed ({status})\n{}", page.logs()));
+    println!("page result: {result}");
+    assert_eq!(status, "exit code 0", "{}", page.logs());
+
+    let expected = sha256_hex(&upload);
+    assert_eq!(
+        json_field(result, "receivedLength"),
+        Some(upload.len().to_string().as_str()),
+        "{result}"
+    );
+    assert_eq!(
+        json_field(result, "sha256"),
+        Some(expected.as_str()),
+        "the page received different bytes: {result}"
+    );
+    assert_eq!(
+        reply,
+        format!("sha256 {expected}\n"),
+        "the page's reply as socat received it"
+    );
+    let srv = topology.srv_ipv4().to_string();
+    assert_eq!(json_field(result, "remoteAddress"), Some(srv.as_str()));
+    assert_eq!(
+        json_field(result, "secondRemoteAddress"),
+        Some(srv.as_str())
+    );
+    assert_eq!(json_field(result, "localAddress"), Some(address.as_str()));
+}

@@ -33,7 +33,11 @@ try {
     ],
   });
   const page = browser.pages()[0] ?? await browser.newPage();
-  page.on('console', (msg) => consoleLines.push(`[console.${msg.type()}] ${msg.text()}`));
+  page.on('console', (msg) => {
+    consoleLines.push(`[console.${msg.type()}] ${msg.text()}`);
+    // Lines the test waits for while the page function still runs (e.g. a listener's port).
+    if (msg.text().startsWith('WEBNIC_READY ')) console.log(msg.text());
+  });
   page.on('pageerror', (err) => consoleLines.push(`[pageerror] ${err}`));
   await page.goto(pageUrl);
   await page.waitForFunction(() => window.webnicTestsReady === true, null, { timeout: 10000 });
