@@ -355,8 +355,9 @@ fn browser_demo_speed_test_screenshot() {
     assert!(png.starts_with(b"\x89PNG"), "the screenshot is not a PNG");
 }
 
-/// `UDPSocket` in connected mode: the page builds an A query for `web.test`, sends it to dnsmasq
-/// on 10.201.n.2:53 and parses the answer itself; the address it found is the host record's.
+/// `UDPSocket`: the page builds an A query for `web.test`, sends it to dnsmasq on 10.201.n.2:53
+/// and parses the answer itself, once in connected mode and once in bound mode (destination per
+/// message); both addresses it found are the host record's.
 #[test]
 fn browser_udp_dns_query() {
     require_prerequisites();
@@ -396,6 +397,27 @@ fn browser_udp_dns_query() {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no localPort: {result}"));
     assert_ne!(local_port, 0, "{result}");
+    // Bound mode: the same query with the destination given per message.
+    assert_eq!(
+        json_field(&result, "boundAddress"),
+        Some(srv.as_str()),
+        "bound-mode answer: {result}"
+    );
+    assert_eq!(
+        json_field(&result, "boundFrom"),
+        Some(format!("{srv}:53").as_str()),
+        "{result}"
+    );
+    assert_eq!(
+        json_field(&result, "boundLocalPort"),
+        Some("5353"),
+        "{result}"
+    );
+    assert_eq!(
+        json_field(&result, "boundLocalAddress"),
+        json_field(&result, "sessionAddress"),
+        "{result}"
+    );
 }
 
 /// `TCPServerSocket`: the page listens; socat in the server namespace connects to the page's
