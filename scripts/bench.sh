@@ -39,6 +39,8 @@ log_dir="target/bench-logs"
 mkdir -p "$log_dir"
 results="$log_dir/results.txt"
 : >"$results"
+notes="$log_dir/notes.txt"
+: >"$notes"
 for bench in "${BENCHES[@]}"; do
     for run in $(seq 1 "$RUNS"); do
         step "bench $bench, run $run of $RUNS"
@@ -49,6 +51,8 @@ for bench in "${BENCHES[@]}"; do
             exit 1
         fi
         grep '^RESULT ' "$log" >>"$results"
+        # Figures that are not ratios (the raw QUIC baseline's loss, the RTT the tunnel adds).
+        grep '^NOTE raw_quic_datagrams ' "$log" | sed "s/^NOTE /$bench run $run: /" >>"$notes" || true
     done
 done
 
@@ -86,10 +90,18 @@ cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo "- \`tunnel\` (native client → QUIC → gateway → TUN → server namespace): against plain TCP over"
     echo "  the same veth path, without the tunnel (\`plain_tcp_same_veths\`), and raw QUIC datagrams"
     echo "  between the client's and the gateway namespace's veth addresses through the same"
-    echo "  WebTransport/quinn layers and buffer sizes (\`raw_quic_datagrams\`). Caveat: that baseline"
-    echo "  sends unpaced, and datagrams have no flow control, so its receiver drops most of a download"
-    echo "  (the bench prints \`NOTE raw download delivered N%\`, 5-30% here): it under-states the"
-    echo "  transport's ceiling until it is paced, and its ratios are not yet the issue's targets."
+    echo "  WebTransport/quinn layers and buffer sizes (\`raw_quic_datagrams\`): the transport's ceiling."
+    echo "  Its sender waits on QUIC's own backpressure (\`send_datagram_wait\`, with the HTTP/3"
+    echo "  datagram header, as webnic's driver does) and on a credit window the receiver replenishes"
+    echo "  over a QUIC stream (256 datagrams in flight, a credit every 32 received), because datagrams"
+    echo "  have no flow control and an unpaced sender overflows the receiver's queue. Its figure is"
+    echo "  payload delivered per second, first to last datagram; the loss it took is listed below."
+    if [[ -s "$notes" ]]; then
+        echo
+        echo "### Raw QUIC baseline: loss, and the echo RTT the tunnel adds"
+        echo
+        sed 's/^/- /' "$notes"
+    fi
     echo
     echo "## Machine"
     echo
