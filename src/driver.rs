@@ -1,6 +1,5 @@
 //! The state shared by the client's tasks and sockets, and the task that drives the stack.
 
-use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
@@ -8,31 +7,19 @@ use std::task::Waker;
 use bytes::{BufMut, BytesMut};
 use tokio::sync::Notify;
 use webnic_stack::protocol::datagram_header;
-use webnic_stack::{
-    ConnectError, DnsHandle, Event, Instant, ListenerHandle, Stack, TcpHandle, UdpHandle,
-};
+use webnic_stack::waiters::Waiters;
+use webnic_stack::{Instant, Stack};
 
 use crate::session::SessionError;
 
-/// What a parked future waits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Interest {
-    TcpConnect(TcpHandle),
-    TcpRead(TcpHandle),
-    TcpWrite(TcpHandle),
-    Accept(ListenerHandle),
-    UdpRead(UdpHandle),
-    UdpWrite(UdpHandle),
-    Dns(DnsHandle),
-}
+pub(crate) use webnic_stack::waiters::Interest;
 
 /// Everything behind the mutex.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) stack: Stack,
-    wakers: HashMap<Interest, Waker>,
-    /// Outcome of connection attempts, until the connecting future collects it.
-    pub(crate) connect_results: HashMap<TcpHandle, Result<(), ConnectError>>,
+    /// Parked futures and connection outcomes.
+    pub(crate) waiters: Waiters,
     /// Set once the session is gone; every operation fails with it from then on.
     pub(crate) closed: Option<SessionError>,
 }
@@ -41,30 +28,17 @@ impl Shared {
     pub(crate) fn new(stack: Stack) -> Self {
         Self {
             stack,
-            wakers: HashMap::new(),
-            connect_results: HashMap::new(),
+            waiters: Waiters::new(),
             closed: None,
         }
     }
 
     pub(crate) fn park(&mut self, interest: Interest, waker: &Waker) {
-        match self.wakers.get_mut(&interest) {
-            Some(existing) if existing.will_wake(waker) => {}
-            Some(existing) => existing.clone_from(waker),
-            None => {
-                self.wakers.insert(interest, waker.clone());
-            }
-        }
+        self.waiters.park(interest, waker);
     }
 
     pub(crate) fn forget(&mut self, interest: Interest) {
-        self.wakers.remove(&interest);
-    }
-
-    fn wake(&mut self, interest: Interest) {
-        if let Some(waker) = self.wakers.remove(&interest) {
-            waker.wake();
-        }
+        self.waiters.forget(interest);
     }
 
     /// The error every operation returns once the session is closed.
@@ -75,39 +49,11 @@ impl Shared {
         }
     }
 
-    fn dispatch(&mut self, event: Event) {
-        match event {
-            Event::TcpConnected(h) => {
-                self.connect_results.insert(h, Ok(()));
-                self.wake(Interest::TcpConnect(h));
-            }
-            Event::TcpConnectFailed(h, error) => {
-                self.connect_results.insert(h, Err(error));
-                self.wake(Interest::TcpConnect(h));
-                self.wake(Interest::TcpRead(h));
-                self.wake(Interest::TcpWrite(h));
-            }
-            Event::TcpReadable(h) => self.wake(Interest::TcpRead(h)),
-            Event::TcpWritable(h) => self.wake(Interest::TcpWrite(h)),
-            Event::TcpReset(h) | Event::TcpClosed(h) => {
-                self.wake(Interest::TcpConnect(h));
-                self.wake(Interest::TcpRead(h));
-                self.wake(Interest::TcpWrite(h));
-            }
-            Event::Accept(l) => self.wake(Interest::Accept(l)),
-            Event::UdpReadable(u) => self.wake(Interest::UdpRead(u)),
-            Event::UdpWritable(u) => self.wake(Interest::UdpWrite(u)),
-            Event::DnsDone(d) => self.wake(Interest::Dns(d)),
-        }
-    }
-
     pub(crate) fn close(&mut self, error: SessionError) {
         if self.closed.is_none() {
             self.closed = Some(error);
         }
-        for (_, waker) in self.wakers.drain() {
-            waker.wake();
-        }
+        self.waiters.wake_all();
     }
 }
 
@@ -185,7 +131,7 @@ pub(crate) async fn drive(core: Arc<Core>) {
                 outgoing.push(packet);
             }
             while let Some(event) = shared.stack.poll_event() {
-                shared.dispatch(event);
+                shared.waiters.dispatch(event);
             }
             shared.stack.poll_timeout()
         };

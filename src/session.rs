@@ -323,7 +323,7 @@ impl Client {
         let stream = TcpStream::new(self.core.clone(), handle);
         poll_fn(|cx| {
             let mut shared = self.core.lock();
-            if let Some(result) = shared.connect_results.remove(&handle) {
+            if let Some(result) = shared.waiters.take_connect_result(handle) {
                 return Poll::Ready(result.map_err(|e| connect_error_to_io(&TcpError::Connect(e))));
             }
             if let Err(error) = shared.check_open() {

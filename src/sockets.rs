@@ -123,10 +123,7 @@ impl AsyncWrite for TcpStream {
 impl Drop for TcpStream {
     fn drop(&mut self) {
         let mut shared = self.core.lock();
-        shared.forget(Interest::TcpRead(self.handle));
-        shared.forget(Interest::TcpWrite(self.handle));
-        shared.forget(Interest::TcpConnect(self.handle));
-        shared.connect_results.remove(&self.handle);
+        shared.waiters.forget_tcp(self.handle);
         shared.stack.tcp_release(self.handle);
         drop(shared);
         self.core.poke.notify_one();

@@ -17,6 +17,7 @@ mod device;
 mod error;
 pub mod protocol;
 mod stack;
+pub mod waiters;
 
 pub use error::{ConnectError, DnsError, ListenError, PacketError, TcpError, UdpError};
 pub use smoltcp::time::{Duration, Instant};

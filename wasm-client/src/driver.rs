@@ -5,7 +5,6 @@
 //! safe.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use std::task::{Poll, Waker};
 
@@ -14,7 +13,8 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{ReadableStreamDefaultReader, WebTransport, WritableStreamDefaultWriter};
 use webnic_stack::protocol::{CapsuleDecoder, ControlMessage};
-use webnic_stack::{ConnectError, Event, Instant, ListenerHandle, Stack, TcpHandle, UdpHandle};
+use webnic_stack::waiters::Waiters;
+use webnic_stack::{Instant, Stack};
 
 use crate::session::{SessionError, close_reason, js_message, read_chunk};
 
@@ -48,27 +48,14 @@ pub(crate) fn random_seed() -> u64 {
     u64::from_le_bytes(bytes)
 }
 
-/// What a parked future waits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Interest {
-    TcpConnect(TcpHandle),
-    TcpRead(TcpHandle),
-    TcpWrite(TcpHandle),
-    /// A listener's accept queue got a connection.
-    Accept(ListenerHandle),
-    UdpRead(UdpHandle),
-    UdpWrite(UdpHandle),
-    /// [`crate::Nic::closed`]: only the session's end wakes it.
-    Closed,
-}
+pub(crate) use webnic_stack::waiters::Interest;
 
 /// Everything behind the `RefCell`.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) stack: Stack,
-    wakers: HashMap<Interest, Waker>,
-    /// Outcome of connection attempts, until the connecting future collects it.
-    pub(crate) connect_results: HashMap<TcpHandle, Result<(), ConnectError>>,
+    /// Parked futures and connection outcomes.
+    pub(crate) waiters: Waiters,
     /// Set once the session is gone; every operation fails with it from then on.
     pub(crate) closed: Option<SessionError>,
     /// The driver task, parked until a poke or its timer.
@@ -80,54 +67,23 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn park(&mut self, interest: Interest, waker: &Waker) {
-        self.wakers.insert(interest, waker.clone());
+        self.waiters.park(interest, waker);
     }
 
     pub(crate) fn forget(&mut self, interest: Interest) {
-        self.wakers.remove(&interest);
+        self.waiters.forget(interest);
     }
 
     /// Wakes whoever waits for `interest` (an event, or its socket was just closed).
     pub(crate) fn wake(&mut self, interest: Interest) {
-        if let Some(waker) = self.wakers.remove(&interest) {
-            waker.wake();
-        }
-    }
-
-    fn dispatch(&mut self, event: Event) {
-        match event {
-            Event::TcpConnected(h) => {
-                self.connect_results.insert(h, Ok(()));
-                self.wake(Interest::TcpConnect(h));
-            }
-            Event::TcpConnectFailed(h, error) => {
-                self.connect_results.insert(h, Err(error));
-                self.wake(Interest::TcpConnect(h));
-                self.wake(Interest::TcpRead(h));
-                self.wake(Interest::TcpWrite(h));
-            }
-            Event::TcpReadable(h) => self.wake(Interest::TcpRead(h)),
-            Event::TcpWritable(h) => self.wake(Interest::TcpWrite(h)),
-            Event::TcpReset(h) | Event::TcpClosed(h) => {
-                self.wake(Interest::TcpConnect(h));
-                self.wake(Interest::TcpRead(h));
-                self.wake(Interest::TcpWrite(h));
-            }
-            Event::Accept(l) => self.wake(Interest::Accept(l)),
-            Event::UdpReadable(h) => self.wake(Interest::UdpRead(h)),
-            Event::UdpWritable(h) => self.wake(Interest::UdpWrite(h)),
-            // Stand-alone DNS lookups are not exposed to pages yet.
-            Event::DnsDone(_) => {}
-        }
+        self.waiters.wake(interest);
     }
 
     pub(crate) fn close(&mut self, error: SessionError) {
         if self.closed.is_none() {
             self.closed = Some(error);
         }
-        for (_, waker) in self.wakers.drain() {
-            waker.wake();
-        }
+        self.waiters.wake_all();
         self.poked = true;
         if let Some(waker) = self.driver_waker.take() {
             waker.wake();
@@ -162,8 +118,7 @@ impl Core {
             Self {
                 shared: RefCell::new(Shared {
                     stack,
-                    wakers: HashMap::new(),
-                    connect_results: HashMap::new(),
+                    waiters: Waiters::new(),
                     closed: None,
                     driver_waker: None,
                     poked: false,
@@ -325,7 +280,7 @@ pub(crate) async fn drive(core: Rc<Core>) {
                 outgoing.push(packet);
             }
             while let Some(event) = shared.stack.poll_event() {
-                shared.dispatch(event);
+                shared.waiters.dispatch(event);
             }
             shared.stack.poll_timeout()
         };

@@ -248,7 +248,7 @@ impl Nic {
             core.poke();
             let connected = poll_fn(|cx| {
                 let mut shared = core.shared.borrow_mut();
-                if let Some(result) = shared.connect_results.remove(&handle) {
+                if let Some(result) = shared.waiters.take_connect_result(handle) {
                     return Poll::Ready(result.map_err(|e| tcp_error(&TcpError::Connect(e))));
                 }
                 if let Some(error) = &shared.closed {
