@@ -91,6 +91,24 @@ impl Pair {
     }
 }
 
+impl Pair {
+    /// A connects to a listener on B port 80; returns both ends once B accepted.
+    fn connect(&mut self) -> (TcpHandle, TcpHandle) {
+        let listener = self.b.tcp_listen(80, 1, TcpOptions::default()).unwrap();
+        let client = self
+            .a
+            .tcp_connect(SocketAddr::new(IpAddr::V4(B), 80), TcpOptions::default())
+            .unwrap();
+        for _ in 0..50 {
+            self.step();
+            if let Some((server, _)) = self.b.tcp_accept(listener) {
+                return (client, server);
+            }
+        }
+        panic!("B never accepted the connection");
+    }
+}
+
 fn transfer(mtu: usize, latency_ms: u64, loss: u64, seed: u64, size: usize) -> (Duration, Pair) {
     let mut pair = Pair::new(mtu, latency_ms, loss, seed);
     let listener = pair.b.tcp_listen(80, 4, TcpOptions::default()).unwrap();
@@ -216,19 +234,8 @@ fn connect_to_closed_port_is_refused() {
 #[test]
 fn peer_reset_is_reported() {
     let mut pair = Pair::new(1152, 1, 0, 4);
-    let listener = pair.b.tcp_listen(80, 1, TcpOptions::default()).unwrap();
-    let client = pair
-        .a
-        .tcp_connect(SocketAddr::new(IpAddr::V4(B), 80), TcpOptions::default())
-        .unwrap();
-    let mut server = None;
-    for _ in 0..50 {
-        pair.step();
-        if server.is_none() {
-            server = pair.b.tcp_accept(listener).map(|(h, _)| h);
-        }
-    }
-    pair.b.tcp_abort(server.expect("accepted"));
+    let (client, server) = pair.connect();
+    pair.b.tcp_abort(server);
     for _ in 0..50 {
         pair.step();
     }
@@ -244,19 +251,7 @@ fn peer_reset_is_reported() {
 #[test]
 fn half_close_keeps_the_other_direction_open() {
     let mut pair = Pair::new(1152, 1, 0, 5);
-    let listener = pair.b.tcp_listen(80, 1, TcpOptions::default()).unwrap();
-    let client = pair
-        .a
-        .tcp_connect(SocketAddr::new(IpAddr::V4(B), 80), TcpOptions::default())
-        .unwrap();
-    let mut server = None;
-    for _ in 0..50 {
-        pair.step();
-        if server.is_none() {
-            server = pair.b.tcp_accept(listener).map(|(h, _)| h);
-        }
-    }
-    let server = server.expect("accepted");
+    let (client, server) = pair.connect();
     pair.a.tcp_shutdown(client).unwrap();
     for _ in 0..20 {
         pair.step();
