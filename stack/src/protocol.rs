@@ -81,6 +81,25 @@ pub enum CloseCode {
     IdleTimeout,
     /// The gateway refused the session by policy.
     Refused,
+    /// The gateway requires a token and the request carried none.
+    TokenMissing,
+    /// The token is malformed, or its signature does not verify with the gateway's key.
+    TokenInvalid,
+    /// The token's `exp` has passed.
+    TokenExpired,
+    /// The token's `nbf` is still in the future.
+    TokenNotYetValid,
+    /// The client's IP address already has as many sessions as the gateway allows.
+    TooManySessionsPerAddress,
+    /// The token's subject already has as many sessions as allowed (gateway cap or the token's
+    /// own `max_sessions`).
+    TooManySessionsPerSubject,
+    /// The gateway has as many sessions as it allows in total.
+    TooManySessions,
+    /// New sessions arrive faster than the gateway's rate limit.
+    RateLimited,
+    /// The session reached the gateway's maximum session lifetime.
+    MaxLifetime,
     /// A code this version does not know.
     Other(u32),
 }
@@ -96,6 +115,15 @@ impl CloseCode {
             Self::ProtocolViolation => 4,
             Self::IdleTimeout => 5,
             Self::Refused => 6,
+            Self::TokenMissing => 7,
+            Self::TokenInvalid => 8,
+            Self::TokenExpired => 9,
+            Self::TokenNotYetValid => 10,
+            Self::TooManySessionsPerAddress => 11,
+            Self::TooManySessionsPerSubject => 12,
+            Self::TooManySessions => 13,
+            Self::RateLimited => 14,
+            Self::MaxLifetime => 15,
             Self::Other(code) => code,
         }
     }
@@ -110,6 +138,15 @@ impl CloseCode {
             4 => Self::ProtocolViolation,
             5 => Self::IdleTimeout,
             6 => Self::Refused,
+            7 => Self::TokenMissing,
+            8 => Self::TokenInvalid,
+            9 => Self::TokenExpired,
+            10 => Self::TokenNotYetValid,
+            11 => Self::TooManySessionsPerAddress,
+            12 => Self::TooManySessionsPerSubject,
+            13 => Self::TooManySessions,
+            14 => Self::RateLimited,
+            15 => Self::MaxLifetime,
             other => Self::Other(other),
         }
     }
@@ -125,6 +162,15 @@ impl std::fmt::Display for CloseCode {
             Self::ProtocolViolation => f.write_str("protocol violation"),
             Self::IdleTimeout => f.write_str("idle timeout"),
             Self::Refused => f.write_str("refused by policy"),
+            Self::TokenMissing => f.write_str("token required"),
+            Self::TokenInvalid => f.write_str("invalid token"),
+            Self::TokenExpired => f.write_str("token expired"),
+            Self::TokenNotYetValid => f.write_str("token not yet valid"),
+            Self::TooManySessionsPerAddress => f.write_str("too many sessions from this address"),
+            Self::TooManySessionsPerSubject => f.write_str("too many sessions for this token"),
+            Self::TooManySessions => f.write_str("too many sessions on the gateway"),
+            Self::RateLimited => f.write_str("new sessions rate-limited"),
+            Self::MaxLifetime => f.write_str("maximum session lifetime reached"),
             Self::Other(code) => write!(f, "close code {code}"),
         }
     }
@@ -687,5 +733,17 @@ mod tests {
         assert_eq!(datagram_header(0), ([0; 8], 1));
         let (h, n) = datagram_header(4 * 100);
         assert_eq!(&h[..n], &[0x40, 100]);
+    }
+
+    #[test]
+    fn close_codes_roundtrip_and_never_renumber() {
+        for n in 0..=15 {
+            let code = CloseCode::from_u32(n);
+            assert!(!matches!(code, CloseCode::Other(_)), "{n} is known");
+            assert_eq!(code.to_u32(), n);
+        }
+        assert_eq!(CloseCode::TokenExpired.to_u32(), 9);
+        assert_eq!(CloseCode::MaxLifetime.to_u32(), 15);
+        assert_eq!(CloseCode::from_u32(16), CloseCode::Other(16));
     }
 }
