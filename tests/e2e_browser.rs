@@ -171,15 +171,26 @@ fn content_type(file: &Path) -> &'static str {
 /// Runs page function `name` with `arg` (JSON) in headless Chromium; returns its JSON result.
 /// Panics with the page's console when it fails.
 fn run_in_page(topology: &Topology, server: &PageServer, name: &str, arg: &str) -> String {
+    run_in_page_for(topology, server, name, arg, PAGE_TIMEOUT)
+}
+
+/// [`run_in_page`] with its own time limit.
+fn run_in_page_for(
+    topology: &Topology,
+    server: &PageServer,
+    name: &str,
+    arg: &str,
+    timeout: Duration,
+) -> String {
     let mut cmd = Command::new(find_command("node").expect("node"));
     cmd.arg(repo().join("tests/browser/run.mjs"))
         .arg(server.url("/page.html"))
         .arg(name)
         .arg(arg)
-        .arg(PAGE_TIMEOUT.as_millis().to_string());
+        .arg(timeout.as_millis().to_string());
     let process = topology.spawn_root(&format!("browser-{name}"), &mut cmd);
-    // run.mjs enforces PAGE_TIMEOUT itself and closes Chromium; this bound is the backstop.
-    let status = wait_exit(&process, PAGE_TIMEOUT + Duration::from_secs(30));
+    // run.mjs enforces the timeout itself and closes Chromium; this bound is the backstop.
+    let status = wait_exit(&process, timeout + Duration::from_secs(30));
     let stdout =
         fs::read_to_string(topology.tmp().join(format!("browser-{name}.out"))).unwrap_or_default();
     // The page's console (and the profile with WEBNIC_PROFILE=1), shown with --nocapture.
@@ -546,4 +557,83 @@ fn browser_tcp_server_socket_1_mib() {
         Some(srv.as_str())
     );
     assert_eq!(json_field(result, "localAddress"), Some(address.as_str()));
+}
+
+/// A socat TCP server on `port` of the server namespace that answers each connection with
+/// the sha256 of everything it received (`sha256sum`'s line), once the client half-closes.
+fn serve_sha256_sink(topology: &Topology, port: u16) -> common::Process {
+    let listen = format!("TCP6-LISTEN:{port},ipv6only=0,fork,reuseaddr");
+    let process = topology.spawn_in(
+        &topology.srv_ns(),
+        &format!("socat-sha256-{port}"),
+        &["socat", "-t", "30", &listen, "EXEC:sha256sum"],
+        Vec::new(),
+    );
+    topology.wait_listening(&topology.srv_ns(), "tcp", port, &process);
+    process
+}
+
+/// Worker mode against Window mode in one Chromium: `runs` sessions each, alternating, each
+/// doing a GET of 8 MiB from nginx (sha256 checked in the page), an upload of 8 MiB (the
+/// server's sha256 checked in the page) and 50 one-byte echo round trips. Both modes must move
+/// the bytes exactly; the medians are printed (docs/BROWSER.md records them).
+#[test]
+fn browser_window_vs_worker() {
+    const SINK_PORT: u16 = 7200;
+    require_prerequisites();
+    require_browser();
+    let runs: usize = std::env::var("WEBNIC_BROWSER_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let topology = Topology::new();
+    let www = topology.tmp().join("www");
+    fs::create_dir_all(&www).expect("www dir");
+    let data = random_bytes(8 << 20);
+    fs::write(www.join("random.bin"), &data).expect("write random.bin");
+    let _nginx = topology.serve_nginx(&www);
+    let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
+    let _sink = serve_sha256_sink(&topology, SINK_PORT);
+    let gateway = topology.start_gateway(&[]);
+    let server = PageServer::start();
+
+    let arg = format!(
+        r#"{{"gateway":"{}","certHash":"{}","host":"{}","path":"/random.bin","expected":"{}","sinkPort":{SINK_PORT},"uploadBytes":{},"echoPort":{TCP_ECHO_PORT},"pings":50,"runs":{runs}}}"#,
+        gateway.url(),
+        gateway.cert_hash(),
+        topology.srv_ipv4(),
+        sha256_hex(&data),
+        8 << 20,
+    );
+    let result = run_in_page_for(&topology, &server, "compareModes", &arg, PAGE_TIMEOUT * 4);
+    println!("page result: {result}");
+    let figure = |key: &str| -> f64 {
+        json_field(&result, key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key}: {result}"))
+    };
+    for key in [
+        "windowGet",
+        "workerGet",
+        "windowUpload",
+        "workerUpload",
+        "windowRttMs",
+        "workerRttMs",
+    ] {
+        let value = figure(key);
+        assert!(
+            value.is_finite() && value > 0.0,
+            "{key} = {value}: {result}"
+        );
+    }
+    println!(
+        "median of {runs}: GET 8 MiB window {:.1} MB/s, worker {:.1} MB/s; upload 8 MiB window {:.1} MB/s, \
+         worker {:.1} MB/s; echo RTT window {:.2} ms, worker {:.2} ms",
+        figure("windowGet"),
+        figure("workerGet"),
+        figure("windowUpload"),
+        figure("workerUpload"),
+        figure("windowRttMs"),
+        figure("workerRttMs"),
+    );
 }

@@ -3,8 +3,16 @@
 export interface WebNicConnectOptions {
   /** Passed to `new WebTransport()` unchanged, e.g. [{ algorithm: 'sha-256', value: bytes }]. */
   serverCertificateHashes?: { algorithm: string; value: BufferSource }[];
-  /** The wasm file or its URL (default: next to pkg/webnic_wasm.js). */
+  /**
+   * The wasm file or its URL (default: next to pkg/webnic_wasm.js). With `worker: true`, a URL
+   * or a WebAssembly.Module (what can be posted to the worker).
+   */
   wasm?: string | URL | Response | BufferSource | WebAssembly.Module;
+  /**
+   * Run the stack in a dedicated Worker (js/webnic-worker.js) instead of this thread; the socket
+   * objects are the same either way. Default: see docs/BROWSER.md (Window, measured faster here).
+   */
+  worker?: boolean;
 }
 
 export interface TCPSocketOptions {
@@ -109,7 +117,15 @@ export declare class WebNic {
   readonly addressV6: string | undefined;
   readonly mtu: number;
   readonly closed: Promise<string>;
+  /** Whether the stack runs in a dedicated Worker. */
+  readonly worker: boolean;
+  /** With a worker, a snapshot at most 100 ms old. */
   stats(): WebNicStats;
+  /**
+   * Defines TCPSocket, UDPSocket and TCPServerSocket on `target` (default globalThis) where it
+   * has none, bound to this session; returns the names it defined.
+   */
+  installGlobals(target?: object): string[];
   close(): void;
 }
 

@@ -8,8 +8,14 @@
 //   const server = new nic.TCPServerSocket(nic.address, { localPort: 8080 });
 //
 // The TCP/IP stack is webnic-stack compiled to wasm (pkg/webnic_wasm.js); this file only shapes
-// its handle-based calls into the objects of the WICG Direct Sockets spec.
+// its handle-based calls into the objects of the WICG Direct Sockets spec. The stack runs either
+// in this thread (`{ worker: false }`) or in a dedicated Worker (js/webnic-worker.js,
+// `{ worker: true }`); the objects below see the same calls either way (every call is awaited,
+// so a value and a promise of it both work).
 import init, { connect as connectWasm } from '../pkg/webnic_wasm.js';
+
+// Where the stack runs when `connect` is not told: see docs/BROWSER.md for the measurement.
+const DEFAULT_WORKER = false;
 
 let ready = null;
 
@@ -26,6 +32,101 @@ const READ_CHUNK = 64 * 1024;
 // Options key under which TCPServerSocket hands an accepted connection's id to TCPSocket.
 const ACCEPTED = Symbol('accepted');
 
+/**
+ * The page side of a stack running in js/webnic-worker.js: the wasm `Nic`'s calls, each
+ * a message to the worker, answered by a promise. Byte payloads cross as transferred
+ * ArrayBuffers (a write is copied once first: the page keeps its buffer).
+ */
+class WorkerNic {
+  #worker;
+  #next = 1;
+  #pending = new Map();
+  #closed;
+  #stats;
+
+  constructor(worker) {
+    this.#worker = worker;
+    let closedResolve;
+    this.#closed = new Promise((resolve) => { closedResolve = resolve; });
+    worker.onmessage = ({ data }) => {
+      if (data.event === 'stats') {
+        this.#stats = data.stats;
+      } else if (data.event === 'closed') {
+        closedResolve(data.reason);
+        // Let the worker finish closing its session, then free the thread.
+        setTimeout(() => worker.terminate(), 1000);
+      } else {
+        const call = this.#pending.get(data.id);
+        this.#pending.delete(data.id);
+        if ('error' in data) call.reject(new Error(data.error)); else call.resolve(data.value);
+      }
+    };
+    worker.onerror = (event) => {
+      const error = new Error(`NetworkError: the webnic worker failed: ${event.message}`);
+      for (const call of this.#pending.values()) call.reject(error);
+      this.#pending.clear();
+      closedResolve(error.message);
+    };
+  }
+
+  /** Starts the worker and its session; resolves once the session is up. */
+  static async start(url, options) {
+    const worker = new Worker(new URL('./webnic-worker.js', import.meta.url), { type: 'module' });
+    const nic = new WorkerNic(worker);
+    let wasm = options.wasm;
+    // The worker resolves relative URLs against its own location: make them absolute here.
+    if (typeof wasm === 'string' || wasm instanceof URL) wasm = new URL(wasm, location.href).href;
+    try {
+      const info = await nic.#call('connect', [url, options.serverCertificateHashes, wasm]);
+      Object.assign(nic, { address: info.address, addressV6: info.addressV6, mtu: info.mtu });
+      nic.#stats = info.stats;
+    } catch (error) {
+      worker.terminate();
+      throw error;
+    }
+    return nic;
+  }
+
+  #call(method, args, transfer = []) {
+    const id = this.#next++;
+    return new Promise((resolve, reject) => {
+      this.#pending.set(id, { resolve, reject });
+      this.#worker.postMessage({ id, method, args }, transfer);
+    });
+  }
+
+  /** A call whose answer nobody waits for (messages stay in order). */
+  #post(method, args) {
+    this.#worker.postMessage({ id: 0, method, args });
+  }
+
+  stats() { return { ...this.#stats }; }
+  closed() { return this.#closed; }
+  close() { this.#post('close', []); }
+  tcpConnect(...args) { return this.#call('tcpConnect', args); }
+  tcpEndpoints(id) { return this.#call('tcpEndpoints', [id]); }
+  tcpRead(id, max) { return this.#call('tcpRead', [id, max]); }
+  tcpWrite(id, bytes) {
+    const copy = bytes.slice();
+    return this.#call('tcpWrite', [id, copy], [copy.buffer]);
+  }
+  tcpShutdown(id) { return this.#call('tcpShutdown', [id]); }
+  tcpClose(id, abort) { this.#post('tcpClose', [id, abort]); }
+  udpBind(address, port) { return this.#call('udpBind', [address, port]); }
+  udpConnect(address, port) { return this.#call('udpConnect', [address, port]); }
+  udpEndpoint(id) { return this.#call('udpEndpoint', [id]); }
+  udpSend(id, bytes, to, toPort) {
+    const copy = bytes.slice();
+    return this.#call('udpSend', [id, copy, to, toPort], [copy.buffer]);
+  }
+  udpRecv(id) { return this.#call('udpRecv', [id]); }
+  udpClose(id) { this.#post('udpClose', [id]); }
+  tcpListen(address, port, backlog) { return this.#call('tcpListen', [address, port, backlog]); }
+  tcpListenerPort(id) { return this.#call('tcpListenerPort', [id]); }
+  tcpAccept(id) { return this.#call('tcpAccept', [id]); }
+  tcpListenerClose(id) { this.#post('tcpListenerClose', [id]); }
+}
+
 /** Turns the wasm side's "Name: message" errors into DOMExceptions with the spec's names. */
 function domError(error) {
   const message = String(error && error.message !== undefined ? error.message : error);
@@ -37,9 +138,11 @@ function domError(error) {
 export class WebNic {
   #nic;
   #closed;
+  #worker;
 
-  constructor(nic) {
+  constructor(nic, worker) {
     this.#nic = nic;
+    this.#worker = worker;
     this.#closed = nic.closed();
     const owner = this;
     /** A TCP connection through the tunnel, shaped like Direct Sockets' `TCPSocket`. */
@@ -112,15 +215,15 @@ export class WebNic {
             if (connected) {
               remoteAddress = String(options.remoteAddress);
               remotePort = Number(options.remotePort);
-              this.#id = nic.udpConnect(remoteAddress, remotePort);
+              this.#id = await nic.udpConnect(remoteAddress, remotePort);
             } else {
-              this.#id = nic.udpBind(String(options.localAddress), Number(options.localPort ?? 0));
+              this.#id = await nic.udpBind(String(options.localAddress), Number(options.localPort ?? 0));
             }
           } catch (error) {
             throw domError(error);
           }
           const id = this.#id;
-          const [localAddress, localPort] = nic.udpEndpoint(id);
+          const [localAddress, localPort] = await nic.udpEndpoint(id);
           const socket = this;
           const readable = new ReadableStream(
             {
@@ -204,7 +307,7 @@ export class WebNic {
         this.opened = (async () => {
           const nic = owner.#nic;
           try {
-            this.#id = nic.tcpListen(
+            this.#id = await nic.tcpListen(
               String(localAddress ?? ''),
               Number(options.localPort ?? 0),
               Number(options.backlog ?? 0),
@@ -213,7 +316,7 @@ export class WebNic {
             throw domError(error);
           }
           const id = this.#id;
-          const localPort = nic.tcpListenerPort(id);
+          const localPort = await nic.tcpListenerPort(id);
           const server = this;
           const readable = new ReadableStream(
             {
@@ -256,14 +359,40 @@ export class WebNic {
   }
 
   /** Opens a session with the gateway at `url` (`https://host:port/webnic`). */
+  /**
+   * Opens a session with the gateway at `url` (`https://host:port/webnic`). `options.worker`
+   * runs the stack in a dedicated Worker (true) or in this thread (false); where Workers are
+   * unavailable (e.g. already inside one) it runs here.
+   */
   static async connect(url, options = {}) {
-    await load(options.wasm);
+    const worker = (options.worker ?? DEFAULT_WORKER) && typeof Worker !== 'undefined';
     try {
-      return new WebNic(await connectWasm(url, options.serverCertificateHashes));
+      if (worker) return new WebNic(await WorkerNic.start(url, options), true);
+      await load(options.wasm);
+      return new WebNic(await connectWasm(url, options.serverCertificateHashes), false);
     } catch (error) {
       throw domError(error);
     }
   }
+
+  /**
+   * Defines `TCPSocket`, `UDPSocket` and `TCPServerSocket` on the global object where the
+   * browser has none (Direct Sockets ships only to Isolated Web Apps), so code written against
+   * the spec's global names runs unmodified over this session. Returns the names it defined.
+   */
+  installGlobals(target = globalThis) {
+    const defined = [];
+    for (const name of ['TCPSocket', 'UDPSocket', 'TCPServerSocket']) {
+      if (target[name] === undefined) {
+        Object.defineProperty(target, name, { value: this[name], writable: true, configurable: true });
+        defined.push(name);
+      }
+    }
+    return defined;
+  }
+
+  /** Whether the stack runs in a dedicated Worker. */
+  get worker() { return this.#worker; }
 
   /** The session's address (IPv4 when it has one). */
   get address() { return this.#nic.address; }
@@ -273,7 +402,10 @@ export class WebNic {
   get mtu() { return this.#nic.mtu; }
   /** Resolves with the reason when the session ends. */
   get closed() { return this.#closed; }
-  /** Counters: { packetsSent, packetsReceived, bytesSent, bytesReceived, drops }. */
+  /**
+   * Counters: { packetsSent, packetsReceived, bytesSent, bytesReceived, drops } (with a
+   * worker, a snapshot at most 100 ms old).
+   */
   stats() { return this.#nic.stats(); }
   /** Ends the session; every socket fails. */
   close() { this.#nic.close(); }
@@ -294,7 +426,7 @@ export class WebNic {
   async #streams(socket, id) {
     const nic = this.#nic;
     socket._setId(id);
-    const [remoteAddress, remotePort, localAddress, localPort] = nic.tcpEndpoints(id);
+    const [remoteAddress, remotePort, localAddress, localPort] = await nic.tcpEndpoints(id);
     let readDone = false;
     let writeDone = false;
     const maybeFinish = () => { if (readDone && writeDone) socket._finish(undefined); };
@@ -343,8 +475,8 @@ export class WebNic {
             throw dom;
           }
         },
-        close() {
-          nic.tcpShutdown(id);
+        async close() {
+          await nic.tcpShutdown(id);
           writeDone = true;
           maybeFinish();
         },
