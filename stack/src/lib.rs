@@ -7,14 +7,18 @@
 //!
 //! - [`Stack`]: a TCP/UDP/DNS stack over smoltcp with a quinn-proto-style polling contract —
 //!   the caller feeds packets and time in and takes packets and events out;
-//! - [`protocol`]: the control-capsule codec and the datagram header of the webnic protocol.
+//! - [`protocol`]: the control-capsule codec and the datagram header of the webnic protocol;
+//! - [`ethernet`]: the Ethernet adapter that gives an emulated guest a NIC on a session (ARP,
+//!   DHCPv4, IPv6 router advertisements).
 //!
 //! The data path: socket call → [`Stack::poll`] → [`Stack::poll_transmit`] → one datagram per IP
 //! packet → gateway → TUN → server, and back through [`Stack::handle_packet`].
 #![warn(missing_docs)]
 
 mod device;
+mod dhcp;
 mod error;
+pub mod ethernet;
 pub mod protocol;
 mod stack;
 pub mod waiters;
