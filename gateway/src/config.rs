@@ -101,6 +101,17 @@ pub struct Cli {
     /// Let clients reach each other's pool addresses.
     #[arg(long)]
     pub allow_client_to_client: bool,
+    /// Serve the demo page and the browser package over HTTP here (default 127.0.0.1:4480;
+    /// keep it on localhost: the page gets sockets into the tunnel).
+    #[arg(long, value_name = "ADDR")]
+    pub demo_listen: Option<SocketAddr>,
+    /// The browser package the demo serves (`js/`, `pkg/`, `demo/`; default: `wasm-client/` of
+    /// the source tree the gateway was built from).
+    #[arg(long, value_name = "DIR")]
+    pub demo_dir: Option<PathBuf>,
+    /// Do not serve the demo.
+    #[arg(long)]
+    pub no_demo: bool,
 }
 
 /// The configuration file: the same settings as [`Cli`].
@@ -156,6 +167,13 @@ pub struct FileConfig {
     /// See [`Cli::allow_client_to_client`].
     #[serde(default)]
     pub allow_client_to_client: bool,
+    /// See [`Cli::demo_listen`].
+    pub demo_listen: Option<SocketAddr>,
+    /// See [`Cli::demo_dir`].
+    pub demo_dir: Option<PathBuf>,
+    /// See [`Cli::no_demo`].
+    #[serde(default)]
+    pub no_demo: bool,
 }
 
 /// Why the configuration is unusable.
@@ -223,6 +241,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// The egress policy's rules (host addresses and pools are added at startup).
     pub policy: EgressPolicy,
+    /// The demo site's listen address and package directory; `None` with `--no-demo`.
+    pub demo: Option<(SocketAddr, PathBuf)>,
 }
 
 impl Config {
@@ -344,7 +364,20 @@ impl Config {
             ports(prefer_cli(cli.deny_port, file.deny_port), "deny_port")?,
             cli.allow_client_to_client || file.allow_client_to_client,
         );
+        let demo = (!(cli.no_demo || file.no_demo)).then(|| {
+            (
+                cli.demo_listen.or(file.demo_listen).unwrap_or_else(|| {
+                    crate::demo::DEFAULT_DEMO_LISTEN
+                        .parse()
+                        .expect("valid default")
+                }),
+                cli.demo_dir
+                    .or(file.demo_dir)
+                    .unwrap_or_else(|| PathBuf::from(crate::demo::DEFAULT_DEMO_DIR)),
+            )
+        });
         Ok(Self {
+            demo,
             policy,
             listen,
             pool_v4,

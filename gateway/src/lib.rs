@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod demo;
 pub mod metrics;
 pub mod nat;
 pub mod origin;

@@ -199,6 +199,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             source,
         })?;
     }
+    let demo_task = start_demo(&config, local, &hex).await;
     tracing::info!(%local, tun = tun.name(), "gateway ready");
 
     let mut sessions = JoinSet::new();
@@ -241,6 +242,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     if let Some(task) = metrics_task {
         task.abort();
     }
+    if let Some(task) = demo_task {
+        task.abort();
+    }
     drop(shared);
     drop(endpoint);
     if let Some(nat) = &mut nat {
@@ -251,6 +255,34 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     drop(tun);
     tracing::info!(closed_sessions = active, tun = %name, "gateway stopped");
     Ok(())
+}
+
+/// Serves the demo site (see [`crate::demo`]) unless `--no-demo`; a demo that cannot bind is
+/// logged and skipped, not fatal: the gateway's job is the tunnel.
+async fn start_demo(
+    config: &Config,
+    gateway: std::net::SocketAddr,
+    cert_hash: &str,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let (address, dir) = config.demo.clone()?;
+    let listener = match crate::demo::bind(address).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::warn!(%address, %error, "demo page not served (--demo-listen, --no-demo)");
+            return None;
+        }
+    };
+    if !crate::demo::package_built(&dir) {
+        tracing::warn!(dir = %dir.display(), "no browser package there: run scripts/build-wasm.sh or pass --demo-dir");
+    }
+    println!("demo page: http://{address}/");
+    let _ = std::io::stdout().flush();
+    let site = crate::demo::Site {
+        dir,
+        gateway,
+        cert_hash: cert_hash.to_owned(),
+    };
+    Some(tokio::spawn(crate::demo::serve(listener, Arc::new(site))))
 }
 
 async fn load_identity(config: &Config) -> Result<Identity, StartError> {
