@@ -26,6 +26,8 @@
 //! → `send_datagram_wait` (QUIC backpressure).
 #![warn(missing_docs)]
 
+pub mod abuse_log;
+pub mod admission;
 pub mod config;
 pub mod demo;
 pub mod metrics;

@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::packet::DropReason;
 use crate::policy::DenyClass;
+use crate::quota::QuotaDrop;
 
 /// Why the gateway refused a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -28,16 +29,40 @@ pub enum RefusalReason {
     Version,
     /// The client broke the control protocol (no hello in time, bad capsule).
     Protocol,
+    /// Tokens are required and the request carried none.
+    TokenMissing,
+    /// The token is malformed or its MAC does not verify.
+    TokenInvalid,
+    /// The token has expired.
+    TokenExpired,
+    /// The token is not valid yet.
+    TokenNotYetValid,
+    /// The client address holds its cap of sessions.
+    PerAddress,
+    /// The token subject holds its cap of sessions.
+    PerSubject,
+    /// The gateway holds its cap of sessions.
+    Total,
+    /// New sessions from the address arrive too fast.
+    RateLimited,
 }
 
 impl RefusalReason {
     /// Every reason, in metrics order.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 13] = [
         Self::Origin,
         Self::Path,
         Self::PoolExhausted,
         Self::Version,
         Self::Protocol,
+        Self::TokenMissing,
+        Self::TokenInvalid,
+        Self::TokenExpired,
+        Self::TokenNotYetValid,
+        Self::PerAddress,
+        Self::PerSubject,
+        Self::Total,
+        Self::RateLimited,
     ];
 
     /// The metric label value.
@@ -48,6 +73,14 @@ impl RefusalReason {
             Self::PoolExhausted => "pool_exhausted",
             Self::Version => "version",
             Self::Protocol => "protocol",
+            Self::TokenMissing => "token_missing",
+            Self::TokenInvalid => "token_invalid",
+            Self::TokenExpired => "token_expired",
+            Self::TokenNotYetValid => "token_not_yet_valid",
+            Self::PerAddress => "per_address",
+            Self::PerSubject => "per_subject",
+            Self::Total => "total",
+            Self::RateLimited => "rate_limited",
         }
     }
 }
@@ -90,6 +123,8 @@ pub struct Metrics {
     refused: [AtomicU64; RefusalReason::ALL.len()],
     policy_refused: [AtomicU64; DenyClass::ALL.len()],
     icmp_prohibited_sent: AtomicU64,
+    quota_dropped: [AtomicU64; QuotaDrop::ALL.len()],
+    sessions_max_lifetime: AtomicU64,
     pool_in_use: [AtomicU64; 2],
     pool_free: [AtomicU64; 2],
     pool_configured: [AtomicU64; 2],
@@ -143,6 +178,22 @@ impl Metrics {
     /// One ICMP administratively-prohibited reply queued to a client.
     pub fn icmp_prohibited_sent(&self) {
         self.icmp_prohibited_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One client packet (or, for [`QuotaDrop::BytesToClient`], one packet to the client)
+    /// dropped by a session quota.
+    pub fn quota_dropped(&self, reason: QuotaDrop) {
+        self.quota_dropped[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Packets dropped by quota `reason` so far.
+    pub fn quota_dropped_count(&self, reason: QuotaDrop) -> u64 {
+        self.quota_dropped[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// One session closed because it reached the maximum lifetime.
+    pub fn session_max_lifetime(&self) {
+        self.sessions_max_lifetime.fetch_add(1, Ordering::Relaxed);
     }
 
     /// One session refused for `reason`.
@@ -252,6 +303,26 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
+            "# HELP webnic_quota_dropped_packets_total Packets dropped by a session quota, by reason.\n\
+             # TYPE webnic_quota_dropped_packets_total counter"
+        );
+        for reason in QuotaDrop::ALL {
+            let _ = writeln!(
+                out,
+                "webnic_quota_dropped_packets_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                load(&self.quota_dropped[reason as usize])
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP webnic_sessions_max_lifetime_total Sessions closed at the maximum session lifetime.\n\
+             # TYPE webnic_sessions_max_lifetime_total counter\n\
+             webnic_sessions_max_lifetime_total {}",
+            load(&self.sessions_max_lifetime)
+        );
+        let _ = writeln!(
+            out,
             "# HELP webnic_refused_sessions_total Sessions refused, by reason.\n\
              # TYPE webnic_refused_sessions_total counter"
         );
@@ -356,6 +427,24 @@ mod tests {
         assert!(text.contains("webnic_policy_refused_packets_total{class=\"platform\"} 1\n"));
         assert!(text.contains("webnic_policy_refused_packets_total{class=\"port\"} 0\n"));
         assert!(text.contains("webnic_icmp_prohibited_sent_total 0\n"));
+        m.quota_dropped(QuotaDrop::NewFlowRate);
+        m.refused(RefusalReason::TokenExpired);
+        m.refused(RefusalReason::RateLimited);
+        m.session_max_lifetime();
+        let text = m.render();
+        assert!(text.contains("webnic_quota_dropped_packets_total{reason=\"new_flow_rate\"} 1\n"));
+        assert!(text.contains("webnic_quota_dropped_packets_total{reason=\"flows\"} 0\n"));
+        assert!(text.contains("webnic_refused_sessions_total{reason=\"token_expired\"} 1\n"));
+        assert!(text.contains("webnic_refused_sessions_total{reason=\"rate_limited\"} 1\n"));
+        assert!(text.contains("webnic_refused_sessions_total{reason=\"per_subject\"} 0\n"));
+        assert!(text.contains("webnic_sessions_max_lifetime_total 1\n"));
+        assert_eq!(m.quota_dropped_count(QuotaDrop::NewFlowRate), 1);
+        for (i, reason) in RefusalReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i, "ALL is in declaration order");
+        }
+        for (i, reason) in QuotaDrop::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i, "ALL is in declaration order");
+        }
     }
 
     #[tokio::test]
