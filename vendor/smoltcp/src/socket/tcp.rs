@@ -152,7 +152,10 @@ const RTTE_K: u32 = 4;
 
 // RFC 6298 (2.4): Whenever RTO is computed, if it is less than 1 second, then the
 // RTO SHOULD be rounded up to 1 second.
-const RTTE_MIN_RTO: u32 = 1000;
+//
+// webnic: 200 ms, Linux's TCP_RTO_MIN. A tunnel's round trip is a millisecond or so; a 1 s floor
+// stalls every tail loss for a thousand round trips (and doubles on a lost retransmission).
+const RTTE_MIN_RTO: u32 = 200;
 
 // RFC 6298 (2.5) A maximum value MAY be placed on RTO provided it is at least 60
 // seconds
