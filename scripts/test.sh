@@ -26,9 +26,9 @@ if ! installed nginx-light && ! installed nginx && ! installed nginx-core && ! i
     && ! command -v nginx >/dev/null 2>&1; then
     missing+=(nginx)
 fi
-# chromium: the browser end-to-end tests (tests/e2e_browser.rs).
+# chromium and ngircd (IRC from the page): the browser end-to-end tests (tests/e2e_browser.rs).
 for pkg in dnsmasq-base socat openssh-server openssh-client netcat-openbsd iperf3 nftables iproute2 curl procps \
-    chromium; do
+    chromium ngircd; do
     installed "$pkg" || missing+=("$pkg")
 done
 # Node drives Chromium (playwright-core); any install will do (nodesource's nodejs bundles npm).

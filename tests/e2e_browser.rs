@@ -637,3 +637,442 @@ fn browser_window_vs_worker() {
         figure("workerRttMs"),
     );
 }
+
+/// `nic.installGlobals()` defines the three Direct Sockets classes on the global object, and a
+/// function that knows only `new TCPSocket(...)` (tests/browser/page.html's classic script)
+/// GETs a file from nginx by name: `web.test`, resolved through the tunnel's DNS (dnsmasq in
+/// the server namespace). Also checks `nic.address`, `nic.addressV6`, `nic.mtu`, `nic.stats()`
+/// and `nic.closed`, in both Window and Worker mode.
+#[test]
+fn browser_globals_hostname_and_session_info() {
+    require_prerequisites();
+    require_browser();
+    let topology = Topology::new();
+    let _dnsmasq = topology.serve_dnsmasq();
+    let www = topology.tmp().join("www");
+    fs::create_dir_all(&www).expect("www dir");
+    let data = random_bytes(1 << 20);
+    fs::write(www.join("named.bin"), &data).expect("write named.bin");
+    let _nginx = topology.serve_nginx(&www);
+    let gateway = topology.start_gateway(&[]);
+    let server = PageServer::start();
+
+    for worker in [false, true] {
+        let arg = format!(
+            r#"{{"gateway":"{}","certHash":"{}","host":"web.test","port":80,"path":"/named.bin","worker":{worker}}}"#,
+            gateway.url(),
+            gateway.cert_hash(),
+        );
+        let result = run_in_page(&topology, &server, "globalsHostnameGet", &arg);
+        println!("worker {worker}: {result}");
+        // Chromium defines no Direct Sockets globals for ordinary pages: all three are new.
+        assert_eq!(
+            json_field(&result, "before"),
+            Some("undefined,undefined,undefined")
+        );
+        assert_eq!(
+            json_field(&result, "defined"),
+            Some("TCPSocket,UDPSocket,TCPServerSocket")
+        );
+        assert_eq!(json_field(&result, "sameClass"), Some("true"), "{result}");
+        assert_eq!(
+            json_field(&result, "worker"),
+            Some(worker.to_string().as_str())
+        );
+        assert_eq!(json_field(&result, "status"), Some("HTTP/1.1 200 OK"));
+        assert_eq!(
+            json_field(&result, "sha256"),
+            Some(sha256_hex(&data).as_str()),
+            "{result}"
+        );
+        let remote = json_field(&result, "remoteAddress").unwrap_or_default();
+        assert!(
+            remote == topology.srv_ipv4().to_string() || remote == topology.srv_ipv6().to_string(),
+            "web.test resolved to {remote}: {result}"
+        );
+        assert!(
+            json_field(&result, "address").is_some_and(|a| a.starts_with("10.77.0.")),
+            "{result}"
+        );
+        assert!(
+            json_field(&result, "addressV6").is_some_and(|a| a.starts_with("fd00:77::")),
+            "{result}"
+        );
+        let number = |key: &str| -> f64 {
+            json_field(&result, key)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {key}: {result}"))
+        };
+        // Capped below the 1211-byte datagrams Chromium sends; the gateway's default is 1152.
+        assert_eq!(number("mtu"), 1152.0, "{result}");
+        assert!(number("bytesReceived") > data.len() as f64, "{result}");
+        assert!(
+            number("packetsReceived") > (data.len() / 1152) as f64,
+            "{result}"
+        );
+        assert!(
+            number("packetsSent") > 1.0 && number("bytesSent") > 0.0,
+            "{result}"
+        );
+        assert_eq!(number("drops"), 0.0, "{result}");
+        assert_eq!(json_field(&result, "closedIsPromise"), Some("true"));
+        assert!(
+            json_field(&result, "reason").is_some_and(|r| !r.is_empty()),
+            "{result}"
+        );
+        // A socket opened after close() fails with the spec's name for a dead network.
+        assert_eq!(json_field(&result, "afterClose"), Some("NetworkError"));
+    }
+}
+
+/// ngircd on 10.201.n.2:6667 with a config of its own (no PAM, ident or DNS lookups).
+fn serve_ngircd(topology: &Topology) -> common::Process {
+    let dir = topology.tmp().join("ngircd");
+    fs::create_dir_all(&dir).expect("ngircd dir");
+    let config = format!(
+        "[Global]\n  Name = irc.webnic.test\n  Info = webnic browser test\n  Listen = {}\n  \
+         Ports = 6667\n  MotdPhrase = webnic\n[Options]\n  PAM = no\n  Ident = no\n  DNS = no\n",
+        topology.srv_ipv4()
+    );
+    let path = dir.join("ngircd.conf");
+    fs::write(&path, config).expect("write ngircd.conf");
+    let ngircd = find_command("ngircd").expect("ngircd (apt package `ngircd`)");
+    let process = topology.spawn_in(
+        &topology.srv_ns(),
+        "ngircd",
+        &[
+            ngircd.to_str().expect("utf-8 path"),
+            "-n",
+            "-p",
+            "-f",
+            path.to_str().expect("utf-8 path"),
+        ],
+        Vec::new(),
+    );
+    topology.wait_listening(&topology.srv_ns(), "tcp", 6667, &process);
+    process
+}
+
+/// IRC from the page: NICK/USER to ngircd in the server namespace, and the `001` welcome
+/// comes back addressed to that nick, from the session's address.
+#[test]
+fn browser_irc_registers_with_ngircd() {
+    require_prerequisites();
+    require_browser();
+    let topology = Topology::new();
+    let ngircd = serve_ngircd(&topology);
+    let gateway = topology.start_gateway(&[]);
+    let server = PageServer::start();
+    let arg = format!(
+        // ngircd refuses nicks longer than 9 characters (its default MaxNickLength).
+        r#"{{"gateway":"{}","certHash":"{}","host":"{}","port":6667,"nick":"webnicpg"}}"#,
+        gateway.url(),
+        gateway.cert_hash(),
+        topology.srv_ipv4()
+    );
+    let result = run_in_page(&topology, &server, "ircWelcome", &arg);
+    println!("page result: {result}");
+    let welcome = json_field(&result, "welcome").unwrap_or_default();
+    let address = json_field(&result, "address").unwrap_or_default();
+    assert!(
+        welcome.starts_with(":irc.webnic.test 001 webnicpg "),
+        "no 001 welcome: {result}\n{}",
+        ngircd.logs()
+    );
+    // ngircd names the user's host: the page's pool address, as the server saw it.
+    assert!(
+        address.starts_with("10.77.0.") && welcome.ends_with(&format!("@{address}")),
+        "{result}"
+    );
+}
+
+/// Two pages (two Chromium processes) at once: both sessions are active together, get
+/// distinct pool addresses, and both GET the same 4 MiB byte-exactly; afterwards both
+/// addresses are back in the pool.
+#[test]
+fn browser_two_pages_at_once() {
+    require_prerequisites();
+    require_browser();
+    let topology = Topology::new();
+    let www = topology.tmp().join("www");
+    fs::create_dir_all(&www).expect("www dir");
+    let data = random_bytes(4 << 20);
+    fs::write(www.join("random.bin"), &data).expect("write random.bin");
+    let _nginx = topology.serve_nginx(&www);
+    let gateway = topology.start_gateway(&[]);
+    let server = PageServer::start();
+    let free_key = "webnic_pool_addresses_free{family=\"ipv4\"}";
+    let free_before = gateway.metric(free_key);
+
+    let results = thread::scope(|scope| {
+        let pages: Vec<_> = [false, true]
+            .into_iter()
+            .map(|worker| {
+                let (topology, server, gateway) = (&topology, &server, &gateway);
+                scope.spawn(move || {
+                    // Each page keeps its session 4 s after its GET, so the two overlap.
+                    let arg = format!(
+                        r#"{{"gateway":"{}","certHash":"{}","host":"{}","port":80,"path":"/random.bin","worker":{worker},"holdMs":4000}}"#,
+                        gateway.url(),
+                        gateway.cert_hash(),
+                        topology.srv_ipv4()
+                    );
+                    let name = "httpGetSha256";
+                    let mut cmd = Command::new(find_command("node").expect("node"));
+                    cmd.arg(repo().join("tests/browser/run.mjs"))
+                        .arg(server.url("/page.html"))
+                        .arg(name)
+                        .arg(&arg)
+                        .arg(PAGE_TIMEOUT.as_millis().to_string());
+                    let tag = format!("browser-page-{}", u8::from(worker));
+                    let process = topology.spawn_root(&tag, &mut cmd);
+                    let status = wait_exit(&process, PAGE_TIMEOUT + Duration::from_secs(30));
+                    let stdout = fs::read_to_string(topology.tmp().join(format!("{tag}.out")))
+                        .unwrap_or_default();
+                    stdout
+                        .lines()
+                        .find_map(|line| line.strip_prefix("RESULT "))
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| panic!("page {tag} failed ({status})\n{}", process.logs()))
+                })
+            })
+            .collect();
+        gateway.wait_metric("webnic_sessions_active", PAGE_TIMEOUT, |n| n == 2.0);
+        pages
+            .into_iter()
+            .map(|page| page.join().expect("page thread"))
+            .collect::<Vec<_>>()
+    });
+    let mut addresses = Vec::new();
+    for result in &results {
+        println!("page: {result}");
+        assert_eq!(
+            json_field(result, "sha256"),
+            Some(sha256_hex(&data).as_str()),
+            "{result}"
+        );
+        let address = json_field(result, "address").unwrap_or_default().to_owned();
+        assert!(address.starts_with("10.77.0."), "{result}");
+        assert_eq!(json_field(result, "localAddress"), Some(address.as_str()));
+        addresses.push(address);
+    }
+    assert_ne!(addresses[0], addresses[1], "two pages got the same address");
+    assert_eq!(gateway.metric("webnic_sessions_total"), 2.0);
+    gateway.wait_metric("webnic_sessions_active", Duration::from_secs(10), |n| {
+        n == 0.0
+    });
+    gateway.wait_metric(free_key, Duration::from_secs(10), |free| {
+        (free - free_before).abs() < 0.5
+    });
+}
+
+/// A TCP connect to the server's IPv6 address from the page (the session has an address from
+/// the gateway's IPv6 pool): 1 MiB GET from nginx over IPv6, sha256 checked in the page.
+#[test]
+fn browser_ipv6_get() {
+    require_prerequisites();
+    require_browser();
+    let topology = Topology::new();
+    let www = topology.tmp().join("www");
+    fs::create_dir_all(&www).expect("www dir");
+    let data = random_bytes(1 << 20);
+    fs::write(www.join("v6.bin"), &data).expect("write v6.bin");
+    let nginx = topology.serve_nginx(&www);
+    let gateway = topology.start_gateway(&[]);
+    let server = PageServer::start();
+    let srv6 = topology.srv_ipv6().to_string();
+    let arg = format!(
+        r#"{{"gateway":"{}","certHash":"{}","host":"{srv6}","port":80,"path":"/v6.bin"}}"#,
+        gateway.url(),
+        gateway.cert_hash(),
+    );
+    let result = run_in_page(&topology, &server, "httpGetSha256", &arg);
+    println!("page result: {result}");
+    assert_eq!(
+        json_field(&result, "status"),
+        Some("HTTP/1.1 200 OK"),
+        "{result}"
+    );
+    assert_eq!(
+        json_field(&result, "sha256"),
+        Some(sha256_hex(&data).as_str()),
+        "{result}"
+    );
+    assert_eq!(json_field(&result, "remoteAddress"), Some(srv6.as_str()));
+    let v6 = json_field(&result, "addressV6").unwrap_or_default();
+    assert!(v6.starts_with("fd00:77::"), "{result}");
+    assert_eq!(
+        json_field(&result, "localAddress"),
+        Some(v6),
+        "the connection's source is the session's IPv6 address"
+    );
+    // nginx saw the request from that address.
+    let access = nginx.logs();
+    assert!(access.contains(v6), "nginx's log lacks {v6}:\n{access}");
+}
+
+/// Connects that must fail reject `opened` with the spec's DOMException name (`NetworkError`)
+/// and a message naming the cause: a closed port (RST), a name dnsmasq does not know
+/// (NXDOMAIN through the tunnel's DNS), and a destination the gateway's egress policy refuses
+/// (ICMP administratively prohibited, so it fails at once instead of timing out). A UDPSocket
+/// given a name (the API takes addresses only) fails with `DataError`.
+#[test]
+fn browser_connect_errors() {
+    require_prerequisites();
+    require_browser();
+    let topology = Topology::new();
+    let _dnsmasq = topology.serve_dnsmasq();
+    let gateway = topology.start_gateway(&[]);
+    let server = PageServer::start();
+    let arg = format!(
+        r#"{{"gateway":"{}","certHash":"{}","refusedHost":"{}","refusedPort":9,"unknownHost":"nothing.test","deniedHost":"192.168.77.1","deniedPort":80}}"#,
+        gateway.url(),
+        gateway.cert_hash(),
+        topology.srv_ipv4()
+    );
+    let result = run_in_page(&topology, &server, "errorNames", &arg);
+    println!("page result: {result}");
+    for what in ["refused", "unknown", "denied"] {
+        assert_eq!(
+            json_field(&result, &format!("{what}Name")),
+            Some("NetworkError"),
+            "{what}: {result}"
+        );
+        assert_eq!(
+            json_field(&result, &format!("{what}Dom")),
+            Some("true"),
+            "{what} is a DOMException: {result}"
+        );
+        let ms: f64 = json_field(&result, &format!("{what}Ms"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::MAX);
+        assert!(ms < 10_000.0, "{what} took {ms} ms: {result}");
+    }
+    let message = |what: &str| json_field(&result, &format!("{what}Message")).unwrap_or_default();
+    assert!(message("refused").contains("refused"), "{result}");
+    assert!(message("unknown").contains("nothing.test"), "{result}");
+    assert!(message("denied").contains("prohibited"), "{result}");
+    assert_eq!(json_field(&result, "refusedClosed"), Some("NetworkError"));
+    assert_eq!(json_field(&result, "udpNameName"), Some("DataError"));
+}
+
+/// The README's new-user path: the gateway (default options) serves the demo on
+/// 127.0.0.1:4480 of its host (here: its namespace, where Chromium runs too); the page reads
+/// `config.json`, connects by itself, netcats a line through socat's TCP and UDP echo servers,
+/// and its speed test downloads 8 MiB from nginx whose sha256 (computed in the page) is the
+/// file's. The screenshot goes to `target/browser-demo-served.png`. With `--no-demo` nothing
+/// listens on 4480.
+#[test]
+fn browser_gateway_served_demo() {
+    const DEMO_PORT: u16 = 4480;
+    require_prerequisites();
+    require_browser();
+    let topology = Topology::new();
+    let www = topology.tmp().join("www");
+    fs::create_dir_all(&www).expect("www dir");
+    let data = random_bytes(8 << 20);
+    fs::write(www.join("speed.bin"), &data).expect("write speed.bin");
+    let _nginx = topology.serve_nginx(&www);
+    let _tcp_echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
+    let _udp_echo = topology.serve_udp_echo(common::UDP_ECHO_PORT);
+    let gateway = topology.start_gateway(&[]);
+    topology.wait_listening(&topology.gw_ns(), "tcp", DEMO_PORT, &gateway.process);
+
+    // config.json names this gateway and its current certificate.
+    let config = topology.gw_exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        &format!("http://127.0.0.1:{DEMO_PORT}/config.json"),
+    ]);
+    let config = String::from_utf8_lossy(&config.stdout).into_owned();
+    assert_eq!(
+        json_field(&config, "gateway"),
+        Some(gateway.url()),
+        "{config}"
+    );
+    assert_eq!(
+        json_field(&config, "certHash"),
+        Some(gateway.cert_hash()),
+        "{config}"
+    );
+    // Nothing outside the package: the repository's files are not served.
+    let outside = topology.gw_exec(&[
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--path-as-is",
+        &format!("http://127.0.0.1:{DEMO_PORT}/js/../../Cargo.toml"),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&outside.stdout), "404");
+
+    let screenshot = repo().join("target/browser-demo-served.png");
+    let _ = fs::remove_file(&screenshot);
+    let srv = topology.srv_ipv4().to_string();
+    let node = find_command("node").expect("node");
+    let script = repo().join("tests/browser/demo_user.mjs");
+    let page = topology.spawn_in(
+        &topology.gw_ns(),
+        "browser-demo-served",
+        &[
+            node.to_str().expect("utf-8 path"),
+            script.to_str().expect("utf-8 path"),
+            &format!("http://127.0.0.1:{DEMO_PORT}/"),
+            &srv,
+            &TCP_ECHO_PORT.to_string(),
+            &common::UDP_ECHO_PORT.to_string(),
+            &format!("{srv}:80/speed.bin"),
+            screenshot.to_str().expect("utf-8 path"),
+            &PAGE_TIMEOUT.as_millis().to_string(),
+        ],
+        Vec::new(),
+    );
+    let status = wait_exit(&page, PAGE_TIMEOUT + Duration::from_secs(30));
+    let stdout =
+        fs::read_to_string(topology.tmp().join("browser-demo-served.out")).unwrap_or_default();
+    eprintln!("{}", page.stderr());
+    let result = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("the demo failed ({status})\n{}", page.logs()));
+    println!("demo: {result}");
+    assert!(
+        json_field(result, "status").is_some_and(|s| s.starts_with("connected: 10.77.0.")),
+        "{result}"
+    );
+    assert_eq!(json_field(result, "gateway"), Some(gateway.url()));
+    assert_eq!(json_field(result, "tcpEcho"), Some("true"), "{result}");
+    assert_eq!(json_field(result, "udpEcho"), Some("true"), "{result}");
+    assert_eq!(
+        json_field(result, "bytes"),
+        Some(data.len().to_string().as_str()),
+        "{result}"
+    );
+    assert_eq!(
+        json_field(result, "sha256"),
+        Some(sha256_hex(&data).as_str()),
+        "the speed test received different bytes: {result}"
+    );
+    let png = fs::read(&screenshot).expect("screenshot written");
+    assert!(png.starts_with(b"\x89PNG"), "the screenshot is not a PNG");
+    drop(gateway);
+
+    // --no-demo: the gateway comes up without the demo listener.
+    let quiet = Topology::new();
+    let quiet_gateway = quiet.start_gateway(&["--no-demo"]);
+    let listening = quiet.gw_exec(&["ss", "-Hltn"]);
+    let listening = String::from_utf8_lossy(&listening.stdout).into_owned();
+    assert!(
+        !listening.contains(&format!(":{DEMO_PORT} ")),
+        "something listens on {DEMO_PORT} with --no-demo:\n{listening}"
+    );
+    assert!(
+        quiet_gateway.process.exit_status().is_none(),
+        "{}",
+        quiet_gateway.process.logs()
+    );
+}
