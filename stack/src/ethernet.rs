@@ -63,6 +63,8 @@ const MIN_FRAME_LEN: usize = 60;
 const ROUTER_LIFETIME_SECS: u64 = 9000;
 /// RDNSS option (RFC 8106).
 const NDISC_OPT_RDNSS: u8 = 25;
+/// IPv6's minimum link MTU (RFC 8200 §5).
+const IPV6_MIN_MTU: u16 = 1280;
 /// How many frames wait in the reply queue at most; beyond that replies are dropped.
 const MAX_QUEUED_FRAMES: usize = 64;
 
@@ -85,6 +87,18 @@ pub struct EthernetConfig {
 }
 
 impl EthernetConfig {
+    /// The MTU the guest is told (DHCP option 26, RA MTU option): the session MTU, raised to
+    /// IPv6's minimum of 1280 when the session has IPv6 (a Linux guest turns IPv6 off on a
+    /// smaller link). TCP still fits the session MTU because the adapter clamps the MSS of
+    /// every SYN; larger IPv4 packets get "fragmentation needed", larger IPv6 ones are dropped.
+    pub fn link_mtu(&self) -> u16 {
+        if self.ipv6.is_some() {
+            self.mtu.max(IPV6_MIN_MTU)
+        } else {
+            self.mtu
+        }
+    }
+
     /// A configuration for a link of `mtu` with no addresses yet.
     pub fn new(mtu: u16) -> Self {
         Self {
@@ -239,7 +253,7 @@ impl EthernetAdapter {
     pub fn new(config: EthernetConfig) -> Self {
         let lease = config
             .ipv4
-            .map(|a| Lease::around(a, config.mtu, &config.dns_servers, config.lease_secs));
+            .map(|a| Lease::around(a, config.link_mtu(), &config.dns_servers, config.lease_secs));
         Self {
             router_mac: EthernetAddress(config.gateway_mac),
             lease,
@@ -374,6 +388,8 @@ impl EthernetAdapter {
                 guest,
             );
         }
+        // The guest's SYN-ACKs are clamped on the way out; servers' SYNs on the way in.
+        clamp_mss(&mut out[ETHERNET_HEADER_LEN..], self.config.mtu);
         self.stats.packets_to_guest += 1;
         true
     }
@@ -476,10 +492,46 @@ impl EthernetAdapter {
             return self.drop(DropReason::WrongSource);
         }
         if total > usize::from(self.config.mtu) {
+            if ip.dont_frag() {
+                self.send_fragmentation_needed(src_mac, &payload[..total]);
+            }
             return self.drop(DropReason::TooLarge);
         }
+        let packet = &mut payload[..total];
+        clamp_mss(packet, self.config.mtu);
         self.stats.packets_to_session += 1;
-        Some(&payload[..total])
+        Some(packet)
+    }
+
+    /// ICMP "fragmentation needed" with the session MTU, so the guest's path MTU discovery
+    /// shrinks its packets (RFC 1191).
+    fn send_fragmentation_needed(&mut self, dst_mac: EthernetAddress, original: &[u8]) {
+        let (Some(router), Some(guest)) = (self.router_ipv4(), self.config.ipv4) else {
+            return;
+        };
+        let header_len = usize::from(original[0] & 0x0f) * 4;
+        let quoted = &original[..(header_len + 8).min(original.len())];
+        let mut icmp = vec![3, 4, 0, 0, 0, 0];
+        icmp.extend_from_slice(&self.config.mtu.to_be_bytes());
+        icmp.extend_from_slice(quoted);
+        let checksum = !smoltcp::wire::checksum::data(&icmp);
+        icmp[2..4].copy_from_slice(&checksum.to_be_bytes());
+        let ip = Ipv4Repr {
+            src_addr: router,
+            dst_addr: guest,
+            next_header: IpProtocol::Icmp,
+            payload_len: icmp.len(),
+            hop_limit: 64,
+        };
+        let mut frame = self.frame(
+            dst_mac,
+            EthernetProtocol::Ipv4,
+            ip.buffer_len() + icmp.len(),
+        );
+        let mut packet = Ipv4Packet::new_unchecked(&mut frame[ETHERNET_HEADER_LEN..]);
+        ip.emit(&mut packet, &ChecksumCapabilities::default());
+        packet.payload_mut()[..icmp.len()].copy_from_slice(&icmp);
+        self.queue(frame);
     }
 
     fn handle_dhcp(&mut self, src_mac: EthernetAddress, payload: &[u8]) {
@@ -576,6 +628,7 @@ impl EthernetAdapter {
         }
         let packet = &mut payload[..total];
         rewrite_ipv6(packet, Side::Source, src, session);
+        clamp_mss(packet, self.config.mtu);
         self.stats.packets_to_session += 1;
         Some(packet)
     }
@@ -642,7 +695,7 @@ impl EthernetAdapter {
             reachable_time: Duration::from_millis(0),
             retrans_time: Duration::from_millis(0),
             lladdr: Some(self.router_mac.into()),
-            mtu: Some(u32::from(self.config.mtu)),
+            mtu: Some(u32::from(self.config.link_mtu())),
             prefix_info: Some(NdiscPrefixInformation {
                 prefix_len: 64,
                 flags: NdiscPrefixInfoFlags::ON_LINK | NdiscPrefixInfoFlags::ADDRCONF,
@@ -788,6 +841,59 @@ fn same_64(a: Ipv6Addr, b: Ipv6Addr) -> bool {
 fn is_subnet_broadcast(dst: Ipv4Addr, lease: &Lease) -> bool {
     let mask = u32::from(lease.netmask);
     u32::from(dst) | mask == u32::MAX && u32::from(dst) & mask == u32::from(lease.address) & mask
+}
+
+/// Lowers the MSS option of a TCP SYN so that segments fit `mtu` (the session MTU may be below
+/// what the guest's link says, e.g. 1152 against IPv6's 1280). Fixes the TCP checksum
+/// incrementally. Packets that are not TCP SYNs, or whose TCP header follows IPv6 extension
+/// headers, are left alone.
+fn clamp_mss(packet: &mut [u8], mtu: u16) {
+    let (tcp_at, overhead) = match packet.first().map(|b| b >> 4) {
+        Some(4) if packet.len() >= 20 && packet[9] == 6 => {
+            // Fragments other than the first carry no TCP header.
+            if u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff != 0 {
+                return;
+            }
+            (usize::from(packet[0] & 0x0f) * 4, 40)
+        }
+        Some(6) if packet.len() >= 40 && packet[6] == 6 => (40, 60),
+        _ => return,
+    };
+    let Some(tcp) = packet.get_mut(tcp_at..) else {
+        return;
+    };
+    if tcp.len() < 20 || tcp[13] & 0x02 == 0 {
+        return;
+    }
+    let limit = mtu.saturating_sub(overhead);
+    let header_len = (usize::from(tcp[12] >> 4) * 4).min(tcp.len());
+    let mut at = 20;
+    while at < header_len {
+        match tcp[at] {
+            0 => return,
+            1 => at += 1,
+            kind => {
+                let Some(&len) = tcp.get(at + 1) else { return };
+                let len = usize::from(len);
+                if len < 2 || at + len > header_len {
+                    return;
+                }
+                if kind == 2 && len == 4 {
+                    let mss = u16::from_be_bytes([tcp[at + 2], tcp[at + 3]]);
+                    if mss > limit {
+                        tcp[at + 2..at + 4].copy_from_slice(&limit.to_be_bytes());
+                        let old = u16::from_be_bytes([tcp[16], tcp[17]]);
+                        let sum = u32::from(!old) + u32::from(!mss) + u32::from(limit);
+                        let sum = (sum & 0xffff) + (sum >> 16);
+                        let sum = (sum & 0xffff) + (sum >> 16);
+                        tcp[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+                    }
+                    return;
+                }
+                at += len;
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1452,6 +1558,80 @@ mod tests {
         assert!(adapter.handle_frame(&mut frame).is_none());
         assert!(adapter.poll_frame().is_none());
         assert_eq!(adapter.stats().dropped(DropReason::NoAddress), 1);
+    }
+
+    /// A guest frame with an IPv4 TCP SYN carrying MSS 1460, padded with `extra` payload bytes.
+    fn tcp_syn_frame(extra: usize) -> Vec<u8> {
+        let tcp_len = 24 + extra;
+        let mut frame = vec![0u8; 14 + 20 + tcp_len];
+        EthernetRepr {
+            src_addr: EthernetAddress(GUEST_MAC),
+            dst_addr: EthernetAddress(DEFAULT_GATEWAY_MAC),
+            ethertype: EthernetProtocol::Ipv4,
+        }
+        .emit(&mut EthernetFrame::new_unchecked(&mut frame[..]));
+        let mut packet = Ipv4Packet::new_unchecked(&mut frame[14..]);
+        Ipv4Repr {
+            src_addr: SESSION_V4,
+            dst_addr: DNS_V4,
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp_len,
+            hop_limit: 64,
+        }
+        .emit(&mut packet, &ChecksumCapabilities::default());
+        packet.set_dont_frag(true);
+        packet.fill_checksum();
+        let tcp = packet.payload_mut();
+        tcp[0..4].copy_from_slice(&[0x9c, 0x40, 0, 80]);
+        tcp[12] = 6 << 4;
+        tcp[13] = 0x02;
+        tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        tcp[20..24].copy_from_slice(&[2, 4, 0x05, 0xb4]);
+        smoltcp::wire::TcpPacket::new_unchecked(tcp)
+            .fill_checksum(&IpAddress::Ipv4(SESSION_V4), &IpAddress::Ipv4(DNS_V4));
+        frame
+    }
+
+    #[test]
+    fn a_session_mtu_below_the_link_mtu_clamps_mss_and_reports_fragmentation_needed() {
+        let mut config = EthernetConfig::new(1152);
+        config.ipv4 = Some(SESSION_V4);
+        assert_eq!(config.link_mtu(), 1152);
+        config.ipv6 = Some(SESSION_V6);
+        assert_eq!(config.link_mtu(), 1280, "IPv6 needs at least 1280");
+        let mut adapter = EthernetAdapter::new(config);
+
+        let mut frame = tcp_syn_frame(0);
+        let packet = adapter
+            .handle_frame(&mut frame)
+            .expect("forwarded")
+            .to_vec();
+        let ip = Ipv4Packet::new_checked(&packet[..]).unwrap();
+        let tcp = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
+        assert!(tcp.verify_checksum(&IpAddress::Ipv4(SESSION_V4), &IpAddress::Ipv4(DNS_V4)));
+        assert_eq!(&tcp.options()[..4], &[2, 4, 0x04, 0x58], "MSS 1460 -> 1112");
+
+        // 1200 bytes with DF: too large for the session, the guest learns the MTU.
+        let mut frame = tcp_syn_frame(1200 - 44);
+        assert!(adapter.handle_frame(&mut frame).is_none());
+        assert_eq!(adapter.stats().dropped(DropReason::TooLarge), 1);
+        let reply = only_reply(&mut adapter);
+        let eth = EthernetFrame::new_checked(&reply[..]).unwrap();
+        let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+        assert!(ip.verify_checksum());
+        assert_eq!(
+            (ip.src_addr(), ip.dst_addr()),
+            (Ipv4Addr::new(10, 77, 0, 1), SESSION_V4)
+        );
+        let icmp = ip.payload();
+        assert_eq!(
+            &icmp[..2],
+            &[3, 4],
+            "destination unreachable, fragmentation needed"
+        );
+        assert_eq!(smoltcp::wire::checksum::data(&icmp[..28 + 8]), 0xffff);
+        assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1152);
+        assert_eq!(&icmp[8..28], &frame[14..34], "quotes the original header");
     }
 
     #[test]
