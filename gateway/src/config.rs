@@ -5,13 +5,17 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
+use crate::admission::{AdmissionLimits, DEFAULT_MAX_LIFETIME};
 use crate::policy::{DestRule, EgressPolicy, parse_ports};
 use crate::pool::{Cidr, PoolError};
+use crate::quota::QuotaLimits;
+use crate::token::{TokenKey, parse_duration_secs};
 
 /// Default UDP listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
@@ -112,6 +116,86 @@ pub struct Cli {
     /// Do not serve the demo.
     #[arg(long)]
     pub no_demo: bool,
+    /// Require a session token signed with the key in this file (text: trailing whitespace
+    /// ignored; at least 16 bytes). Mint tokens with `webnic-gateway token`.
+    #[arg(long, value_name = "FILE")]
+    pub token_key_file: Option<PathBuf>,
+    /// Most concurrent sessions per client address, IPv6 per /64; 0: no cap [default: 64].
+    #[arg(long, value_name = "N")]
+    pub max_sessions_per_address: Option<u32>,
+    /// Most concurrent sessions per token subject; 0: no cap [default: 64].
+    #[arg(long, value_name = "N")]
+    pub max_sessions_per_subject: Option<u32>,
+    /// Most concurrent sessions in total; 0: no cap [default: 10000].
+    #[arg(long, value_name = "N")]
+    pub max_sessions: Option<u32>,
+    /// New sessions per second per client address; 0: no limit [default: 10].
+    #[arg(long, value_name = "N")]
+    pub session_rate: Option<f64>,
+    /// Burst of new sessions per client address [default: 30].
+    #[arg(long, value_name = "N")]
+    pub session_burst: Option<f64>,
+    /// Longest a session may last, e.g. `24h`, `90s`; 0: unlimited [default: 24h].
+    #[arg(long, value_name = "DURATION")]
+    pub max_lifetime: Option<String>,
+    /// Most concurrent flows (TCP/UDP 5-tuples) per session; 0: no cap [default: 4096].
+    #[arg(long, value_name = "N")]
+    pub max_flows: Option<usize>,
+    /// New flows per second per session (burst: one second's worth); 0: no limit [default: 200].
+    #[arg(long, value_name = "N")]
+    pub new_flows_per_sec: Option<f64>,
+    /// Client packets per second per session; 0: no limit [default: 200000].
+    #[arg(long, value_name = "N")]
+    pub packets_per_sec: Option<f64>,
+    /// Bytes per second per session and direction; 0: no limit [default: 250000000].
+    #[arg(long, value_name = "N")]
+    pub bytes_per_sec: Option<f64>,
+    /// ICMP echo requests per second per session; 0: no limit [default: 50].
+    #[arg(long, value_name = "N")]
+    pub icmp_echo_per_sec: Option<f64>,
+    /// Append the abuse log (JSON lines: session, client address, token subject, new flows)
+    /// to this file.
+    #[arg(long, value_name = "PATH")]
+    pub abuse_log: Option<PathBuf>,
+    /// How long abuse-log entries are kept, e.g. `30d`, `12h` [default: 30d].
+    #[arg(long, value_name = "DURATION")]
+    pub abuse_log_retention: Option<String>,
+    /// A subcommand instead of running the gateway.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands of `webnic-gateway`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Mint a session token and print it.
+    Token(TokenArgs),
+}
+
+/// `webnic-gateway token`: the claims of a new token.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The key file the gateway's `--token-key-file` names.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: PathBuf,
+    /// Subject: who the sessions count against.
+    #[arg(long, value_name = "NAME")]
+    pub sub: String,
+    /// Validity, e.g. `1h`, `15m`, `3600`.
+    #[arg(long, value_name = "DURATION", default_value = "1h")]
+    pub ttl: String,
+    /// Mint as if the clock read this Unix time (pre-minting; tests).
+    #[arg(long, value_name = "UNIX_SECS")]
+    pub issued_at: Option<u64>,
+    /// Restrict sessions to these destinations, `CIDR[:PORTS]` (repeatable).
+    #[arg(long, value_name = "CIDR[:PORTS]")]
+    pub allow_dest: Vec<String>,
+    /// Most concurrent sessions of this subject.
+    #[arg(long, value_name = "N")]
+    pub max_sessions: Option<u32>,
+    /// Bandwidth per session and direction, bytes per second.
+    #[arg(long, value_name = "BYTES_PER_SEC")]
+    pub rate: Option<u64>,
 }
 
 /// The configuration file: the same settings as [`Cli`].
@@ -174,6 +258,34 @@ pub struct FileConfig {
     /// See [`Cli::no_demo`].
     #[serde(default)]
     pub no_demo: bool,
+    /// See [`Cli::token_key_file`].
+    pub token_key_file: Option<PathBuf>,
+    /// See [`Cli::max_sessions_per_address`].
+    pub max_sessions_per_address: Option<u32>,
+    /// See [`Cli::max_sessions_per_subject`].
+    pub max_sessions_per_subject: Option<u32>,
+    /// See [`Cli::max_sessions`].
+    pub max_sessions: Option<u32>,
+    /// See [`Cli::session_rate`].
+    pub session_rate: Option<f64>,
+    /// See [`Cli::session_burst`].
+    pub session_burst: Option<f64>,
+    /// See [`Cli::max_lifetime`].
+    pub max_lifetime: Option<String>,
+    /// See [`Cli::max_flows`].
+    pub max_flows: Option<usize>,
+    /// See [`Cli::new_flows_per_sec`].
+    pub new_flows_per_sec: Option<f64>,
+    /// See [`Cli::packets_per_sec`].
+    pub packets_per_sec: Option<f64>,
+    /// See [`Cli::bytes_per_sec`].
+    pub bytes_per_sec: Option<f64>,
+    /// See [`Cli::icmp_echo_per_sec`].
+    pub icmp_echo_per_sec: Option<f64>,
+    /// See [`Cli::abuse_log`].
+    pub abuse_log: Option<PathBuf>,
+    /// See [`Cli::abuse_log_retention`].
+    pub abuse_log_retention: Option<String>,
 }
 
 /// Why the configuration is unusable.
@@ -243,6 +355,18 @@ pub struct Config {
     pub policy: EgressPolicy,
     /// The demo site's listen address and package directory; `None` with `--no-demo`.
     pub demo: Option<(SocketAddr, PathBuf)>,
+    /// The token key; `None`: sessions need no token.
+    pub token_key: Option<Arc<TokenKey>>,
+    /// Session admission caps.
+    pub admission: AdmissionLimits,
+    /// Maximum session lifetime; `None`: unlimited.
+    pub max_lifetime: Option<Duration>,
+    /// Per-session quotas.
+    pub quota: QuotaLimits,
+    /// The abuse log file.
+    pub abuse_log: Option<PathBuf>,
+    /// How long abuse-log entries are kept.
+    pub abuse_log_retention: Duration,
 }
 
 impl Config {
@@ -376,8 +500,97 @@ impl Config {
                     .unwrap_or_else(|| PathBuf::from(crate::demo::DEFAULT_DEMO_DIR)),
             )
         });
+        let token_key = match cli.token_key_file.or(file.token_key_file) {
+            Some(path) => {
+                let content = std::fs::read(&path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                let key = TokenKey::from_file_content(&content).map_err(|error| {
+                    ConfigError::Invalid(format!("token_key_file {}: {error}", path.display()))
+                })?;
+                Some(Arc::new(key))
+            }
+            None => None,
+        };
+        let defaults = AdmissionLimits::DEFAULT;
+        let admission = AdmissionLimits {
+            per_address: cli
+                .max_sessions_per_address
+                .or(file.max_sessions_per_address)
+                .unwrap_or(defaults.per_address),
+            per_subject: cli
+                .max_sessions_per_subject
+                .or(file.max_sessions_per_subject)
+                .unwrap_or(defaults.per_subject),
+            total: cli
+                .max_sessions
+                .or(file.max_sessions)
+                .unwrap_or(defaults.total),
+            rate: rate(
+                cli.session_rate.or(file.session_rate),
+                defaults.rate,
+                "session_rate",
+            )?,
+            burst: rate(
+                cli.session_burst.or(file.session_burst),
+                defaults.burst,
+                "session_burst",
+            )?,
+        };
+        let duration = |text: Option<String>, default: Duration, option: &str| match text {
+            Some(text) => parse_duration_secs(&text)
+                .map(Duration::from_secs)
+                .map_err(|error| ConfigError::Invalid(format!("{option}: {error}"))),
+            None => Ok(default),
+        };
+        let max_lifetime = duration(
+            cli.max_lifetime.or(file.max_lifetime),
+            DEFAULT_MAX_LIFETIME,
+            "max_lifetime",
+        )?;
+        let q = QuotaLimits::DEFAULT;
+        let quota = QuotaLimits {
+            max_flows: cli.max_flows.or(file.max_flows).unwrap_or(q.max_flows),
+            new_flows_per_sec: rate(
+                cli.new_flows_per_sec.or(file.new_flows_per_sec),
+                q.new_flows_per_sec,
+                "new_flows_per_sec",
+            )?,
+            packets_per_sec: rate(
+                cli.packets_per_sec.or(file.packets_per_sec),
+                q.packets_per_sec,
+                "packets_per_sec",
+            )?,
+            bytes_per_sec: rate(
+                cli.bytes_per_sec.or(file.bytes_per_sec),
+                q.bytes_per_sec,
+                "bytes_per_sec",
+            )?,
+            icmp_echo_per_sec: rate(
+                cli.icmp_echo_per_sec.or(file.icmp_echo_per_sec),
+                q.icmp_echo_per_sec,
+                "icmp_echo_per_sec",
+            )?,
+        };
+        let abuse_log_retention = duration(
+            cli.abuse_log_retention.or(file.abuse_log_retention),
+            crate::abuse_log::DEFAULT_RETENTION,
+            "abuse_log_retention",
+        )?;
+        if abuse_log_retention.is_zero() {
+            return Err(ConfigError::Invalid(
+                "abuse_log_retention must be at least 1 second".to_owned(),
+            ));
+        }
         Ok(Self {
             demo,
+            token_key,
+            admission,
+            max_lifetime: (!max_lifetime.is_zero()).then_some(max_lifetime),
+            quota,
+            abuse_log: cli.abuse_log.or(file.abuse_log),
+            abuse_log_retention,
             policy,
             listen,
             pool_v4,
@@ -443,6 +656,17 @@ impl FileConfig {
     }
 }
 
+/// A rate or burst: finite and not negative (0 turns the limit off).
+fn rate(value: Option<f64>, default: f64, option: &str) -> Result<f64, ConfigError> {
+    let value = value.unwrap_or(default);
+    if !value.is_finite() || value < 0.0 {
+        return Err(ConfigError::Invalid(format!(
+            "{option} {value}: expected a number >= 0"
+        )));
+    }
+    Ok(value)
+}
+
 /// A repeatable option: the command line's values if any were given, else the file's.
 fn prefer_cli<T>(cli: Vec<T>, file: Vec<T>) -> Vec<T> {
     if cli.is_empty() { file } else { cli }
@@ -464,6 +688,82 @@ mod tests {
         assert!(!c.nat);
         assert!(c.cert_and_key.is_none());
         assert_eq!(c.idle_timeout, Duration::from_secs(30));
+        assert!(c.token_key.is_none());
+        assert_eq!(c.admission, AdmissionLimits::DEFAULT);
+        assert_eq!(c.max_lifetime, Some(Duration::from_secs(86_400)));
+        assert_eq!(c.quota, QuotaLimits::DEFAULT);
+        assert_eq!(c.abuse_log_retention, Duration::from_secs(30 * 86_400));
+    }
+
+    #[test]
+    fn admission_quota_and_token_options() {
+        let dir = std::env::temp_dir().join(format!("webnic-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("key");
+        std::fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let file = FileConfig::parse(&format!(
+            r#"
+            token_key_file = "{}"
+            max_sessions_per_address = 4
+            max_sessions = 100
+            session_rate = 2.5
+            max_lifetime = "2h"
+            max_flows = 64
+            icmp_echo_per_sec = 0
+            abuse_log = "/var/log/webnic-abuse.jsonl"
+            abuse_log_retention = "7d"
+            "#,
+            key.display()
+        ))
+        .unwrap();
+        let cli = Cli::parse_from([
+            "webnic-gateway",
+            "--max-sessions-per-subject",
+            "3",
+            "--max-lifetime",
+            "0",
+            "--new-flows-per-sec",
+            "20",
+        ]);
+        let c = Config::resolve(cli, file).unwrap();
+        assert!(c.token_key.is_some());
+        assert_eq!(c.admission.per_address, 4);
+        assert_eq!(c.admission.per_subject, 3);
+        assert_eq!(c.admission.total, 100);
+        assert_eq!(c.admission.rate, 2.5);
+        assert_eq!(c.max_lifetime, None);
+        assert_eq!(c.quota.max_flows, 64);
+        assert_eq!(c.quota.new_flows_per_sec, 20.0);
+        assert_eq!(c.quota.icmp_echo_per_sec, 0.0);
+        assert_eq!(
+            c.quota.packets_per_sec,
+            QuotaLimits::DEFAULT.packets_per_sec
+        );
+        assert_eq!(
+            c.abuse_log.as_deref(),
+            Some(Path::new("/var/log/webnic-abuse.jsonl"))
+        );
+        assert_eq!(c.abuse_log_retention, Duration::from_secs(7 * 86_400));
+        let token = Cli::parse_from([
+            "webnic-gateway",
+            "token",
+            "--key-file",
+            "k",
+            "--sub",
+            "alice",
+            "--allow-dest",
+            "10.0.0.0/8:80",
+            "--max-sessions",
+            "2",
+        ]);
+        let Some(Command::Token(args)) = token.command else {
+            panic!("token subcommand");
+        };
+        assert_eq!(args.sub, "alice");
+        assert_eq!(args.ttl, "1h");
+        assert_eq!(args.allow_dest, ["10.0.0.0/8:80"]);
+        assert_eq!(args.max_sessions, Some(2));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -579,6 +879,10 @@ mod tests {
         assert!(bad(&["--allow-dest", "10.0.0.1/8"]));
         assert!(bad(&["--allow-dest", "10.0.0.0/8:0"]));
         assert!(bad(&["--deny-port", "x"]));
+        assert!(bad(&["--max-lifetime", "1w"]));
+        assert!(bad(&["--new-flows-per-sec=-1"]));
+        assert!(bad(&["--abuse-log-retention", "0"]));
+        assert!(bad(&["--token-key-file", "/nonexistent/webnic-key"]));
         assert!(Cli::try_parse_from(["webnic-gateway", "--cert", "c.pem"]).is_err());
     }
 }

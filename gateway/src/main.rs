@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use webnic_gateway::config::{Cli, Config};
+use webnic_gateway::config::{Cli, Command, Config, TokenArgs};
+use webnic_gateway::token::{Claims, TokenKey, parse_duration_secs};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -16,8 +17,12 @@ fn main() -> ExitCode {
         // Plain text when logs go to a file (tests read them).
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
-    match run(cli) {
+    let mut cli = Cli::parse();
+    let result = match cli.command.take() {
+        Some(Command::Token(args)) => mint(&args),
+        None => run(cli),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // Every error message here already includes its cause.
@@ -25,6 +30,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `webnic-gateway token`: prints one token on stdout.
+fn mint(args: &TokenArgs) -> anyhow::Result<()> {
+    let content = std::fs::read(&args.key_file)
+        .map_err(|error| anyhow::anyhow!("cannot read {}: {error}", args.key_file.display()))?;
+    let key = TokenKey::from_file_content(&content)?;
+    let ttl = parse_duration_secs(&args.ttl).map_err(anyhow::Error::msg)?;
+    let now = match args.issued_at {
+        Some(now) => now,
+        None => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs(),
+    };
+    let token = key.mint(&Claims {
+        sub: args.sub.clone(),
+        nbf: now,
+        exp: now.saturating_add(ttl),
+        dst: args.allow_dest.clone(),
+        max_sessions: args.max_sessions,
+        rate: args.rate,
+    })?;
+    println!("{token}");
+    Ok(())
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

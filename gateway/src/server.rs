@@ -83,6 +83,14 @@ pub enum StartError {
     /// Listing the host's addresses for the egress policy.
     #[error("cannot list the host's addresses: {0}")]
     HostAddresses(std::io::Error),
+    /// The abuse log file.
+    #[error("cannot open the abuse log {path}: {source}")]
+    AbuseLog {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
 }
 
 /// Runs the gateway until SIGINT or SIGTERM, then shuts down cleanly.
@@ -166,7 +174,29 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
     ]);
     tracing::info!(host_addresses = ?policy.host_addresses(), "egress policy refuses the gateway's own addresses");
+    let abuse_log = match &config.abuse_log {
+        Some(path) => {
+            let log = crate::abuse_log::AbuseLog::open(path, config.abuse_log_retention).map_err(
+                |source| StartError::AbuseLog {
+                    path: path.clone(),
+                    source,
+                },
+            )?;
+            tracing::info!(path = %path.display(), retention = ?config.abuse_log_retention, "writing the abuse log");
+            Some(log)
+        }
+        None => None,
+    };
+    if config.token_key.is_some() {
+        tracing::info!("sessions need a token signed with --token-key-file");
+    }
+    tracing::info!(admission = ?config.admission, max_lifetime = ?config.max_lifetime, quota = ?config.quota, "session limits");
     let shared = Arc::new(Shared {
+        token_key: config.token_key.clone(),
+        admission: Mutex::new(crate::admission::Admission::new(config.admission)),
+        max_lifetime: config.max_lifetime,
+        quota: config.quota,
+        abuse_log,
         policy,
         link_addresses,
         metrics: Arc::clone(&metrics),

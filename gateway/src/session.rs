@@ -1,18 +1,19 @@
 //! One WebTransport session: admission, the control stream, and the two datagram directions.
 //!
 //! The session task admits the request (path, origin), reads the client's hello on the first
-//! bidirectional stream, allocates addresses, registers its queue in the route table and sends
-//! its configuration. It then runs three loops until one ends:
+//! bidirectional stream, checks the token (from the URL's `token` query parameter, when the
+//! gateway requires tokens) and the admission caps, allocates addresses, registers its queue in
+//! the route table and sends its configuration. It then runs three loops until one ends:
 //!
-//! - client → TUN: `receive_datagram`, classify (drop malformed/spoofed), clamp MSS, write to the
-//!   TUN;
+//! - client → TUN: `receive_datagram`, classify (drop malformed/spoofed), egress policy, token
+//!   scope, quotas (flows, rates), clamp MSS, write to the TUN;
 //! - TUN → client: pop the session queue (filled by the TUN reader), `send_datagram_wait` on the
 //!   QUIC connection so a slow client pushes back into the queue instead of QUIC silently
 //!   dropping datagrams;
 //! - control: the client's capsules (a `Close`, or the stream ending, ends the session);
 //!
-//! plus the gateway's shutdown signal. At the end it removes its routes and returns its
-//! addresses.
+//! plus the gateway's shutdown signal and the maximum session lifetime. At the end it removes its
+//! routes, returns its addresses and its admission ticket.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +30,8 @@ use wtransport::endpoint::IncomingSession;
 use wtransport::error::ConnectionError;
 use wtransport::{Connection, RecvStream, SendStream, VarInt};
 
+use crate::abuse_log::AbuseLog;
+use crate::admission::{Admission, AdmissionRefusal, Ticket};
 use crate::metrics::{Direction, Family, Metrics, RefusalReason};
 use crate::origin::OriginPolicy;
 use crate::packet::{
@@ -38,6 +41,8 @@ use crate::packet::{
 use crate::policy::{EgressPolicy, TokenBucket};
 use crate::pool::AddressPool;
 use crate::queue::{RouteTable, SessionQueue};
+use crate::quota::{QuotaDrop, QuotaLimits, SessionQuota};
+use crate::token::{Token, TokenError, TokenKey, token_from_path};
 use crate::tun_device::TunIo;
 
 /// How long a client has to open the control stream and send its hello.
@@ -117,6 +122,16 @@ pub struct Shared {
     /// The gateway's addresses on the client link (the pools' first addresses): the source of
     /// the ICMP errors it sends to clients. IPv4 first, then IPv6 if on.
     pub link_addresses: Vec<IpAddr>,
+    /// The token key; `None`: no token needed.
+    pub token_key: Option<Arc<TokenKey>>,
+    /// Session caps.
+    pub admission: Mutex<Admission>,
+    /// Maximum session lifetime.
+    pub max_lifetime: Option<Duration>,
+    /// Per-session quotas (a token may narrow the bandwidth).
+    pub quota: QuotaLimits,
+    /// The abuse log.
+    pub abuse_log: Option<AbuseLog>,
 }
 
 /// ICMP administratively-prohibited replies per second per session (and burst): enough for a
@@ -132,6 +147,77 @@ impl Shared {
     fn pools(&self) -> std::sync::MutexGuard<'_, Pools> {
         self.pools.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn admission(&self) -> std::sync::MutexGuard<'_, Admission> {
+        self.admission
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Who a session is, for logs and the abuse log.
+#[derive(Debug)]
+struct Identity {
+    id: u64,
+    remote: std::net::SocketAddr,
+    token: Option<Token>,
+}
+
+impl Identity {
+    fn subject(&self) -> Option<&str> {
+        self.token.as_ref().map(|t| t.claims.sub.as_str())
+    }
+}
+
+/// Returns the admission ticket when the session ends, however it ends.
+struct AdmissionGuard {
+    shared: Arc<Shared>,
+    ticket: Option<Ticket>,
+}
+
+impl std::fmt::Debug for AdmissionGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdmissionGuard")
+            .field("ticket", &self.ticket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for AdmissionGuard {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.shared.admission().release(ticket);
+        }
+    }
+}
+
+/// Why a token was refused, as a close code and a metrics reason.
+fn token_refusal(error: &TokenError) -> (CloseCode, RefusalReason) {
+    match error {
+        TokenError::Malformed(_) | TokenError::BadSignature => {
+            (CloseCode::TokenInvalid, RefusalReason::TokenInvalid)
+        }
+        TokenError::Expired { .. } => (CloseCode::TokenExpired, RefusalReason::TokenExpired),
+        TokenError::NotYetValid { .. } => {
+            (CloseCode::TokenNotYetValid, RefusalReason::TokenNotYetValid)
+        }
+    }
+}
+
+fn admission_reason(refusal: AdmissionRefusal) -> RefusalReason {
+    match refusal {
+        AdmissionRefusal::RateLimited(_) => RefusalReason::RateLimited,
+        AdmissionRefusal::PerAddress(_) => RefusalReason::PerAddress,
+        AdmissionRefusal::PerSubject(_) => RefusalReason::PerSubject,
+        AdmissionRefusal::Total(_) => RefusalReason::Total,
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 /// Per-session counters for the end-of-session log.
@@ -152,6 +238,7 @@ enum End {
     ControlError(String),
     ClientClose { code: CloseCode, reason: String },
     Shutdown,
+    MaxLifetime,
 }
 
 /// Handles one incoming session from handshake to cleanup. Never fails: problems are logged
@@ -184,6 +271,9 @@ pub async fn handle(incoming: IncomingSession, shared: Arc<Shared>) {
         request.forbidden().await;
         return;
     }
+    // The token travels in the URL (browsers cannot add headers to a WebTransport request); it
+    // is checked after the hello so that a refusal reaches the client as a close code.
+    let token = token_from_path(request.path()).map(str::to_owned);
     let connection = match request.accept().await {
         Ok(connection) => connection,
         Err(error) => {
@@ -192,10 +282,30 @@ pub async fn handle(incoming: IncomingSession, shared: Arc<Shared>) {
         }
     };
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
-    run(id, connection, shared).await;
+    run(id, connection, token, shared).await;
 }
 
-async fn run(id: u64, connection: Connection, shared: Arc<Shared>) {
+/// Refuses a session after its hello: counts, logs, tells the client why and closes.
+async fn refuse(
+    shared: &Shared,
+    connection: &Connection,
+    send: &mut SendStream,
+    who: (u64, Option<&str>),
+    reason: RefusalReason,
+    code: CloseCode,
+    detail: &str,
+) {
+    let (id, subject) = who;
+    let remote = connection.remote_address();
+    shared.metrics.refused(reason);
+    if let Some(log) = &shared.abuse_log {
+        log.refused(remote, subject, reason.label());
+    }
+    tracing::warn!(session = id, %remote, subject, reason = reason.label(), detail, "refused session");
+    close(connection, Some(send), code, detail).await;
+}
+
+async fn run(id: u64, connection: Connection, token: Option<String>, shared: Arc<Shared>) {
     let remote = connection.remote_address();
     let (mut send, mut recv, mut decoder) = match hello(&connection).await {
         Ok(Hello::Ok {
@@ -219,6 +329,63 @@ async fn run(id: u64, connection: Connection, shared: Arc<Shared>) {
             shared.metrics.refused(RefusalReason::Protocol);
             tracing::info!(session = id, %remote, %reason, "refused session: no valid hello");
             close(&connection, None, CloseCode::ProtocolViolation, &reason).await;
+            return;
+        }
+    };
+
+    let token = match (&shared.token_key, token) {
+        (None, _) => None,
+        (Some(_), None) => {
+            let (reason, code) = (RefusalReason::TokenMissing, CloseCode::TokenMissing);
+            let detail = "this gateway requires a token (?token= in the URL)";
+            refuse(
+                &shared,
+                &connection,
+                &mut send,
+                (id, None),
+                reason,
+                code,
+                detail,
+            )
+            .await;
+            return;
+        }
+        (Some(key), Some(text)) => match key.verify(&text, unix_now()) {
+            Ok(token) => Some(token),
+            Err(error) => {
+                let (code, reason) = token_refusal(&error);
+                let detail = error.to_string();
+                refuse(
+                    &shared,
+                    &connection,
+                    &mut send,
+                    (id, None),
+                    reason,
+                    code,
+                    &detail,
+                )
+                .await;
+                return;
+            }
+        },
+    };
+    let identity = Identity { id, remote, token };
+    let admitted = shared.admission().admit(
+        Instant::now(),
+        remote.ip(),
+        identity.subject(),
+        identity.token.as_ref().and_then(|t| t.claims.max_sessions),
+    );
+    let _ticket = match admitted {
+        Ok(ticket) => AdmissionGuard {
+            shared: Arc::clone(&shared),
+            ticket: Some(ticket),
+        },
+        Err(refusal) => {
+            let who = (id, identity.subject());
+            let (reason, code) = (admission_reason(refusal), refusal.close_code());
+            let detail = refusal.to_string();
+            refuse(&shared, &connection, &mut send, who, reason, code, &detail).await;
             return;
         }
     };
@@ -252,9 +419,14 @@ async fn run(id: u64, connection: Connection, shared: Arc<Shared>) {
     tracing::info!(
         session = id,
         %remote,
+        subject = identity.subject(),
         addresses = ?addresses,
         "session started"
     );
+    if let Some(log) = &shared.abuse_log {
+        log.session_started(id, remote, identity.subject(), &addresses);
+    }
+    let identity = Arc::new(identity);
 
     let stats = Arc::new(SessionStats::default());
     let end = match send.write_all(&configuration(&shared, &addresses)).await {
@@ -263,6 +435,7 @@ async fn run(id: u64, connection: Connection, shared: Arc<Shared>) {
             serve(
                 &connection,
                 &shared,
+                &identity,
                 &addresses,
                 &queue,
                 &stats,
@@ -292,6 +465,16 @@ async fn run(id: u64, connection: Connection, shared: Arc<Shared>) {
             )
             .await;
         }
+        End::MaxLifetime => {
+            shared.metrics.session_max_lifetime();
+            close(
+                &connection,
+                Some(&mut send),
+                CloseCode::MaxLifetime,
+                "maximum session lifetime reached",
+            )
+            .await;
+        }
         End::ClientClose { .. } | End::ControlFinished => {
             connection.close(VarInt::from_u32(CloseCode::Normal.to_u32()), b"");
         }
@@ -307,6 +490,15 @@ async fn run(id: u64, connection: Connection, shared: Arc<Shared>) {
         pools.update_metrics(&shared.metrics);
     }
     shared.metrics.session_ended();
+    if let Some(log) = &shared.abuse_log {
+        log.session_ended(
+            id,
+            remote,
+            identity.subject(),
+            started.elapsed(),
+            &describe(&end),
+        );
+    }
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     tracing::info!(
         session = id,
@@ -330,6 +522,7 @@ fn describe(end: &End) -> String {
         End::ControlError(reason) => format!("control stream: {reason}"),
         End::ClientClose { code, reason } => format!("client closed ({code}): {reason}"),
         End::Shutdown => "gateway shutdown".to_owned(),
+        End::MaxLifetime => "maximum session lifetime".to_owned(),
     }
 }
 
@@ -447,9 +640,11 @@ async fn close(
 }
 
 /// Runs the session's loops until one of them ends.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     connection: &Connection,
     shared: &Arc<Shared>,
+    identity: &Arc<Identity>,
     addresses: &[IpAddr],
     queue: &Arc<SessionQueue>,
     stats: &Arc<SessionStats>,
@@ -457,9 +652,14 @@ async fn serve(
     decoder: &mut CapsuleDecoder,
 ) -> End {
     // The datagram directions run as their own tasks so they can use both cores.
+    let limits = shared
+        .quota
+        .narrowed_to_rate(identity.token.as_ref().and_then(|t| t.claims.rate));
     let mut rx = tokio::spawn(client_to_tun(
         connection.clone(),
         Arc::clone(shared),
+        Arc::clone(identity),
+        limits,
         addresses.to_vec(),
         Arc::clone(queue),
         Arc::clone(stats),
@@ -467,11 +667,19 @@ async fn serve(
     let mut tx = tokio::spawn(tun_to_client(
         connection.clone(),
         Arc::clone(shared),
+        limits,
         Arc::clone(queue),
         Arc::clone(stats),
     ));
     let mut shutdown = shared.shutdown.clone();
+    let lifetime = async {
+        match shared.max_lifetime {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
+        }
+    };
     let end = tokio::select! {
+        () = lifetime => End::MaxLifetime,
         end = &mut rx => end.unwrap_or_else(|error| End::ControlError(format!("receiver task: {error}"))),
         end = &mut tx => end.unwrap_or_else(|error| End::ControlError(format!("sender task: {error}"))),
         end = control(recv, decoder) => end,
@@ -509,12 +717,36 @@ async fn control(recv: &mut RecvStream, decoder: &mut CapsuleDecoder) -> End {
 async fn client_to_tun(
     connection: Connection,
     shared: Arc<Shared>,
+    identity: Arc<Identity>,
+    limits: QuotaLimits,
     addresses: Vec<IpAddr>,
     queue: Arc<SessionQueue>,
     stats: Arc<SessionStats>,
 ) -> End {
     let (max_v4, max_v6) = shared.max_mss();
     let mut icmp_budget = TokenBucket::new(ICMP_PROHIBITED_RATE, ICMP_PROHIBITED_RATE);
+    let mut quota = SessionQuota::new(limits, Instant::now());
+    // Each quota reason is logged at warn level once per session, then at debug.
+    let mut warned = [false; QuotaDrop::ALL.len()];
+    // An ICMP "administratively prohibited" for a refused packet, rate-limited.
+    let prohibited = |packet: &[u8], source: IpAddr, budget: &mut TokenBucket| {
+        let from = shared
+            .link_addresses
+            .iter()
+            .find(|a| a.is_ipv4() == source.is_ipv4());
+        if let Some(from) = from
+            && let Some(reply) = icmp_prohibited(packet, *from, usize::from(shared.link_mtu))
+            && budget.try_take(Instant::now())
+        {
+            let mut datagram = Vec::with_capacity(queue.header().len() + reply.len());
+            datagram.extend_from_slice(queue.header());
+            datagram.extend_from_slice(&reply);
+            if queue.push(Bytes::from(datagram)) {
+                shared.metrics.dropped(DropReason::QueueFull);
+            }
+            shared.metrics.icmp_prohibited_sent();
+        }
+    };
     loop {
         let datagram = match connection.receive_datagram().await {
             Ok(datagram) => datagram,
@@ -553,23 +785,45 @@ async fn client_to_tun(
                 %refusal,
                 "refused client packet"
             );
-            let from = shared
-                .link_addresses
-                .iter()
-                .find(|a| a.is_ipv4() == classified.source.is_ipv4());
-            if let Some(from) = from
-                && let Some(reply) = icmp_prohibited(&packet, *from, usize::from(shared.link_mtu))
-                && icmp_budget.try_take(Instant::now())
-            {
-                let mut datagram = Vec::with_capacity(queue.header().len() + reply.len());
-                datagram.extend_from_slice(queue.header());
-                datagram.extend_from_slice(&reply);
-                if queue.push(Bytes::from(datagram)) {
-                    shared.metrics.dropped(DropReason::QueueFull);
-                }
-                shared.metrics.icmp_prohibited_sent();
-            }
+            prohibited(&packet, classified.source, &mut icmp_budget);
             continue;
+        }
+        let scope_ok = identity
+            .token
+            .as_ref()
+            .is_none_or(|token| token.allows(classified.destination, classified.destination_port));
+        let verdict = if scope_ok {
+            quota.check(Instant::now(), &packet, &classified)
+        } else {
+            Err(QuotaDrop::TokenScope)
+        };
+        match verdict {
+            Ok(None) => {}
+            Ok(Some(flow)) => {
+                if let Some(log) = &shared.abuse_log {
+                    log.flow(identity.id, identity.remote, identity.subject(), &flow);
+                }
+            }
+            Err(reason) => {
+                shared.metrics.quota_dropped(reason);
+                if warned[reason as usize] {
+                    tracing::debug!(session = identity.id, reason = reason.label(), destination = %classified.destination, "quota dropped client packet");
+                } else {
+                    warned[reason as usize] = true;
+                    tracing::warn!(
+                        session = identity.id,
+                        remote = %identity.remote,
+                        subject = identity.subject(),
+                        reason = reason.label(),
+                        destination = %classified.destination,
+                        "session quota dropping client packets"
+                    );
+                }
+                if reason == QuotaDrop::TokenScope {
+                    prohibited(&packet, classified.source, &mut icmp_budget);
+                }
+                continue;
+            }
         }
         let packet = if mss_clamp_needed(&packet, max_v4, max_v6) {
             let mut copy = packet.to_vec();
@@ -599,14 +853,22 @@ async fn client_to_tun(
 async fn tun_to_client(
     connection: Connection,
     shared: Arc<Shared>,
+    limits: QuotaLimits,
     queue: Arc<SessionQueue>,
     stats: Arc<SessionStats>,
 ) -> End {
     let header_len = queue.header().len();
     let quic = connection.quic_connection();
+    let mut bytes = limits.byte_bucket(Instant::now());
     loop {
         let datagram = queue.pop().await;
         let ip_len = datagram.len() - header_len;
+        if let Some(bucket) = &mut bytes
+            && !bucket.try_take(Instant::now(), ip_len as f64)
+        {
+            shared.metrics.quota_dropped(QuotaDrop::BytesToClient);
+            continue;
+        }
         match quic.max_datagram_size() {
             Some(max) if datagram.len() <= max => {}
             Some(max) => {
