@@ -27,8 +27,9 @@ if ! installed nginx-light && ! installed nginx && ! installed nginx-core && ! i
     missing+=(nginx)
 fi
 # chromium and ngircd (IRC from the page): the browser end-to-end tests (tests/e2e_browser.rs).
+# busybox (udhcpc, nslookup): the kernel guest behind `webnic tap` (tests/e2e_tap.rs).
 for pkg in dnsmasq-base socat openssh-server openssh-client netcat-openbsd iperf3 nftables iproute2 curl procps \
-    chromium ngircd; do
+    chromium ngircd busybox; do
     installed "$pkg" || missing+=("$pkg")
 done
 # Node drives Chromium (playwright-core); any install will do (nodesource's nodejs bundles npm).
