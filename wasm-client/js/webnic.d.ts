@@ -13,6 +13,18 @@ export interface WebNicConnectOptions {
    * objects are the same either way. Default: see docs/BROWSER.md (Window, measured faster here).
    */
   worker?: boolean;
+  /** A session token from `webnic-gateway token` (sent as `?token=` in the session URL). */
+  token?: string;
+}
+
+/**
+ * The gateway refused or ended the session. `name` says why (from the close code in
+ * docs/PROTOCOL.md): 'TokenMissingError', 'TokenInvalidError', 'TokenExpiredError',
+ * 'TokenNotYetValidError', 'TooManySessionsPerAddressError', 'TooManySessionsPerSubjectError',
+ * 'TooManySessionsError', 'RateLimitedError', 'MaxLifetimeError', 'PoolExhaustedError', ...
+ */
+export declare class WebNicSessionError extends Error {
+  readonly closeCode: number;
 }
 
 export interface TCPSocketOptions {

@@ -127,9 +127,31 @@ class WorkerNic {
   tcpListenerClose(id) { this.#post('tcpListenerClose', [id]); }
 }
 
+// The gateway's close codes (docs/PROTOCOL.md) as error names, so a page can tell a refused
+// token from a busy gateway: `catch (e) { if (e.name === 'TokenExpiredError') ... }`.
+const CLOSE_CODE_NAMES = {
+  1: 'GatewayShutdownError', 2: 'PoolExhaustedError', 3: 'UnsupportedVersionError',
+  4: 'ProtocolViolationError', 5: 'IdleTimeoutError', 6: 'RefusedError',
+  7: 'TokenMissingError', 8: 'TokenInvalidError', 9: 'TokenExpiredError',
+  10: 'TokenNotYetValidError', 11: 'TooManySessionsPerAddressError',
+  12: 'TooManySessionsPerSubjectError', 13: 'TooManySessionsError', 14: 'RateLimitedError',
+  15: 'MaxLifetimeError',
+};
+
+/** A session the gateway refused or ended: `name` from the close code, `closeCode` its number. */
+export class WebNicSessionError extends Error {
+  constructor(message, closeCode) {
+    super(message);
+    this.name = CLOSE_CODE_NAMES[closeCode] ?? 'SessionClosedError';
+    this.closeCode = closeCode;
+  }
+}
+
 /** Turns the wasm side's "Name: message" errors into DOMExceptions with the spec's names. */
 function domError(error) {
   const message = String(error && error.message !== undefined ? error.message : error);
+  const closed = /gateway closed the session: .*\(close code (\d+)\)/s.exec(message);
+  if (closed) return new WebNicSessionError(message, Number(closed[1]));
   const match = /^(NetworkError|InvalidStateError|NotAllowedError|DataError): (.*)$/s.exec(message);
   if (/^TypeError: /.test(message)) return new TypeError(message.slice('TypeError: '.length));
   return match ? new DOMException(match[2], match[1]) : new DOMException(message, 'NetworkError');
@@ -366,6 +388,12 @@ export class WebNic {
    */
   static async connect(url, options = {}) {
     const worker = (options.worker ?? DEFAULT_WORKER) && typeof Worker !== 'undefined';
+    // Browsers send no credentials with WebTransport: the token rides in the query.
+    if (options.token !== undefined) {
+      const withToken = new URL(url, globalThis.location?.href);
+      withToken.searchParams.set('token', options.token);
+      url = withToken.href;
+    }
     try {
       if (worker) return new WebNic(await WorkerNic.start(url, options), true);
       await load(options.wasm);

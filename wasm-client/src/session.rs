@@ -26,8 +26,9 @@ pub enum SessionError {
     /// The gateway broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
-    /// The gateway refused or ended the session with a reason code.
-    #[error("gateway closed the session: {code} ({reason})")]
+    /// The gateway refused or ended the session with a reason code. The message carries the
+    /// number (`close code N`) so that js/webnic.js can name the error.
+    #[error("gateway closed the session: {code} (close code {}) ({reason})", .code.to_u32())]
     Closed {
         /// The reason code.
         code: CloseCode,
