@@ -151,6 +151,17 @@ fn resolve(path: &str) -> Option<PathBuf> {
     if path == "/page.html" {
         return Some(repo().join("tests/browser/page.html"));
     }
+    // The benchmark's wisp-js client (scripts/bench-browser.sh installs it).
+    if let (Some(rest), Some(bench)) = (
+        path.strip_prefix("/bench/wisp/"),
+        std::env::var_os("WEBNIC_BENCH_DIR"),
+    ) {
+        return Some(
+            PathBuf::from(bench)
+                .join("node_modules/@mercuryworkshop/wisp-js")
+                .join(rest),
+        );
+    }
     for prefix in ["/js/", "/pkg/", "/demo/"] {
         if let Some(rest) = path.strip_prefix(prefix) {
             return Some(repo().join("wasm-client").join(&prefix[1..]).join(rest));
@@ -1075,4 +1086,185 @@ fn browser_gateway_served_demo() {
         "{}",
         quiet_gateway.process.logs()
     );
+}
+
+/// nginx on port 8080 of the server's IPv4 address serving `root` with
+/// `Access-Control-Allow-Origin: *`, so the page's own `fetch()` may read it (the benchmark's
+/// no-relay figure).
+fn serve_cors_nginx(topology: &Topology, root: &Path) -> common::Process {
+    let dir = topology.tmp().join("nginx-cors");
+    fs::create_dir_all(&dir).expect("nginx dir");
+    let d = dir.display();
+    let config = format!(
+        "daemon off;\nmaster_process off;\nuser root;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log info;\nevents {{ worker_connections 256; }}\n\
+         http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n\
+         default_type application/octet-stream;\n  sendfile on;\n\
+         server {{\n    listen {v4}:8080;\n    root {root};\n\
+         add_header Access-Control-Allow-Origin \"*\";\n  }}\n}}\n",
+        v4 = topology.srv_ipv4(),
+        root = root.display(),
+    );
+    let conf = dir.join("nginx.conf");
+    fs::write(&conf, config).expect("write nginx.conf");
+    let nginx = find_command("nginx").expect("nginx");
+    let process = topology.spawn_in(
+        &topology.srv_ns(),
+        "nginx-cors",
+        &[
+            nginx.to_str().expect("utf-8 path"),
+            "-p",
+            &format!("{d}/"),
+            "-e",
+            &format!("{d}/error.log"),
+            "-c",
+            conf.to_str().expect("utf-8 path"),
+        ],
+        vec![dir.join("error.log")],
+    );
+    topology.wait_listening(&topology.srv_ns(), "tcp", 8080, &process);
+    process
+}
+
+/// The browser benchmark (`scripts/bench-browser.sh`, which installs websockify and wisp-js
+/// and sets `WEBNIC_BENCH_DIR`; not part of CI): a 16 MiB GET from nginx through webnic
+/// (Window and Worker), websockify and Wisp, and by the page's own `fetch()`, each
+/// sha256-checked in the page, median of `WEBNIC_BROWSER_RUNS` (default 3); plus webnic's
+/// upload goodput and UDPSocket echo rate. Prints `BENCH <what>: <figure>` lines.
+#[test]
+#[ignore = "benchmark: run scripts/bench-browser.sh"]
+fn browser_bench_relays() {
+    const SINK_PORT: u16 = 7200;
+    const UDP_PORT: u16 = 7300;
+    const WEBSOCKIFY_PORT: u16 = 6080;
+    const WISP_PORT: u16 = 6001;
+    require_prerequisites();
+    require_browser();
+    let bench = PathBuf::from(
+        std::env::var_os("WEBNIC_BENCH_DIR")
+            .expect("WEBNIC_BENCH_DIR (run scripts/bench-browser.sh, which installs the relays)"),
+    );
+    let runs: usize = std::env::var("WEBNIC_BROWSER_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let topology = Topology::new();
+    let www = topology.tmp().join("www");
+    fs::create_dir_all(&www).expect("www dir");
+    let size = 16 << 20;
+    let data = random_bytes(size);
+    fs::write(www.join("random.bin"), &data).expect("write random.bin");
+    let _nginx = topology.serve_nginx(&www);
+    let _cors = serve_cors_nginx(&topology, &www);
+    let _sink = serve_sha256_sink(&topology, SINK_PORT);
+    let srv = topology.srv_ipv4().to_string();
+    // A UDP echo that keeps up with tens of thousands of datagrams a second (socat forks per
+    // datagram).
+    let udp_echo_code = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)\ns.bind(('{srv}', {UDP_PORT}))\n\
+         while True:\n    data, peer = s.recvfrom(65535)\n    s.sendto(data, peer)\n"
+    );
+    let udp_echo = topology.spawn_in(
+        &topology.srv_ns(),
+        "udp-echo-py",
+        &["python3", "-c", &udp_echo_code],
+        Vec::new(),
+    );
+    topology.wait_listening(&topology.srv_ns(), "udp", UDP_PORT, &udp_echo);
+    let gateway = topology.start_gateway(&[]);
+    let gw = topology.gw_addr().to_string();
+
+    // The relays run where the gateway runs (its namespace), reached by the page on the same
+    // address, and connect to the same nginx.
+    let websockify = bench.join("venv/bin/websockify");
+    let ws_listen = format!("{gw}:{WEBSOCKIFY_PORT}");
+    let ws_target = format!("{srv}:80");
+    let websockify = topology.spawn_in(
+        &topology.gw_ns(),
+        "websockify",
+        &[
+            websockify.to_str().expect("utf-8 path"),
+            &ws_listen,
+            &ws_target,
+        ],
+        Vec::new(),
+    );
+    topology.wait_listening(&topology.gw_ns(), "tcp", WEBSOCKIFY_PORT, &websockify);
+    let node = find_command("node").expect("node");
+    let wisp_bin = bench.join("node_modules/@mercuryworkshop/wisp-js/src/bin/server_cli.mjs");
+    let wisp_port = WISP_PORT.to_string();
+    let wisp = topology.spawn_in(
+        &topology.gw_ns(),
+        "wisp-js-server",
+        &[
+            node.to_str().expect("utf-8 path"),
+            wisp_bin.to_str().expect("utf-8 path"),
+            "-H",
+            &gw,
+            "-P",
+            &wisp_port,
+            "-L",
+            "WARN",
+            "-O",
+            r#"{"allow_private_ips":true}"#,
+        ],
+        Vec::new(),
+    );
+    topology.wait_listening(&topology.gw_ns(), "tcp", WISP_PORT, &wisp);
+    // The page's fetch() goes from the root namespace to the server through the gateway
+    // namespace (which forwards); the route goes away with the veth when the topology drops.
+    let via = gw.clone();
+    let net = format!("10.201.{}.0/24", topology.n());
+    common::run(&["ip", "route", "replace", &net, "via", &via]);
+    let server = PageServer::start();
+
+    let arg = format!(
+        r#"{{"gateway":"{}","certHash":"{}","host":"{srv}","path":"/random.bin","expected":"{}","sinkPort":{SINK_PORT},"uploadBytes":{size},"udpPort":{UDP_PORT},"websockifyUrl":"ws://{gw}:{WEBSOCKIFY_PORT}/","wispUrl":"ws://{gw}:{WISP_PORT}/","fetchUrl":"http://{srv}:8080/random.bin","runs":{runs}}}"#,
+        gateway.url(),
+        gateway.cert_hash(),
+        sha256_hex(&data),
+    );
+    let result = run_in_page_for(&topology, &server, "benchRelays", &arg, PAGE_TIMEOUT * 10);
+    println!("page result: {result}");
+    let figure = |key: &str| -> f64 {
+        json_field(&result, key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key}: {result}"))
+    };
+    let relays = figure("websockifyGet").max(figure("wispGet"));
+    for (label, key) in [
+        ("webnic GET, stack in the page (Window)", "webnicWindowGet"),
+        ("webnic GET, stack in a Worker", "webnicWorkerGet"),
+        ("websockify GET (page WebSocket)", "websockifyGet"),
+        ("Wisp GET (wisp-js client and server)", "wispGet"),
+        ("page fetch() GET, no relay", "fetchGet"),
+        ("webnic upload 16 MiB, Window", "webnicWindowUpload"),
+        ("webnic upload 16 MiB, Worker", "webnicWorkerUpload"),
+    ] {
+        println!("BENCH {label}: {:.1} MB/s", figure(key));
+    }
+    for (label, key) in [
+        (
+            "webnic UDPSocket echo, 1000-byte datagrams, Window",
+            "webnicWindowUdpPerSecond",
+        ),
+        (
+            "webnic UDPSocket echo, 1000-byte datagrams, Worker",
+            "webnicWorkerUdpPerSecond",
+        ),
+    ] {
+        println!("BENCH {label}: {:.0} datagrams/s echoed", figure(key));
+    }
+    println!(
+        "BENCH UDP datagrams unanswered (all runs): {} of {}",
+        figure("udpLost"),
+        figure("udpSent")
+    );
+    for (label, key) in [
+        ("ratio webnic Window GET / best relay", "webnicWindowGet"),
+        ("ratio webnic Worker GET / best relay", "webnicWorkerGet"),
+    ] {
+        println!("BENCH {label}: {:.2}", figure(key) / relays);
+    }
 }

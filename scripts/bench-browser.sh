@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The browser benchmark (not part of CI): in one headless Chromium, a 16 MiB GET from nginx in the
+# server namespace, sha256 checked in the page, median of RUNS (default 3), through
+#   - webnic with the stack in the page (Window) and in a Worker,
+#   - websockify (PyPI) with a page WebSocket,
+#   - a Wisp server with the wisp-js client (npm @mercuryworkshop/wisp-js),
+#   - the page's own fetch() (no relay: the browser's network stack, routed to the namespace);
+# plus, for webnic, TCP upload goodput (16 MiB, checked by the server's sha256) and the UDPSocket
+# datagram echo rate. Prints each figure and webnic's ratio to the best relay, and writes them to
+# target/browser-bench.md.
+#
+#   sudo scripts/bench-browser.sh            # RUNS=5 scripts/bench-browser.sh for more runs
+#
+# Installs what it needs idempotently: websockify into a venv under target/bench-browser (Debian's
+# pip refuses system installs), wisp-js into target/bench-browser/node_modules, and the browser
+# package (scripts/build-wasm.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "$(id -u)" -ne 0 ]]; then
+    echo "scripts/bench-browser.sh must run as root (network namespaces): sudo scripts/bench-browser.sh" >&2
+    exit 1
+fi
+
+WEBSOCKIFY_VERSION=0.13.0
+WISP_JS_VERSION=0.5.0
+dir=target/bench-browser
+mkdir -p "$dir"
+
+if [[ ! -x "$dir/venv/bin/websockify" ]]; then
+    python3 -m venv "$dir/venv"
+    "$dir/venv/bin/pip" install --quiet "websockify==$WEBSOCKIFY_VERSION"
+fi
+if [[ ! -f "$dir/node_modules/@mercuryworkshop/wisp-js/package.json" ]] \
+    || ! grep -q "\"version\": \"$WISP_JS_VERSION\"" "$dir/node_modules/@mercuryworkshop/wisp-js/package.json"; then
+    (cd "$dir" && [[ -f package.json ]] || echo '{"private": true}' > package.json)
+    (cd "$dir" && npm install --no-audit --no-fund --save-exact "@mercuryworkshop/wisp-js@$WISP_JS_VERSION")
+fi
+
+scripts/build-wasm.sh
+cargo build --workspace --bins
+
+export WEBNIC_BENCH_DIR="$PWD/$dir"
+export WEBNIC_BROWSER_RUNS="${RUNS:-3}"
+cargo test --test e2e_browser browser_bench_relays -- --ignored --nocapture --test-threads=1 \
+    2>&1 | tee "$dir/run.log" | grep -E '^(BENCH|test )' || true
+if ! grep -q '^BENCH ' "$dir/run.log"; then
+    echo "the benchmark failed; its output is in $dir/run.log" >&2
+    exit 1
+fi
+{
+    echo "| what (16 MiB GET unless said, median of $WEBNIC_BROWSER_RUNS) | figure |"
+    echo "| --- | --- |"
+    grep '^BENCH ' "$dir/run.log" | sed -E 's/^BENCH ([^:]+): (.*)$/| \1 | \2 |/'
+} > target/browser-bench.md
+echo
+cat target/browser-bench.md
