@@ -7,6 +7,10 @@
 //! ([`TcpStream`], [`TcpListener`], [`UdpSocket`]) share the stack behind a mutex and are woken by
 //! the stack's events.
 //!
+//! [`RawSession`] is the same session without the stack: the caller's own TCP/IP stack sends and
+//! receives the IP packets, e.g. a guest behind a TAP device ([`tap`], Linux) through
+//! webnic-stack's Ethernet adapter.
+//!
 //! ```no_run
 //! # async fn run() -> std::io::Result<()> {
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,10 +26,14 @@
 #![warn(missing_docs)]
 
 mod driver;
+mod raw;
 mod session;
 mod sockets;
 pub mod socks5;
+#[cfg(target_os = "linux")]
+pub mod tap;
 
+pub use raw::RawSession;
 pub use session::{Client, ClientStats, ConnectOptions, SessionError};
 pub use sockets::{TcpListener, TcpStream, UdpSocket};
 pub use webnic_stack::{DnsKind, TcpOptions};

@@ -50,6 +50,14 @@ enum Command {
         /// The name.
         name: String,
     },
+    /// Give a Linux TAP device (the kernel, or a VM on it, is the guest) the session as its
+    /// network: DHCP, ARP and IPv6 router advertisements are served on the TAP.
+    #[cfg(target_os = "linux")]
+    Tap {
+        /// The TAP device to create (or attach to).
+        #[arg(long)]
+        dev: String,
+    },
 }
 
 #[tokio::main]
@@ -75,6 +83,10 @@ async fn run(cli: Cli) -> Result<()> {
     let mut options = ConnectOptions::new(&cli.gateway);
     if let Some(hash) = &cli.cert_hash {
         options = options.cert_hash(hash);
+    }
+    #[cfg(target_os = "linux")]
+    if let Command::Tap { dev } = &cli.command {
+        return tap(options, dev).await;
     }
     let client = Client::connect(options)
         .await
@@ -127,6 +139,34 @@ async fn run(cli: Cli) -> Result<()> {
             for a in client.resolve_ipv6(&name).await.unwrap_or_default() {
                 println!("{a}");
             }
+            Ok(())
+        }
+        #[cfg(target_os = "linux")]
+        Command::Tap { .. } => unreachable!("handled before the stack starts"),
+    }
+}
+
+/// `webnic tap`: a raw session (no local stack) pumped through the Ethernet adapter.
+#[cfg(target_os = "linux")]
+async fn tap(options: ConnectOptions, dev: &str) -> Result<()> {
+    let session = webnic::RawSession::connect(options)
+        .await
+        .context("opening a raw session")?;
+    let device =
+        webnic::tap::TapDevice::create(dev).with_context(|| format!("creating TAP {dev}"))?;
+    eprintln!(
+        "webnic: tap {} up, guest address {}{}, mtu {}",
+        device.name(),
+        session.ipv4().map(|a| a.to_string()).unwrap_or_default(),
+        session.ipv6().map(|a| format!(" {a}")).unwrap_or_default(),
+        session.mtu(),
+    );
+    tokio::select! {
+        result = webnic::tap::run(session.clone(), device, |event| eprintln!("webnic: {event}")) => {
+            result.context("tap")
+        }
+        _ = tokio::signal::ctrl_c() => {
+            session.close();
             Ok(())
         }
     }

@@ -135,12 +135,12 @@ impl Drop for Tasks {
 }
 
 #[derive(Debug, Default)]
-struct Announced {
+pub(crate) struct Announced {
     version: Option<u32>,
-    mtu: Option<u16>,
-    dns: Vec<IpAddr>,
-    ipv4: Option<Ipv4Addr>,
-    ipv6: Option<Ipv6Addr>,
+    pub(crate) mtu: Option<u16>,
+    pub(crate) dns: Vec<IpAddr>,
+    pub(crate) ipv4: Option<Ipv4Addr>,
+    pub(crate) ipv6: Option<Ipv6Addr>,
 }
 
 impl Client {
@@ -154,35 +154,14 @@ impl Client {
     }
 
     async fn open(options: ConnectOptions) -> Result<Self, SessionError> {
-        let config = client_config(&options)?;
-        let endpoint =
-            Endpoint::client(config).map_err(|e| SessionError::Connect(e.to_string()))?;
-        let connection = endpoint
-            .connect(&options.url)
-            .await
-            .map_err(|e| SessionError::Connect(e.to_string()))?;
-        let (mut send, mut recv) = connection
-            .open_bi()
-            .await
-            .map_err(|e| SessionError::Connect(e.to_string()))?
-            .await
-            .map_err(|e| SessionError::Connect(e.to_string()))?;
-        let mut hello = Vec::new();
-        ControlMessage::ClientHello {
-            version: PROTOCOL_VERSION,
-        }
-        .emit(&mut hello);
-        send.write_all(&hello)
-            .await
-            .map_err(|e| SessionError::Connect(e.to_string()))?;
-
-        let mut decoder = CapsuleDecoder::new();
-        let announced = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            read_configuration(&connection, &mut recv, &mut decoder),
-        )
-        .await
-        .map_err(|_| SessionError::Protocol("no configuration from the gateway".into()))??;
+        let Handshake {
+            endpoint,
+            connection,
+            send,
+            recv,
+            decoder,
+            announced,
+        } = handshake(&options).await?;
 
         let mtu = announced.mtu.unwrap_or(1152);
         if let Some(max) = connection.max_datagram_size()
@@ -479,6 +458,57 @@ impl Client {
     }
 }
 
+/// A session after the control handshake, before any task runs: what [`Client`] and
+/// [`RawSession`](crate::RawSession) are built from.
+pub(crate) struct Handshake {
+    pub(crate) endpoint: Endpoint<wtransport::endpoint::endpoint_side::Client>,
+    pub(crate) connection: wtransport::Connection,
+    pub(crate) send: wtransport::SendStream,
+    pub(crate) recv: wtransport::RecvStream,
+    pub(crate) decoder: CapsuleDecoder,
+    pub(crate) announced: Announced,
+}
+
+/// Connects and runs the control handshake (`CLIENT_HELLO` → `ADDRESS_ASSIGN`).
+pub(crate) async fn handshake(options: &ConnectOptions) -> Result<Handshake, SessionError> {
+    let config = client_config(options)?;
+    let endpoint = Endpoint::client(config).map_err(|e| SessionError::Connect(e.to_string()))?;
+    let connection = endpoint
+        .connect(&options.url)
+        .await
+        .map_err(|e| SessionError::Connect(e.to_string()))?;
+    let (mut send, mut recv) = connection
+        .open_bi()
+        .await
+        .map_err(|e| SessionError::Connect(e.to_string()))?
+        .await
+        .map_err(|e| SessionError::Connect(e.to_string()))?;
+    let mut hello = Vec::new();
+    ControlMessage::ClientHello {
+        version: PROTOCOL_VERSION,
+    }
+    .emit(&mut hello);
+    send.write_all(&hello)
+        .await
+        .map_err(|e| SessionError::Connect(e.to_string()))?;
+
+    let mut decoder = CapsuleDecoder::new();
+    let announced = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        read_configuration(&connection, &mut recv, &mut decoder),
+    )
+    .await
+    .map_err(|_| SessionError::Protocol("no configuration from the gateway".into()))??;
+    Ok(Handshake {
+        endpoint,
+        connection,
+        send,
+        recv,
+        decoder,
+        announced,
+    })
+}
+
 /// Kernel buffer asked for the client's UDP socket. The default (≈ 208 KiB) holds only ~160
 /// small packets, and a burst of ACK-carrying datagrams from the gateway overflowed it during
 /// uploads (`UdpRcvbufErrors`), stalling the tunnelled TCP. Capped by `net.core.rmem_max`.
@@ -603,7 +633,7 @@ async fn read_configuration(
 }
 
 /// Extracts the gateway's reason code from a WebTransport/QUIC close.
-fn close_reason(error: &wtransport::error::ConnectionError) -> Option<SessionError> {
+pub(crate) fn close_reason(error: &wtransport::error::ConnectionError) -> Option<SessionError> {
     if let wtransport::error::ConnectionError::ApplicationClosed(close) = error {
         let code = u32::try_from(close.code().into_inner()).ok()?;
         return Some(SessionError::Closed {
