@@ -166,9 +166,12 @@ impl EthernetAdapter {
 
     /// A frame from the guest: returns the IP packet to send to the session, or `undefined`
     /// (a reply for the guest may then wait in [`poll_frame`](Self::poll_frame)).
+    ///
+    /// Takes the frame by value: the adapter rewrites IPv6 sources in place, and the caller's
+    /// buffer (e.g. v86's NIC memory) must not see that.
     #[wasm_bindgen(js_name = handleFrame)]
-    pub fn handle_frame(&mut self, frame: &mut [u8]) -> Option<Uint8Array> {
-        self.inner.handle_frame(frame).map(Uint8Array::from)
+    pub fn handle_frame(&mut self, mut frame: Vec<u8>) -> Option<Uint8Array> {
+        self.inner.handle_frame(&mut frame).map(Uint8Array::from)
     }
 
     /// A packet from the session: returns the frame for the guest, or `undefined` (counted).
