@@ -6,8 +6,8 @@
 #   - a Wisp server with the wisp-js client (npm @mercuryworkshop/wisp-js),
 #   - the page's own fetch() (no relay: the browser's network stack, routed to the namespace);
 # plus, for webnic, TCP upload goodput (16 MiB, checked by the server's sha256) and the UDPSocket
-# datagram echo rate. Prints each figure and webnic's ratio to the best relay, and writes them to
-# target/browser-bench.md.
+# datagram echo rate. Prints each figure and webnic's ratio to the best relay, writes them to
+# target/browser-bench.md and replaces the browser section at the end of docs/PERFORMANCE.md.
 #
 #   sudo scripts/bench-browser.sh            # RUNS=5 scripts/bench-browser.sh for more runs
 #
@@ -48,10 +48,31 @@ if ! grep -q '^BENCH ' "$dir/run.log"; then
     echo "the benchmark failed; its output is in $dir/run.log" >&2
     exit 1
 fi
+wasm=wasm-client/pkg/webnic_wasm_bg.wasm
 {
-    echo "| what (16 MiB GET unless said, median of $WEBNIC_BROWSER_RUNS) | figure |"
+    echo "## Browser: webnic against the relays pages use today"
+    echo
+    echo "Written by \`scripts/bench-browser.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC') (load average $(cut -d' ' -f1-3 /proc/loadavg)); it"
+    echo "replaces this section only (\`scripts/bench.sh\` rewrites the part above). Headless Chromium"
+    echo "$(/usr/bin/chromium --version 2>/dev/null | awk '{print $2}'), one page; every GET is sha256-checked in the page. The relays run in the gateway's"
+    echo "namespace and reach the same nginx; \`fetch()\` goes the same veth path with no relay. How each"
+    echo "figure is measured: tests/e2e_browser.rs \`browser_bench_relays\` and tests/browser/page.html \`benchRelays\`."
+    echo
+    echo "| what (16 MiB GET unless said; median of $WEBNIC_BROWSER_RUNS runs) | figure |"
     echo "| --- | --- |"
     grep '^BENCH ' "$dir/run.log" | sed -E 's/^BENCH ([^:]+): (.*)$/| \1 | \2 |/'
+    echo "| wasm after wasm-opt -Oz | $(stat -c %s "$wasm") bytes, $(gzip -9 -c "$wasm" | wc -c) gzipped |"
 } > target/browser-bench.md
 echo
 cat target/browser-bench.md
+
+# Replace the browser section of docs/PERFORMANCE.md (from its heading to the end), keep the rest.
+heading='## Browser: webnic against the relays pages use today'
+python3 - "$heading" <<'PY'
+import pathlib, sys
+doc = pathlib.Path('docs/PERFORMANCE.md')
+text = doc.read_text() if doc.exists() else '# Performance\n'
+head = text.split(sys.argv[1] + '\n')[0].rstrip('\n')
+doc.write_text(head + '\n\n' + pathlib.Path('target/browser-bench.md').read_text())
+PY
+echo "updated the browser section of docs/PERFORMANCE.md"
