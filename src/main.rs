@@ -20,6 +20,9 @@ struct Cli {
     /// Without it the system's root certificates are used.
     #[arg(long, env = "WEBNIC_CERT_HASH")]
     cert_hash: Option<String>,
+    /// Session token for gateways started with --token-key-file (`webnic-gateway token`).
+    #[arg(long, env = "WEBNIC_TOKEN")]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,6 +86,9 @@ async fn run(cli: Cli) -> Result<()> {
     let mut options = ConnectOptions::new(&cli.gateway);
     if let Some(hash) = &cli.cert_hash {
         options = options.cert_hash(hash);
+    }
+    if let Some(token) = &cli.token {
+        options = options.token(token);
     }
     #[cfg(target_os = "linux")]
     if let Command::Tap { dev } = &cli.command {

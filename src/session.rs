@@ -26,6 +26,10 @@ pub enum SessionError {
     /// The QUIC/WebTransport connection could not be set up.
     #[error("cannot reach the gateway: {0}")]
     Connect(String),
+    /// The gateway answered the WebTransport request with an error status: wrong path, or an
+    /// `Origin` it does not allow (403).
+    #[error("the gateway rejected the session request (wrong path or origin not allowed)")]
+    Rejected,
     /// The gateway broke the protocol or did not finish the handshake.
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -49,7 +53,7 @@ impl SessionError {
     pub(crate) fn to_io(&self) -> io::Error {
         let kind = match self {
             Self::InvalidCertHash(_) => io::ErrorKind::InvalidInput,
-            Self::Connect(_) => io::ErrorKind::ConnectionRefused,
+            Self::Connect(_) | Self::Rejected => io::ErrorKind::ConnectionRefused,
             Self::Protocol(_) => io::ErrorKind::InvalidData,
             Self::Closed { .. } | Self::Lost(_) => io::ErrorKind::ConnectionAborted,
             Self::ClosedLocally => io::ErrorKind::NotConnected,
@@ -66,6 +70,9 @@ pub struct ConnectOptions {
     /// SHA-256 of the gateway's self-signed certificate, as 64 hex digits. Without it the
     /// system's root certificates are used.
     pub cert_hash: Option<String>,
+    /// A session token from `webnic-gateway token`, for gateways that require one; sent as the
+    /// URL's `token` query parameter.
+    pub token: Option<String>,
 }
 
 impl ConnectOptions {
@@ -74,6 +81,25 @@ impl ConnectOptions {
         Self {
             url: url.into(),
             cert_hash: None,
+            token: None,
+        }
+    }
+
+    /// Sends `token` with the session request.
+    #[must_use]
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// The URL to request: `url` with `token=` added to its query.
+    fn request_url(&self) -> String {
+        match &self.token {
+            None => self.url.clone(),
+            Some(token) => {
+                let separator = if self.url.contains('?') { '&' } else { '?' };
+                format!("{}{separator}token={token}", self.url)
+            }
         }
     }
 
@@ -474,9 +500,12 @@ pub(crate) async fn handshake(options: &ConnectOptions) -> Result<Handshake, Ses
     let config = client_config(options)?;
     let endpoint = Endpoint::client(config).map_err(|e| SessionError::Connect(e.to_string()))?;
     let connection = endpoint
-        .connect(&options.url)
+        .connect(options.request_url())
         .await
-        .map_err(|e| SessionError::Connect(e.to_string()))?;
+        .map_err(|e| match e {
+            wtransport::error::ConnectingError::SessionRejected => SessionError::Rejected,
+            other => SessionError::Connect(other.to_string()),
+        })?;
     let (mut send, mut recv) = connection
         .open_bi()
         .await
@@ -709,4 +738,23 @@ fn dns_error_to_io(error: DnsError) -> io::Error {
         DnsError::InvalidHandle => io::ErrorKind::InvalidInput,
     };
     io::Error::new(kind, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_goes_in_the_query() {
+        let plain = ConnectOptions::new("https://gw:4433/webnic");
+        assert_eq!(plain.request_url(), "https://gw:4433/webnic");
+        let with = plain.clone().token("abc.def");
+        assert_eq!(with.request_url(), "https://gw:4433/webnic?token=abc.def");
+        let query = ConnectOptions::new("https://gw:4433/webnic?x=1").token("t");
+        assert_eq!(query.request_url(), "https://gw:4433/webnic?x=1&token=t");
+        assert_eq!(
+            SessionError::Rejected.to_io().kind(),
+            io::ErrorKind::ConnectionRefused
+        );
+    }
 }

@@ -63,11 +63,10 @@ fn unix_now() -> u64 {
 }
 
 async fn connect_with(gateway: &GatewayProcess, token: Option<&str>) -> io::Result<webnic::Client> {
-    let url = match token {
-        Some(token) => format!("{}?token={token}", gateway.url()),
-        None => gateway.url().to_owned(),
-    };
-    let options = webnic::ConnectOptions::new(url).cert_hash(gateway.cert_hash());
+    let mut options = webnic::ConnectOptions::new(gateway.url()).cert_hash(gateway.cert_hash());
+    if let Some(token) = token {
+        options = options.token(token);
+    }
     within(
         Duration::from_secs(30),
         "Client::connect",
@@ -168,8 +167,71 @@ async fn bad_origin_gets_403_and_allowed_origins_pass() {
             connection.close(0u32.into(), b"");
         }
         assert_eq!(gateway.metric(&refused("origin")), 1.0);
+        // The client library reports an HTTP-level rejection as its own error (here: a wrong
+        // path, which gets 404 the same way a bad origin gets 403).
+        let wrong_path = webnic::ConnectOptions::new(gateway.url().replace("/webnic", "/other"))
+            .cert_hash(gateway.cert_hash());
+        let error = webnic::Client::connect(wrong_path)
+            .await
+            .expect_err("a wrong path was admitted");
+        assert_eq!(
+            error
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<SessionError>()),
+            Some(&SessionError::Rejected),
+            "{error}"
+        );
+        assert_eq!(gateway.metric(&refused("path")), 1.0);
     })
     .await;
+}
+
+/// `webnic --token T nc HOST PORT` works against a gateway that needs tokens; without the flag
+/// the CLI fails and says why.
+#[test]
+fn cli_token_flag() {
+    let topology = Topology::new();
+    let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
+    let key = write_key(&topology, "token.key");
+    let key_arg = key.to_str().unwrap().to_owned();
+    let gateway = topology.start_gateway(&["--token-key-file", &key_arg]);
+    let token = mint(&key, "cli", &["--ttl", "5m"]);
+    let data = random_bytes(128 << 10);
+    let input = topology.tmp().join("nc-input.bin");
+    std::fs::write(&input, &data).unwrap();
+    let nc = |token: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_webnic"));
+        cmd.args([
+            "--gateway",
+            gateway.url(),
+            "--cert-hash",
+            gateway.cert_hash(),
+        ]);
+        if let Some(token) = token {
+            cmd.args(["--token", token]);
+        }
+        cmd.args([
+            "nc",
+            &topology.srv_ipv4().to_string(),
+            &TCP_ECHO_PORT.to_string(),
+        ]);
+        common::run_with_stdin(
+            &mut cmd,
+            std::fs::File::open(&input).unwrap(),
+            Duration::from_secs(60),
+        )
+    };
+    let output = nc(Some(&token));
+    assert!(
+        output.status.success(),
+        "webnic --token nc failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_same_bytes(&output.stdout, &data, "webnic --token nc");
+    let output = nc(None);
+    assert!(!output.status.success(), "connected without a token");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("token required"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
