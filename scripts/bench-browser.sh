@@ -6,7 +6,8 @@
 #   - a Wisp server with the wisp-js client (npm @mercuryworkshop/wisp-js),
 #   - the page's own fetch() (no relay: the browser's network stack, routed to the namespace);
 # plus, for webnic, TCP upload goodput (16 MiB, checked by the server's sha256) and the UDPSocket
-# datagram echo rate. Prints each figure and webnic's ratio to the best relay, writes them to
+# datagram echo rate, next to the page's raw WebTransport datagram echo rate against
+# gateway/examples/datagram_echo.rs (the ceiling: same wtransport/quinn layers, no stack, no TUN). Prints each figure and webnic's ratio to the best relay, writes them to
 # target/browser-bench.md and replaces the browser section at the end of docs/PERFORMANCE.md.
 #
 #   sudo scripts/bench-browser.sh            # RUNS=5 scripts/bench-browser.sh for more runs
@@ -39,6 +40,7 @@ fi
 
 scripts/build-wasm.sh
 cargo build --workspace --bins
+cargo build -p webnic-gateway --example datagram_echo
 
 export WEBNIC_BENCH_DIR="$PWD/$dir"
 export WEBNIC_BROWSER_RUNS="${RUNS:-3}"

@@ -1138,6 +1138,7 @@ fn browser_bench_relays() {
     const UDP_PORT: u16 = 7300;
     const WEBSOCKIFY_PORT: u16 = 6080;
     const WISP_PORT: u16 = 6001;
+    const ECHO_PORT: u16 = 4434;
     require_prerequisites();
     require_browser();
     let bench = PathBuf::from(
@@ -1212,6 +1213,41 @@ fn browser_bench_relays() {
         Vec::new(),
     );
     topology.wait_listening(&topology.gw_ns(), "tcp", WISP_PORT, &wisp);
+    // The raw WebTransport datagram echo (gateway/examples/datagram_echo.rs), next to the gateway.
+    let echo_bin = common::gateway_binary()
+        .parent()
+        .expect("profile dir")
+        .join("examples/datagram_echo");
+    assert!(
+        echo_bin.is_file(),
+        "{} missing: cargo build -p webnic-gateway --example datagram_echo",
+        echo_bin.display()
+    );
+    let echo_hash_file = topology.tmp().join("echo-hash");
+    let echo_listen = format!("{gw}:{ECHO_PORT}");
+    let echo = topology.spawn_in(
+        &topology.gw_ns(),
+        "datagram-echo",
+        &[
+            echo_bin.to_str().expect("utf-8 path"),
+            &echo_listen,
+            echo_hash_file.to_str().expect("utf-8 path"),
+        ],
+        Vec::new(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let echo_hash = loop {
+        let hash = fs::read_to_string(&echo_hash_file).unwrap_or_default();
+        if hash.len() == 64 {
+            break hash;
+        }
+        assert!(
+            Instant::now() < deadline && echo.exit_status().is_none(),
+            "the datagram echo did not start\n{}",
+            echo.logs()
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
     // The page's fetch() goes from the root namespace to the server through the gateway
     // namespace (which forwards); the route goes away with the veth when the topology drops.
     let via = gw.clone();
@@ -1220,7 +1256,7 @@ fn browser_bench_relays() {
     let server = PageServer::start();
 
     let arg = format!(
-        r#"{{"gateway":"{}","certHash":"{}","host":"{srv}","path":"/random.bin","expected":"{}","sinkPort":{SINK_PORT},"uploadBytes":{size},"udpPort":{UDP_PORT},"websockifyUrl":"ws://{gw}:{WEBSOCKIFY_PORT}/","wispUrl":"ws://{gw}:{WISP_PORT}/","fetchUrl":"http://{srv}:8080/random.bin","runs":{runs}}}"#,
+        r#"{{"gateway":"{}","certHash":"{}","host":"{srv}","path":"/random.bin","expected":"{}","sinkPort":{SINK_PORT},"uploadBytes":{size},"udpPort":{UDP_PORT},"websockifyUrl":"ws://{gw}:{WEBSOCKIFY_PORT}/","wispUrl":"ws://{gw}:{WISP_PORT}/","fetchUrl":"http://{srv}:8080/random.bin","echoUrl":"https://{echo_listen}/echo","echoHash":"{echo_hash}","runs":{runs}}}"#,
         gateway.url(),
         gateway.cert_hash(),
         sha256_hex(&data),
@@ -1260,6 +1296,29 @@ fn browser_bench_relays() {
         "BENCH UDP datagrams unanswered (all runs): {} of {}",
         figure("udpLost"),
         figure("udpSent")
+    );
+    let raw = figure("rawDatagramPerSecond");
+    println!(
+        "BENCH raw WebTransport datagram echo, 1000 bytes, no stack (the ceiling): {raw:.0} datagrams/s echoed ({:.1} MB/s each way); unanswered {} of {}",
+        raw * 1000.0 / 1e6,
+        figure("rawLost"),
+        figure("rawSent")
+    );
+    for (label, key) in [
+        (
+            "ratio webnic UDPSocket echo / raw datagram echo, Window",
+            "webnicWindowUdpPerSecond",
+        ),
+        (
+            "ratio webnic UDPSocket echo / raw datagram echo, Worker",
+            "webnicWorkerUdpPerSecond",
+        ),
+    ] {
+        println!("BENCH {label}: {:.2}", figure(key) / raw);
+    }
+    println!(
+        "BENCH ratio webnic Worker GET / raw datagram echo payload rate: {:.2}",
+        figure("webnicWorkerGet") / (raw * 1000.0 / 1e6)
     );
     for (label, key) in [
         ("ratio webnic Window GET / best relay", "webnicWindowGet"),

@@ -1,0 +1,59 @@
+//! A raw WebTransport datagram echo server: the browser benchmark's ceiling
+//! (`scripts/bench-browser.sh`). A page's datagrams come straight back, with the same
+//! wtransport/quinn layers and datagram buffer sizes as the gateway but no TUN, no stack and no
+//! policy, so the page's echo rate here is what any WebTransport tunnel can reach in this browser.
+//!
+//! `cargo run --release -p webnic-gateway --example datagram_echo -- 10.200.1.1:4434 HASH_FILE`
+//! listens, writes the self-signed certificate's sha256 (hex) to `HASH_FILE` once ready, and echoes
+//! every datagram of every session on any path.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use wtransport::{Endpoint, Identity, ServerConfig};
+
+/// Datagram buffers as the gateway's (`server.rs`).
+const DATAGRAM_BUFFER: usize = 1 << 20;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let usage = "usage: datagram_echo LISTEN_ADDR HASH_FILE";
+    let listen: SocketAddr = args.next().context(usage)?.parse()?;
+    let hash_file = args.next().context(usage)?;
+    let identity = Identity::self_signed([
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        listen.ip().to_string(),
+    ])?;
+    let hash = identity.certificate_chain().as_slice()[0].hash();
+    let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let mut transport = wtransport::quinn::TransportConfig::default();
+    transport
+        .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
+        .datagram_send_buffer_size(DATAGRAM_BUFFER);
+    let config = ServerConfig::builder()
+        .with_bind_address(listen)
+        .with_custom_transport(identity, transport)
+        .build();
+    let endpoint = Endpoint::server(config)?;
+    std::fs::write(&hash_file, &hex)?;
+    println!("datagram echo on {listen}, certificate sha256 {hex}");
+    loop {
+        let incoming = endpoint.accept().await;
+        tokio::spawn(async move {
+            let Ok(request) = incoming.await else { return };
+            let Ok(connection) = request.accept().await else {
+                return;
+            };
+            // One reader per session (wtransport's receive path is a capacity-1 channel).
+            while let Ok(datagram) = connection.receive_datagram().await {
+                // send_datagram copies and drops the oldest queued ones when the buffer is full:
+                // an echo may lose datagrams, which the page counts.
+                if connection.send_datagram(datagram.payload()).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
