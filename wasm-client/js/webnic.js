@@ -382,7 +382,6 @@ export class WebNic {
     };
   }
 
-  /** Opens a session with the gateway at `url` (`https://host:port/webnic`). */
   /**
    * Opens a session with the gateway at `url` (`https://host:port/webnic`). `options.worker`
    * runs the stack in a dedicated Worker (true) or in this thread (false); where Workers are
