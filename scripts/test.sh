@@ -77,6 +77,9 @@ cargo build --workspace --bins
 step "scripts/build-wasm.sh (wasm-bindgen-cli, npm packages, the browser package)"
 scripts/build-wasm.sh
 
+step "tests/browser/v86-assets.sh (v86 from npm, Debian's i386 kernel, busybox-static and SeaBIOS for tests/e2e_v86.rs)"
+tests/browser/v86-assets.sh
+
 step "cargo test --workspace $*"
 cargo test --workspace "$@"
 

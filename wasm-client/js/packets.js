@@ -27,20 +27,30 @@ export class PacketNic {
   /** @param raw the wasm `RawNic` */
   constructor(raw) {
     this.#raw = raw;
-    const readable = new ReadableStream({
-      pull: async (controller) => {
-        const packet = await raw.recv();
-        if (packet === undefined) controller.close(); else controller.enqueue(packet);
-      },
-    }, { highWaterMark: 64 });
-    const writable = new WritableStream({
-      write: (packet) => raw.send(packet),
-    }, { highWaterMark: 64 });
-    this.#packets = Object.freeze({ readable, writable });
   }
 
-  /** `{ readable, writable }`: one `Uint8Array` per IP packet each way. */
-  get packets() { return this.#packets; }
+  /**
+   * `{ readable, writable }`: one `Uint8Array` per IP packet each way. Created on first use: a
+   * readable stream pulls packets as soon as it exists, so a page that hands the session to
+   * another consumer (js/v86.js reads `raw` itself) must not touch this.
+   */
+  get packets() {
+    if (!this.#packets) {
+      const raw = this.#raw;
+      const readable = new ReadableStream({
+        pull: async (controller) => {
+          const packet = await raw.recv();
+          if (packet === undefined) controller.close(); else controller.enqueue(packet);
+        },
+      }, { highWaterMark: 64 });
+      const writable = new WritableStream({
+        write: (packet) => raw.send(packet),
+      }, { highWaterMark: 64 });
+      this.#packets = Object.freeze({ readable, writable });
+    }
+    return this.#packets;
+  }
+
   /** The wasm `RawNic` (what `EthernetAdapter` is built from). */
   get raw() { return this.#raw; }
   /** The session's IPv4 address, or `undefined`. */
