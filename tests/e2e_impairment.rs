@@ -17,12 +17,16 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::{
-    TCP_ECHO_PORT, Topology, UDP_ECHO_PORT, assert_same_bytes, nft_packets, seeded_bytes,
-    tcp_exchange, within,
+    TCP_ECHO_PORT, Topology, assert_same_bytes, nft_packets, seeded_bytes, tcp_exchange, within,
 };
 use webnic_impair::{Impairment, Relay, RelayStats};
 
 const DATAGRAMS: u32 = 200;
+/// inetd's built-in datagram echo (RFC 862, port 7) from Debian's openbsd-inetd: one reply per
+/// datagram from one long-lived process. (socat's `UDP-RECVFROM,fork` echo, one process per
+/// datagram, occasionally left a datagram the kernel had delivered unanswered, and socat's
+/// `UDP-LISTEN` echo through a pipe merges datagrams.)
+const UDP_ECHO_PORT: u16 = 7;
 /// Large enough that two never share one QUIC packet, so one lost packet is one lost datagram.
 const DATAGRAM_SIZE: usize = 800;
 
@@ -64,7 +68,7 @@ async fn impaired_cell(name: &str, spec: &str, seed: u64, time_limit: Duration) 
     let impairment: Impairment = spec.parse().expect("impairment spec");
     let topology = Topology::new();
     let _tcp_echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
-    let _udp_echo = topology.serve_udp_echo(UDP_ECHO_PORT);
+    let _udp_echo = serve_inetd_echo(&topology);
     count_udp_echo_in_server_namespace(&topology);
     let gateway = topology.start_gateway(&[]);
     let relay = Relay::start(
@@ -158,6 +162,30 @@ fn assert_impairment_was_applied(name: &str, impairment: &Impairment, stats: &Re
             "[{name}] {stats:?}"
         );
     }
+}
+
+fn serve_inetd_echo(topology: &Topology) -> common::Process {
+    let config = topology.tmp().join("inetd.conf");
+    std::fs::write(
+        &config,
+        "echo\tdgram\tudp\twait\troot\tinternal\necho\tdgram\tudp6\twait\troot\tinternal\n",
+    )
+    .expect("write inetd.conf");
+    // -d: stay in the foreground; -R: lift the 256-per-minute invocation limit.
+    let inetd = topology.spawn_in(
+        &topology.srv_ns(),
+        "inetd-echo",
+        &[
+            "/usr/sbin/inetd",
+            "-d",
+            "-R",
+            "1000000",
+            config.to_str().unwrap(),
+        ],
+        Vec::new(),
+    );
+    topology.wait_listening(&topology.srv_ns(), "udp", UDP_ECHO_PORT, &inetd);
+    inetd
 }
 
 fn count_udp_echo_in_server_namespace(topology: &Topology) {

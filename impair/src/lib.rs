@@ -24,7 +24,8 @@ pub struct Impairment {
     pub loss_percent: f64,
     /// Fixed one-way delay.
     pub delay: Duration,
-    /// Extra delay drawn uniformly from [0, jitter] per packet; like netem, it can reorder.
+    /// Extra delay drawn uniformly from [0, jitter] per packet. Unlike netem's, it keeps packets
+    /// in order (a packet never leaves before the one offered before it): reordering is `reorder_*`.
     pub jitter: Duration,
     /// Percent of packets held back by `reorder_delay` so that later ones overtake them.
     pub reorder_percent: f64,

@@ -84,6 +84,8 @@ pub struct Link {
     /// When the rate limiter's serializer is free again.
     serializer_free_at: Option<Instant>,
     blackout_until: Option<Instant>,
+    /// Due time of the last in-order packet: jitter varies the delay without reordering.
+    last_due: Option<Instant>,
     stats: LinkStats,
 }
 
@@ -96,6 +98,7 @@ impl Link {
             next_seq: 0,
             serializer_free_at: None,
             blackout_until: None,
+            last_due: None,
             stats: LinkStats::default(),
         }
     }
@@ -137,6 +140,10 @@ impl Link {
             return;
         };
         let mut due = departure + self.impairment.delay + self.jitter();
+        // Jitter changes the delay but keeps the order (a real queue does not reorder); reordering
+        // is its own knob, so a cell measures one thing at a time.
+        due = self.last_due.map_or(due, |last| due.max(last));
+        self.last_due = Some(due);
         if self.rng.chance(self.impairment.reorder_percent) {
             self.stats.reordered += 1;
             due += self.impairment.reorder_delay;
@@ -277,6 +284,29 @@ mod tests {
             link.poll_transmit(t0 + Duration::from_millis(20)),
             Some(numbered(1))
         );
+    }
+
+    #[test]
+    fn jitter_varies_delay_but_keeps_order() {
+        let impairment = Impairment {
+            delay: Duration::from_millis(10),
+            jitter: Duration::from_millis(5),
+            ..Impairment::default()
+        };
+        let mut link = Link::new(impairment, 9);
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        let mut delays = Vec::new();
+        for i in 0..500u32 {
+            let now = t0 + Duration::from_micros(u64::from(i) * 100);
+            link.offer(now, numbered(i));
+            delays.push(link.poll_timeout().unwrap());
+        }
+        for step in 0..1_000u64 {
+            out.extend(drain(&mut link, t0 + Duration::from_micros(step * 100)));
+        }
+        assert_eq!(out, (0..500).map(numbered).collect::<Vec<_>>());
+        assert!(delays.iter().all(|&d| d >= t0 + Duration::from_millis(10)));
     }
 
     #[test]

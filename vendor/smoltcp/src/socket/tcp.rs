@@ -161,6 +161,10 @@ const RTTE_MIN_RTO: u32 = 200;
 // seconds
 const RTTE_MAX_RTO: u32 = 60_000;
 
+/// webnic: SACK blocks remembered per socket (the peer sends at most 3 per ACK; holes spread
+/// over a window need more).
+const SACK_SCOREBOARD_LEN: usize = 8;
+
 #[derive(Debug, Clone, Copy)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 struct RttEstimator {
@@ -526,6 +530,16 @@ pub struct Socket<'a> {
     local_rx_dup_acks: u8,
     /// If a fast retransmit needs to occur
     pending_fast_retransmit: bool,
+    /// webnic: ranges above `local_seq_no` the peer reported holding (received SACK blocks).
+    sack_scoreboard: [Option<(TcpSeqNumber, TcpSeqNumber)>; SACK_SCOREBOARD_LEN],
+    /// webnic: a loss recovery episode lasts until this sequence number is acknowledged.
+    recovery_point: Option<TcpSeqNumber>,
+    /// webnic: everything below this was already retransmitted in the current recovery.
+    recovery_rexmit_high: TcpSeqNumber,
+    /// webnic: `remote_last_seq` when the first unacknowledged segment was last retransmitted;
+    /// SACKs for data beyond it while that segment stays unacknowledged mean the
+    /// retransmission itself was lost (RACK's idea, for the head of the window only).
+    head_rexmit_mark: Option<TcpSeqNumber>,
 
     /// Duration for Delayed ACK. If None no ACKs will be delayed.
     ack_delay: Option<Duration>,
@@ -617,6 +631,10 @@ impl<'a> Socket<'a> {
             local_rx_last_seq: None,
             local_rx_dup_acks: 0,
             pending_fast_retransmit: false,
+            sack_scoreboard: [None; SACK_SCOREBOARD_LEN],
+            recovery_point: None,
+            recovery_rexmit_high: TcpSeqNumber::default(),
+            head_rexmit_mark: None,
             ack_delay: Some(ACK_DELAY_DEFAULT),
             ack_delay_timer: AckDelayTimer::Idle,
             challenge_ack_timer: Instant::from_secs(0),
@@ -927,6 +945,10 @@ impl<'a> Socket<'a> {
         self.remote_win_shift = rx_cap_log2.saturating_sub(16) as u8;
         self.remote_mss = DEFAULT_MSS;
         self.remote_last_ts = None;
+        self.sack_scoreboard = [None; SACK_SCOREBOARD_LEN];
+        self.recovery_point = None;
+        self.recovery_rexmit_high = TcpSeqNumber::default();
+        self.head_rexmit_mark = None;
         self.ack_delay_timer = AckDelayTimer::Idle;
         self.challenge_ack_timer = Instant::from_secs(0);
 
@@ -1401,6 +1423,92 @@ impl<'a> Socket<'a> {
         self.remote_last_seq - self.local_seq_no
     }
 
+    /// webnic: records a SACK block the peer sent, merging it with overlapping ones.
+    fn sack_record(&mut self, left: TcpSeqNumber, right: TcpSeqNumber) {
+        if right <= left || right <= self.local_seq_no || right > self.remote_last_seq {
+            return;
+        }
+        let (mut left, mut right) = (left.max(self.local_seq_no), right);
+        let mut merged = true;
+        while merged {
+            merged = false;
+            for slot in self.sack_scoreboard.iter_mut() {
+                if let Some((l, r)) = *slot
+                    && l <= right
+                    && left <= r
+                {
+                    left = left.min(l);
+                    right = right.max(r);
+                    *slot = None;
+                    merged = true;
+                }
+            }
+        }
+        let slot = match self.sack_scoreboard.iter().position(Option::is_none) {
+            Some(free) => free,
+            // Full: forget the block with the lowest end, the one the next ACKs will cover first.
+            None => {
+                let mut lowest = 0;
+                for (i, slot) in self.sack_scoreboard.iter().enumerate() {
+                    if let (Some((_, r)), Some((_, lr))) = (slot, self.sack_scoreboard[lowest])
+                        && *r < lr
+                    {
+                        lowest = i;
+                    }
+                }
+                lowest
+            }
+        };
+        self.sack_scoreboard[slot] = Some((left, right));
+    }
+
+    /// webnic: forgets SACK blocks the cumulative ACK has passed.
+    fn sack_prune(&mut self) {
+        let una = self.local_seq_no;
+        for slot in self.sack_scoreboard.iter_mut() {
+            if let Some((l, r)) = *slot {
+                if r <= una {
+                    *slot = None;
+                } else if l < una {
+                    *slot = Some((una, r));
+                }
+            }
+        }
+    }
+
+    /// webnic: the first hole at or above `from` that lies below a SACKed block, as
+    /// (sequence number, length up to `mss`): data the peer lacks while holding later data.
+    fn sack_next_hole(&self, from: TcpSeqNumber, mss: usize) -> Option<(TcpSeqNumber, usize)> {
+        let high = self
+            .sack_scoreboard
+            .iter()
+            .flatten()
+            .map(|&(_, r)| r)
+            .reduce(|a, b| a.max(b))?;
+        let mut seq = from.max(self.local_seq_no);
+        let mut moved = true;
+        while moved {
+            moved = false;
+            for &(l, r) in self.sack_scoreboard.iter().flatten() {
+                if l <= seq && seq < r {
+                    seq = r;
+                    moved = true;
+                }
+            }
+        }
+        if seq >= high {
+            return None;
+        }
+        let next_sacked = self
+            .sack_scoreboard
+            .iter()
+            .flatten()
+            .map(|&(l, _)| l)
+            .filter(|&l| l > seq)
+            .reduce(|a, b| a.min(b))?;
+        Some((seq, mss.min(next_sacked - seq)))
+    }
+
     fn cwnd_remaining(&self) -> usize {
         self.congestion_controller
             .inner()
@@ -1532,6 +1640,19 @@ impl<'a> Socket<'a> {
                     .next()
                     .map(|(left, right)| (left.0 as u32, right.0 as u32));
             }
+
+            // webnic: fill the other two blocks with further ranges, lowest first, so that a
+            // sender seeing several holes in one window learns about them in one ACK instead of
+            // one per round trip.
+            let first = reply_repr.sack_ranges[0];
+            let mut others = self
+                .assembler
+                .iter_data()
+                .map(|(left, right)| (ack + left, ack + right))
+                .map(|(left, right)| (left.0 as u32, right.0 as u32))
+                .filter(|range| Some(*range) != first);
+            reply_repr.sack_ranges[1] = others.next();
+            reply_repr.sack_ranges[2] = others.next();
         }
 
         // Since the sACK option may have changed the length of the payload, update that.
@@ -2103,7 +2224,11 @@ impl<'a> Socket<'a> {
                     if repr.payload.is_empty()
                         && last_rx_ack == ack_number
                         && ack_number < self.remote_last_seq
-                        && !is_window_update =>
+                        // webnic: an ACK carrying SACK blocks reports data that arrived
+                        // beyond a hole, whatever its window says (RFC 6675): Linux's
+                        // receive window grows on almost every ACK as its reader drains,
+                        // so requiring an unchanged window meant never counting one.
+                        && (!is_window_update || repr.sack_ranges[0].is_some()) =>
                 {
                     // Increment duplicate ACK count
                     self.local_rx_dup_acks = self.local_rx_dup_acks.saturating_add(1);
@@ -2119,9 +2244,42 @@ impl<'a> Socket<'a> {
                         }
                     );
 
-                    if self.local_rx_dup_acks == 3 {
+                    // webnic: early retransmit (RFC 5827): with fewer than four segments in
+                    // flight, three duplicate ACKs can never arrive, so the threshold is one
+                    // less than the segments in flight (at least one).
+                    let in_flight_segments = self.flight_size().div_ceil(self.remote_mss.max(1));
+                    let dup_threshold = in_flight_segments.saturating_sub(1).clamp(1, 3) as u8;
+                    // webnic: also when the SACK blocks show that everything sent after the
+                    // hole has arrived: no further duplicate ACKs will come to count.
+                    let sack_high = repr
+                        .sack_ranges
+                        .iter()
+                        .flatten()
+                        .map(|&(_, right)| TcpSeqNumber(right as i32))
+                        .reduce(|a, b| a.max(b));
+                    let rest_arrived = sack_high.is_some_and(|high| high >= self.remote_last_seq);
+                    let head_rexmit_lost = self.recovery_point.is_some()
+                        && self.head_rexmit_mark.is_some_and(|mark| {
+                            sack_high.is_some_and(|high| high > mark + self.remote_mss)
+                        });
+                    if head_rexmit_lost {
+                        self.recovery_rexmit_high = self.local_seq_no;
+                        self.head_rexmit_mark = None;
+                        self.pending_fast_retransmit = true;
+                    } else if self.local_rx_dup_acks == dup_threshold
+                        || (rest_arrived && self.recovery_point.is_none())
+                    {
                         self.timer.set_for_fast_retransmit();
                         net_debug!("started fast retransmit");
+                        if self.recovery_point.is_none() {
+                            self.recovery_point = Some(self.remote_last_seq);
+                            self.recovery_rexmit_high = self.local_seq_no;
+                        }
+                    } else if self.local_rx_dup_acks > dup_threshold && self.recovery_point.is_some() {
+                        // webnic: every further duplicate ACK means a segment left the
+                        // network; spend it on the next hole the SACK blocks reveal
+                        // (RFC 6675) instead of waiting for the retransmission timer.
+                        self.pending_fast_retransmit = true;
                     }
 
                     // Notify of duplicate ACK
@@ -2165,6 +2323,24 @@ impl<'a> Socket<'a> {
             // deallocated from the buffer.
             if self.remote_last_seq < self.local_seq_no {
                 self.remote_last_seq = self.local_seq_no
+            }
+
+            // webnic: SACK-based loss recovery. Remember what the peer holds beyond the
+            // cumulative ACK; on a partial ACK during recovery, retransmit the next hole at
+            // once (RFC 6582/6675) rather than after a retransmission timeout.
+            self.sack_prune();
+            for &(left, right) in repr.sack_ranges.iter().flatten() {
+                self.sack_record(TcpSeqNumber(left as i32), TcpSeqNumber(right as i32));
+            }
+            if ack_len > 0 {
+                self.head_rexmit_mark = None;
+            }
+            if let Some(point) = self.recovery_point {
+                if ack_number >= point {
+                    self.recovery_point = None;
+                } else if ack_len > 0 {
+                    self.pending_fast_retransmit = true;
+                }
             }
         }
 
@@ -2489,6 +2665,8 @@ impl<'a> Socket<'a> {
                 // had sent them. This will cause all data in the queue
                 // to be sent again.
                 self.remote_last_seq = self.local_seq_no;
+                self.recovery_point = None;
+                self.sack_scoreboard = [None; SACK_SCOREBOARD_LEN];
 
                 // Inform RTTE, so that it can can handle RTO backoff
                 self.rtte.on_rto();
@@ -2510,6 +2688,13 @@ impl<'a> Socket<'a> {
             // infinite polling loop where `poll_at` returns `Now` but `dispatch`
             // can't actually do anything.
             self.timer.set_for_idle(cx.now(), self.keep_alive);
+            // webnic: a fast retransmission may find nothing to resend (every SACK hole
+            // already resent once); with data still in flight the retransmission timer
+            // must keep running, or a lost retransmission would stall the connection.
+            if self.remote_last_seq != self.local_seq_no {
+                self.timer
+                    .set_for_retransmit(cx.now(), self.rtte.retransmission_timeout());
+            }
 
             // Inform RTTE, so that it can avoid bogus measurements.
             self.rtte.on_retransmit();
@@ -2634,14 +2819,32 @@ impl<'a> Socket<'a> {
                 let local_mss = cx.ip_mtu() - ip_repr.header_len() - TCP_HEADER_LEN;
                 let effective_mss = local_mss.min(self.remote_mss).saturating_sub(options_len);
 
-                let offset = if self.pending_fast_retransmit {
-                    let size = effective_mss.min(self.tx_buffer.len());
-                    repr.seq_number = self.local_seq_no;
-                    repr.payload = self.tx_buffer.get_allocated(0, size);
-
+                // webnic: which segment a pending fast retransmission resends: the next SACK
+                // hole not yet retransmitted in this recovery, else the first unacknowledged
+                // segment (once); with nothing left to resend, new data goes out instead.
+                let retransmit = if self.pending_fast_retransmit {
                     self.pending_fast_retransmit = false;
+                    let from = self.local_seq_no.max(self.recovery_rexmit_high);
+                    match self.sack_next_hole(from, effective_mss) {
+                        Some((seq, len)) => Some((seq - self.local_seq_no, len)),
+                        None if from == self.local_seq_no => Some((0, effective_mss)),
+                        None => None,
+                    }
+                } else {
+                    None
+                };
+                let offset = if let Some((offset, len)) = retransmit
+                    && offset < self.tx_buffer.len()
+                {
+                    let size = len.min(self.tx_buffer.len() - offset);
+                    repr.seq_number = self.local_seq_no + offset;
+                    repr.payload = self.tx_buffer.get_allocated(offset, size);
+                    self.recovery_rexmit_high = repr.seq_number + size;
+                    if offset == 0 {
+                        self.head_rexmit_mark = Some(self.remote_last_seq);
+                    }
 
-                    0
+                    offset
                 } else {
                     // Right edge of window, ie the max sequence number we're allowed to send.
                     let win_right_edge = self.local_seq_no + self.remote_win_len;
