@@ -6,7 +6,7 @@
 //! from the start of the prefix up to a configurable limit, and keeps released addresses on a
 //! free list instead of materialising every address.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
@@ -130,7 +130,13 @@ impl Cidr {
 ///
 /// Addresses are numbered by their offset from the network address. Offsets
 /// `first..next` have been handed out at least once; those among them that were released sit in
-/// `free` and are reused lowest first, so allocation is deterministic.
+/// `free` in the order they were released.
+///
+/// A released address is quarantined by rotation: never-used addresses go out first, then the
+/// released ones oldest release first, so an address is handed out again only after every other
+/// free address has been. Late packets for a closed session (a server's retransmissions, a
+/// delayed reply) then find nobody, or the old address's route gone, rather than a new session
+/// that happens to get the same address a moment later. Allocation stays deterministic.
 #[derive(Debug, Clone)]
 pub struct AddressPool {
     cidr: Cidr,
@@ -140,7 +146,7 @@ pub struct AddressPool {
     end: u128,
     /// Next never-used offset.
     next: u128,
-    free: BTreeSet<u128>,
+    free: VecDeque<u128>,
     in_use: HashSet<u128>,
 }
 
@@ -167,7 +173,7 @@ impl AddressPool {
             first,
             end,
             next: first,
-            free: BTreeSet::new(),
+            free: VecDeque::new(),
             in_use: HashSet::new(),
         })
     }
@@ -206,13 +212,11 @@ impl AddressPool {
 
     /// A free address, or `None` when the pool is exhausted.
     pub fn allocate(&mut self) -> Option<IpAddr> {
-        let offset = if let Some(offset) = self.free.pop_first() {
-            offset
-        } else if self.next < self.end {
+        let offset = if self.next < self.end {
             self.next += 1;
             self.next - 1
         } else {
-            return None;
+            self.free.pop_front()?
         };
         self.in_use.insert(offset);
         Some(self.address(offset))
@@ -227,7 +231,7 @@ impl AddressPool {
         if !self.in_use.remove(&offset) {
             return false;
         }
-        self.free.insert(offset);
+        self.free.push_back(offset);
         true
     }
 
@@ -325,6 +329,25 @@ mod tests {
         );
         assert!(!pool.release(ip("10.78.0.4")));
         assert_eq!(pool.allocate(), Some(ip("10.77.0.4")));
+        assert_eq!(pool.allocate(), None);
+    }
+
+    #[test]
+    fn released_addresses_are_reused_last_and_oldest_first() {
+        let mut pool = AddressPool::ipv4("10.77.0.0/29".parse().unwrap()).unwrap();
+        let a = pool.allocate().unwrap();
+        let b = pool.allocate().unwrap();
+        assert!(pool.release(a));
+        // Never-used addresses first: .4, .5, .6, not the just-released .2.
+        let fresh: Vec<IpAddr> = (0..3).map(|_| pool.allocate().unwrap()).collect();
+        assert_eq!(
+            fresh,
+            ["10.77.0.4", "10.77.0.5", "10.77.0.6"].map(ip).to_vec()
+        );
+        assert!(pool.release(b));
+        // Then released ones, oldest release first.
+        assert_eq!(pool.allocate(), Some(a));
+        assert_eq!(pool.allocate(), Some(b));
         assert_eq!(pool.allocate(), None);
     }
 
