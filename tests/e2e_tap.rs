@@ -16,14 +16,16 @@
 mod common;
 
 use std::fs;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    GatewayProcess, Process, Topology, assert_same_bytes, find_command, run, seeded_bytes,
-    sha256_hex, try_run,
+    GatewayProcess, Process, Topology, assert_same_bytes, find_command, free_local_port, run,
+    run_with_timeout, seeded_bytes, sha256_hex, try_run, wait_tcp_accepting,
 };
 
 const FILE_LEN: usize = 4 * 1024 * 1024;
@@ -96,7 +98,7 @@ fn write_udhcpc_script(path: &Path, log: &Path) {
 
 /// Starts `webnic tap --dev NAME` and waits until the TAP exists.
 fn start_tap(topo: &Topology, gateway: &GatewayProcess, dev: &str) -> Process {
-    let tap = topo.spawn_cli(gateway, &["tap", "--dev", dev]);
+    let tap = spawn_webnic(topo, gateway, &["tap", "--dev", dev]);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if try_run(&["ip", "link", "show", "dev", dev])
@@ -184,8 +186,15 @@ fn guest_fetch(topo: &Topology, ns: &str, url: &str, extra: &[&str], expected: &
     speed.trim().parse::<f64>().unwrap_or(0.0)
 }
 
-/// Runs an iperf3 client in the guest against the server namespace; returns receiver Mbit/s.
-fn iperf(topo: &Topology, ns: &str, server: &str, reverse: bool) -> f64 {
+/// Runs an iperf3 client (through `client`, which runs a command and returns its stdout) against
+/// an iperf3 server in the server namespace; returns the receiver's Mbit/s.
+fn iperf(
+    topo: &Topology,
+    client: impl Fn(&[&str]) -> String,
+    server: &str,
+    port: u16,
+    reverse: bool,
+) -> f64 {
     let srv = topo.spawn_in(
         &topo.srv_ns(),
         "iperf3-server",
@@ -193,7 +202,7 @@ fn iperf(topo: &Topology, ns: &str, server: &str, reverse: bool) -> f64 {
         Vec::new(),
     );
     topo.wait_listening(&topo.srv_ns(), "tcp", IPERF_PORT, &srv);
-    let port = IPERF_PORT.to_string();
+    let port = port.to_string();
     let mut args = vec![
         "iperf3",
         "-c",
@@ -207,11 +216,11 @@ fn iperf(topo: &Topology, ns: &str, server: &str, reverse: bool) -> f64 {
     if reverse {
         args.push("-R");
     }
-    let json = guest_run(topo, ns, &args, Duration::from_secs(60));
+    let json = client(&args);
     let received = json
         .split("\"sum_received\"")
         .nth(1)
-        .expect("iperf3 JSON has sum_received");
+        .unwrap_or_else(|| panic!("iperf3 JSON has sum_received: {json}"));
     let bps: f64 = received
         .split("\"bits_per_second\":")
         .nth(1)
@@ -219,6 +228,27 @@ fn iperf(topo: &Topology, ns: &str, server: &str, reverse: bool) -> f64 {
         .and_then(|n| n.trim().parse().ok())
         .expect("iperf3 JSON has bits_per_second");
     bps / 1e6
+}
+
+/// Starts the `webnic` CLI: `$WEBNIC_CLI_BIN` when set (e.g. a release build, for figures),
+/// else the one cargo built for this test.
+fn spawn_webnic(topo: &Topology, gateway: &GatewayProcess, args: &[&str]) -> Process {
+    let Some(binary) = std::env::var_os("WEBNIC_CLI_BIN") else {
+        return topo.spawn_cli(gateway, args);
+    };
+    let mut cmd = Command::new(binary);
+    cmd.args([
+        "--gateway",
+        gateway.url(),
+        "--cert-hash",
+        gateway.cert_hash(),
+    ])
+    .args(args)
+    .env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+    );
+    topo.spawn_root(&format!("webnic-{}", args[0]), &mut cmd)
 }
 
 #[test]
@@ -347,15 +377,46 @@ fn kernel_guest_on_a_tap_gets_dhcp_resolves_and_fetches_through_the_adapter() {
     );
 
     // ---- guest TCP throughput through the adapter
-    let up = iperf(&topo, ns, &srv_v4, false);
-    let down = iperf(&topo, ns, &srv_v4, true);
+    let in_guest = |args: &[&str]| guest_run(&topo, ns, args, Duration::from_secs(60));
+    let up = iperf(&topo, in_guest, &srv_v4, IPERF_PORT, false);
+    let down = iperf(&topo, in_guest, &srv_v4, IPERF_PORT, true);
     println!(
-        "guest TCP through the adapter (iperf3 -t {IPERF_SECONDS}): up {up:.0} Mbit/s, down {down:.0} Mbit/s"
+        "guest kernel TCP through the adapter (iperf3 -t {IPERF_SECONDS}): up {up:.0} Mbit/s, down {down:.0} Mbit/s"
     );
     assert!(
         up > 1.0 && down > 1.0,
         "iperf3 moved data: up {up} down {down}"
     );
+
+    // The same transfer through the native client's own stack (smoltcp, like a page's), over a
+    // second session of the same gateway: `webnic forward` to the iperf3 server.
+    let local = free_local_port();
+    let forward = spawn_webnic(
+        &topo,
+        &gateway,
+        &[
+            "forward",
+            &format!("127.0.0.1:{local}={srv_v4}:{IPERF_PORT}"),
+        ],
+    );
+    wait_tcp_accepting(
+        SocketAddr::from(([127, 0, 0, 1], local)),
+        Duration::from_secs(20),
+        &forward,
+    );
+    let in_root = |args: &[&str]| {
+        let output = run_with_timeout(
+            Command::new(args[0]).args(&args[1..]),
+            Duration::from_secs(60),
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let stack_up = iperf(&topo, in_root, "127.0.0.1", local, false);
+    let stack_down = iperf(&topo, in_root, "127.0.0.1", local, true);
+    println!(
+        "same gateway, the client's own stack (webnic forward, iperf3 -t {IPERF_SECONDS}): up {stack_up:.0} Mbit/s, down {stack_down:.0} Mbit/s"
+    );
+    drop(forward);
 
     // ---- what the adapter saw
     let logs = tap.stderr();
