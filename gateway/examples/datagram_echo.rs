@@ -5,9 +5,12 @@
 //!
 //! `cargo run --release -p webnic-gateway --example datagram_echo -- 10.200.1.1:4434 HASH_FILE`
 //! listens, writes the self-signed certificate's sha256 (hex) to `HASH_FILE` once ready, and echoes
-//! every datagram of every session on any path.
+//! every datagram of every session on any path. A datagram `FLOOD <count> <size>` instead starts
+//! a one-way flood of `count` datagrams of `size` bytes to that session (the download ceiling),
+//! paced by QUIC's datagram send buffer so none is dropped here.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use wtransport::{Endpoint, Identity, ServerConfig};
@@ -48,6 +51,11 @@ async fn main() -> anyhow::Result<()> {
             };
             // One reader per session (wtransport's receive path is a capacity-1 channel).
             while let Ok(datagram) = connection.receive_datagram().await {
+                if let Some((count, size)) = flood_request(&datagram.payload()) {
+                    let connection = connection.clone();
+                    tokio::spawn(async move { flood(&connection, count, size).await });
+                    continue;
+                }
                 // send_datagram copies and drops the oldest queued ones when the buffer is full:
                 // an echo may lose datagrams, which the page counts.
                 if connection.send_datagram(datagram.payload()).is_err() {
@@ -55,5 +63,29 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         });
+    }
+}
+
+/// `FLOOD <count> <size>` → (count, size), size capped at 1200 bytes.
+fn flood_request(payload: &[u8]) -> Option<(u32, usize)> {
+    let text = std::str::from_utf8(payload).ok()?.strip_prefix("FLOOD ")?;
+    let mut words = text.split_whitespace();
+    let count = words.next()?.parse().ok()?;
+    let size: usize = words.next()?.parse().ok()?;
+    Some((count, size.clamp(4, 1200)))
+}
+
+/// Sends `count` datagrams of `size` bytes (a big-endian sequence number first), waiting while
+/// QUIC's datagram send buffer is nearly full: `send_datagram` would drop the oldest instead.
+async fn flood(connection: &wtransport::Connection, count: u32, size: usize) {
+    let mut payload = vec![0u8; size];
+    for seq in 0..count {
+        while connection.quic_connection().datagram_send_buffer_space() < 4 * size {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        payload[..4].copy_from_slice(&seq.to_be_bytes());
+        if connection.send_datagram(&payload[..]).is_err() {
+            return;
+        }
     }
 }
