@@ -89,6 +89,7 @@ fn write_udhcpc_script(path: &Path, log: &Path) {
          \tip route replace default via \"$router\" dev \"$interface\"\n\
          \t;;\n\
          esac\n\
+         echo \"done $1\" >> {log}\n\
          exit 0\n",
         log = log.display()
     );
@@ -119,6 +120,25 @@ fn start_tap(topo: &Topology, gateway: &GatewayProcess, dev: &str) -> Process {
             tap.logs()
         );
         thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits (bounded) until udhcpc's hook has logged `event`; returns the whole hook log.
+fn wait_hook(log: &Path, event: &str, udhcpc: &Process, tap: &Process) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let hooks = fs::read_to_string(log).unwrap_or_default();
+        // The hook logs `done EVENT` once it has configured the link.
+        if hooks.lines().any(|l| l == format!("done {event}")) {
+            return hooks;
+        }
+        assert!(
+            Instant::now() < deadline && udhcpc.exit_status().is_none(),
+            "udhcpc did not report `{event}` within 30 s: {hooks}\n{}\n{}",
+            udhcpc.logs(),
+            tap.logs()
+        );
+        thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -286,16 +306,16 @@ fn kernel_guest_on_a_tap_gets_dhcp_resolves_and_fetches_through_the_adapter() {
     let script = topo.tmp().join("udhcpc.sh");
     let hook_log = topo.tmp().join("udhcpc.log");
     write_udhcpc_script(&script, &hook_log);
-    let udhcpc = topo.netns_exec(
+    // udhcpc stays in the foreground (no -q) so it can renew later, like a guest's client does.
+    let udhcpc = topo.spawn_in(
         ns,
+        "udhcpc",
         &[
             "busybox",
             "udhcpc",
             "-i",
             &dev,
             "-f",
-            "-q",
-            "-n",
             "-t",
             "5",
             "-T",
@@ -303,20 +323,10 @@ fn kernel_guest_on_a_tap_gets_dhcp_resolves_and_fetches_through_the_adapter() {
             "-s",
             script.to_str().expect("utf-8 path"),
         ],
-        Duration::from_secs(30),
+        Vec::new(),
     );
-    let udhcpc_out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&udhcpc.stdout),
-        String::from_utf8_lossy(&udhcpc.stderr)
-    );
-    assert!(
-        udhcpc.status.success(),
-        "udhcpc got no lease: {udhcpc_out}\n{}",
-        tap.logs()
-    );
-    let hooks = fs::read_to_string(&hook_log).expect("udhcpc ran its script");
-    println!("--- udhcpc (guest):\n{udhcpc_out}--- udhcpc script calls:\n{hooks}");
+    let hooks = wait_hook(&hook_log, "bound", &udhcpc, &tap);
+    println!("--- udhcpc script calls:\n{hooks}");
     let ip = hook_value(&hooks, "bound", "ip");
     assert!(
         ip.starts_with("10.77.0."),
@@ -362,6 +372,18 @@ fn kernel_guest_on_a_tap_gets_dhcp_resolves_and_fetches_through_the_adapter() {
         "guest IPv4 fetch: 4 MiB byte-exact at {:.1} MB/s",
         rate / 1e6
     );
+
+    // ---- a real renewal: SIGUSR1 makes udhcpc send a unicast REQUEST from its address
+    // SAFETY: kill(2) on the pid of the udhcpc this test started (`ip netns exec` execs it).
+    let signalled = unsafe { libc::kill(udhcpc.pid() as libc::pid_t, libc::SIGUSR1) };
+    assert_eq!(signalled, 0, "signal udhcpc");
+    let hooks = wait_hook(&hook_log, "renew", &udhcpc, &tap);
+    assert_eq!(
+        hook_value(&hooks, "renew", "ip"),
+        ip,
+        "same address renewed"
+    );
+    assert_eq!(hook_value(&hooks, "renew", "lease"), "3600");
 
     // ---- IPv6 by router advertisement (the gateway has a v6 pool)
     let v6 = wait_slaac_address(&topo, ns, &dev, &tap);
@@ -421,6 +443,12 @@ fn kernel_guest_on_a_tap_gets_dhcp_resolves_and_fetches_through_the_adapter() {
     // ---- what the adapter saw
     let logs = tap.stderr();
     println!("--- webnic tap (adapter):\n{logs}");
+    println!("--- udhcpc (guest):\n{}", udhcpc.logs());
+    assert_eq!(
+        logs.matches("-> Ack 10.77.0.").count(),
+        2,
+        "one ACK selecting, one renewing:\n{logs}"
+    );
     for needle in [
         "DHCP Discover",
         "-> Offer 10.77.0.",
