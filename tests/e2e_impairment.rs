@@ -383,3 +383,62 @@ async fn impaired_rate_10_mbit() {
     )
     .await;
 }
+
+/// The QUIC path dies for 3 s in the middle of an 8 MiB echo (the relay drops everything both
+/// ways): the QUIC connection outlives the blackout, the stack's TCP retransmits, and the transfer
+/// completes byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_survives_a_3_s_blackout() {
+    let topology = Topology::new();
+    let _tcp_echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
+    let gateway = topology.start_gateway(&[]);
+    let relay = Relay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        gateway_socket_addr(gateway.url()),
+        Impairment::default(),
+        Impairment::default(),
+        10,
+    )
+    .await
+    .expect("start the impairment relay");
+    let url = format!("https://{}/webnic", relay.local_addr());
+    within(Duration::from_secs(120), "blackout", async {
+        let options = webnic::ConnectOptions::new(url.clone()).cert_hash(gateway.cert_hash());
+        let client = webnic::Client::connect(options)
+            .await
+            .unwrap_or_else(|e| panic!("connect through the relay: {e}"));
+        let remote = SocketAddr::new(IpAddr::V4(topology.srv_ipv4()), TCP_ECHO_PORT);
+        let data = seeded_bytes(11, 8 << 20);
+        let transfer = {
+            let data = data.clone();
+            let client = client.clone();
+            tokio::spawn(async move { tcp_exchange(&client, remote, data).await })
+        };
+        // Let the transfer get going, then cut the path.
+        let cut_at = Instant::now();
+        let deadline = cut_at + Duration::from_secs(20);
+        while relay.stats().down.delivered_original < 500 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(!transfer.is_finished(), "the transfer ended before the blackout");
+        relay.black_out(Duration::from_secs(3));
+        let started = Instant::now();
+        let echoed = transfer
+            .await
+            .expect("transfer task")
+            .unwrap_or_else(|e| panic!("transfer across the blackout: {e}\n{:?}", relay.stats()));
+        assert_same_bytes(&echoed, &data, "8 MiB echo across a 3 s blackout");
+        let stats = relay.stats();
+        println!(
+            "8 MiB echo byte-exact across a 3 s blackout, finished {:.1} s after the cut; relay {stats:?}",
+            started.elapsed().as_secs_f64()
+        );
+        assert!(
+            started.elapsed() >= Duration::from_secs(3),
+            "finished before the blackout ended: the cut did not hit the transfer"
+        );
+        assert!(stats.up.dropped_blackout + stats.down.dropped_blackout > 0, "{stats:?}");
+        client.close().await;
+    })
+    .await;
+}
