@@ -7,6 +7,12 @@
 // (closes, shutdowns). Unprompted: `{ event: 'stats', stats }` at most every STATS_MS while the
 // session lives, and `{ event: 'closed', reason }` once it ends.
 //
+// UDP (see WorkerNic in webnic.js): `udpSendQueued` sends go through one sequential queue per
+// socket, each answered by `{ event: 'udpSent', id, error? }`; `udpReadStart` starts one receive
+// loop per socket that posts `{ event: 'udpData', id, value | error }` while it has credit
+// (`udpCredit` adds some). One loop and one queue, because the stack keeps one waker per socket
+// and direction: overlapping calls would lose wake-ups.
+//
 // Byte payloads cross as transferred ArrayBuffers: what the stack reads is a fresh copy out of
 // wasm memory, so it moves to the page without another copy.
 import init, { connect } from '../pkg/webnic_wasm.js';
@@ -16,6 +22,59 @@ const STATS_MS = 100;
 
 let nic = null;
 let statsTimer = null;
+// Per UDP socket id: the tail of its send queue, and its receive loop's state.
+const udpSends = new Map();
+const udpReaders = new Map();
+
+function udpSendQueued(id, bytes, to, toPort) {
+  const tail = (udpSends.get(id) ?? Promise.resolve()).then(
+    () => nic.udpSend(id, bytes, to, toPort),
+  ).then(
+    () => postMessage({ event: 'udpSent', id }),
+    (error) => postMessage({ event: 'udpSent', id, error: message(error) }),
+  );
+  udpSends.set(id, tail);
+}
+
+async function udpReadLoop(id, credit) {
+  const reader = { credit, wake: null, stopped: false };
+  udpReaders.set(id, reader);
+  while (!reader.stopped) {
+    if (reader.credit <= 0) {
+      await new Promise((resolve) => { reader.wake = resolve; });
+      continue;
+    }
+    let value;
+    try {
+      value = await nic.udpRecv(id);
+    } catch (error) {
+      if (!reader.stopped) postMessage({ event: 'udpData', id, error: message(error) });
+      break;
+    }
+    reader.credit--;
+    const [out, transfer] = transferable(value);
+    postMessage({ event: 'udpData', id, value: out }, transfer);
+  }
+  udpReaders.delete(id);
+}
+
+function udpCredit(id, n) {
+  const reader = udpReaders.get(id);
+  if (!reader) return;
+  reader.credit += n;
+  reader.wake?.();
+  reader.wake = null;
+}
+
+function udpClose(id) {
+  const reader = udpReaders.get(id);
+  if (reader) {
+    reader.stopped = true;
+    reader.wake?.();
+  }
+  udpSends.delete(id);
+  nic.udpClose(id);
+}
 
 /** `value` and the buffers to transfer with it (never a view of wasm memory). */
 function transferable(value) {
@@ -59,6 +118,14 @@ self.onmessage = async ({ data: { id, method, args } }) => {
       throw new Error('InvalidStateError: not connected');
     } else if (method === 'stats') {
       value = nic.stats();
+    } else if (method === 'udpSendQueued') {
+      udpSendQueued(...args);
+    } else if (method === 'udpReadStart') {
+      udpReadLoop(...args);
+    } else if (method === 'udpCredit') {
+      udpCredit(...args);
+    } else if (method === 'udpClose') {
+      udpClose(...args);
     } else {
       value = await nic[method](...args);
     }

@@ -31,6 +31,9 @@ function load(moduleOrPath) {
 // window reopens sooner for a slow reader.
 const READ_CHUNK = 64 * 1024;
 
+// Datagrams a Worker-mode UDPSocket keeps in flight each way (see WorkerNic.udpSend).
+const UDP_PIPELINE = 32;
+
 // Options key under which TCPServerSocket hands an accepted connection's id to TCPSocket.
 const ACCEPTED = Symbol('accepted');
 
@@ -53,6 +56,10 @@ class WorkerNic {
     worker.onmessage = ({ data }) => {
       if (data.event === 'stats') {
         this.#stats = data.stats;
+      } else if (data.event === 'udpSent') {
+        this.#udpSent(data);
+      } else if (data.event === 'udpData') {
+        this.#udpData(data);
       } else if (data.event === 'closed') {
         closedResolve(data.reason);
         // Let the worker finish closing its session, then free the thread.
@@ -117,12 +124,79 @@ class WorkerNic {
   udpBind(address, port) { return this.#call('udpBind', [address, port]); }
   udpConnect(address, port) { return this.#call('udpConnect', [address, port]); }
   udpEndpoint(id) { return this.#call('udpEndpoint', [id]); }
+  // UDP would cost a message round trip per datagram each way; instead the worker runs one
+  // sequential send queue and one receive loop per socket (the stack wakes one waiter per
+  // socket and direction, so calls must not overlap there), within UDP_PIPELINE datagrams:
+  // a send resolves at once while fewer are unconfirmed (a failure rejects a later send), and
+  // the worker forwards received datagrams while the page has credit for them.
   udpSend(id, bytes, to, toPort) {
+    const state = this.#udp(id);
+    if (state.sendError) {
+      // Reported once, on the send after the one that failed (UDP: the socket goes on).
+      const error = state.sendError;
+      state.sendError = null;
+      return Promise.reject(error);
+    }
     const copy = bytes.slice();
-    return this.#call('udpSend', [id, copy, to, toPort], [copy.buffer]);
+    this.#worker.postMessage({ id: 0, method: 'udpSendQueued', args: [id, copy, to, toPort] }, [copy.buffer]);
+    state.unconfirmed++;
+    if (state.unconfirmed < UDP_PIPELINE) return Promise.resolve();
+    return new Promise((resolve) => state.sendWaiters.push(resolve));
   }
-  udpRecv(id) { return this.#call('udpRecv', [id]); }
-  udpClose(id) { this.#post('udpClose', [id]); }
+  #udpSent({ id, error }) {
+    const state = this.#udpState.get(id);
+    if (!state) return;
+    state.unconfirmed--;
+    if (error !== undefined) state.sendError ??= new Error(error);
+    state.sendWaiters.shift()?.();
+  }
+  udpRecv(id) {
+    const state = this.#udp(id);
+    if (!state.reading) {
+      state.reading = true;
+      this.#post('udpReadStart', [id, UDP_PIPELINE]);
+    }
+    if (state.queue.length > 0) return this.#deliver(id, state.queue.shift());
+    if (state.recvError) return Promise.reject(state.recvError);
+    return new Promise((resolve, reject) => state.recvWaiters.push({ resolve, reject }));
+  }
+  #udpData({ id, value, error }) {
+    const state = this.#udpState.get(id);
+    if (!state) return;
+    const item = error === undefined ? { value } : { error: new Error(error) };
+    if (item.error) state.recvError = item.error;
+    const waiter = state.recvWaiters.shift();
+    if (waiter) this.#deliver(id, item).then(waiter.resolve, waiter.reject);
+    else state.queue.push(item);
+  }
+  /** Hands one received item to the page and gives the worker credit for another. */
+  #deliver(id, item) {
+    if (item.error) return Promise.reject(item.error);
+    this.#post('udpCredit', [id, 1]);
+    return Promise.resolve(item.value);
+  }
+  udpClose(id) {
+    const state = this.#udpState.get(id);
+    this.#udpState.delete(id);
+    if (state) {
+      const closed = new Error('InvalidStateError: the socket is closed');
+      for (const waiter of state.recvWaiters) waiter.reject(closed);
+      for (const resolve of state.sendWaiters) resolve();
+    }
+    this.#post('udpClose', [id]);
+  }
+  #udpState = new Map();
+  #udp(id) {
+    let state = this.#udpState.get(id);
+    if (!state) {
+      state = {
+        unconfirmed: 0, sendError: null, sendWaiters: [],
+        reading: false, queue: [], recvWaiters: [], recvError: null,
+      };
+      this.#udpState.set(id, state);
+    }
+    return state;
+  }
   tcpListen(address, port, backlog) { return this.#call('tcpListen', [address, port, backlog]); }
   tcpListenerPort(id) { return this.#call('tcpListenerPort', [id]); }
   tcpAccept(id) { return this.#call('tcpAccept', [id]); }
