@@ -167,6 +167,8 @@ pub(crate) struct Announced {
     pub(crate) dns: Vec<IpAddr>,
     pub(crate) ipv4: Option<Ipv4Addr>,
     pub(crate) ipv6: Option<Ipv6Addr>,
+    /// The gateway's resumption ticket, if it offers resumption.
+    pub(crate) ticket: Option<Vec<u8>>,
 }
 
 impl Client {
@@ -643,6 +645,7 @@ async fn read_configuration(
                 ControlMessage::Close { code, reason } => {
                     return Err(SessionError::Closed { code, reason });
                 }
+                ControlMessage::SessionTicket(ticket) => announced.ticket = Some(ticket),
                 ControlMessage::RouteAdvertisement(_)
                 | ControlMessage::ClientHello { .. }
                 | ControlMessage::Unknown { .. } => {}

@@ -39,7 +39,12 @@ pub mod capsule_type {
     pub const DNS_SERVERS: u64 = 0x1a77_6e03;
     /// webnic: the reason the session is about to close.
     pub const CLOSE: u64 = 0x1a77_6e04;
+    /// webnic: a session resumption ticket (gateway → client), sent before ADDRESS_ASSIGN.
+    pub const SESSION_TICKET: u64 = 0x1a77_6e05;
 }
+
+/// Bounds of a session ticket's length in bytes.
+pub const SESSION_TICKET_LEN: std::ops::RangeInclusive<usize> = 16..=64;
 
 /// The largest control capsule value either side accepts, so a peer cannot make us buffer
 /// without bound.
@@ -220,6 +225,9 @@ pub enum ControlMessage {
     LinkMtu(u16),
     /// DNS resolvers to use through the session.
     DnsServers(Vec<IpAddr>),
+    /// A secret the client presents (`?resume=` + hex in the URL) when it reconnects after losing
+    /// the connection, to get the same addresses back while the gateway still holds them.
+    SessionTicket(Vec<u8>),
     /// Sent just before the session closes, saying why.
     Close {
         /// Why.
@@ -299,6 +307,13 @@ impl ControlMessage {
                 }
                 Self::DnsServers(servers)
             }
+            capsule_type::SESSION_TICKET => {
+                let ticket = r.rest().to_vec();
+                if !SESSION_TICKET_LEN.contains(&ticket.len()) {
+                    return Err(ProtocolError::Invalid("session ticket length"));
+                }
+                Self::SessionTicket(ticket)
+            }
             capsule_type::CLOSE => {
                 let code = CloseCode::from_u32(r.varint_u32("close code")?);
                 let reason = std::str::from_utf8(r.rest())
@@ -328,6 +343,7 @@ impl ControlMessage {
             Self::LinkMtu(_) => capsule_type::LINK_MTU,
             Self::DnsServers(_) => capsule_type::DNS_SERVERS,
             Self::Close { .. } => capsule_type::CLOSE,
+            Self::SessionTicket(_) => capsule_type::SESSION_TICKET,
             Self::Unknown { capsule_type } => *capsule_type,
         }
     }
@@ -363,6 +379,7 @@ impl ControlMessage {
                 put_varint(&mut value, u64::from(code.to_u32()));
                 value.extend_from_slice(reason.as_bytes());
             }
+            Self::SessionTicket(ticket) => value.extend_from_slice(ticket),
             Self::Unknown { .. } => {}
         }
         put_varint(out, self.capsule_type());
@@ -568,9 +585,27 @@ mod tests {
     }
 
     #[test]
+    fn session_tickets_have_bounded_length() {
+        for len in [0, 15, 65] {
+            let mut wire = Vec::new();
+            put_varint(&mut wire, capsule_type::SESSION_TICKET);
+            put_varint(&mut wire, len as u64);
+            wire.resize(wire.len() + len, 7);
+            let mut decoder = CapsuleDecoder::new();
+            decoder.extend(&wire);
+            assert_eq!(
+                decoder.next_message(),
+                Err(ProtocolError::Invalid("session ticket length")),
+                "{len}-byte ticket"
+            );
+        }
+    }
+
+    #[test]
     fn every_message_roundtrips() {
         roundtrip(ControlMessage::ClientHello { version: 1 });
         roundtrip(ControlMessage::ServerHello { version: 70_000 });
+        roundtrip(ControlMessage::SessionTicket((0..32).collect()));
         roundtrip(ControlMessage::AddressAssign(vec![
             AssignedAddress {
                 request_id: 0,

@@ -203,8 +203,10 @@ async fn read_configuration(
                 ControlMessage::Close { code, reason } => {
                     return Err(SessionError::Closed { code, reason });
                 }
+                // Pages do not resume sessions yet (the native client does).
                 ControlMessage::RouteAdvertisement(_)
                 | ControlMessage::ClientHello { .. }
+                | ControlMessage::SessionTicket(_)
                 | ControlMessage::Unknown { .. } => {}
             }
         }
