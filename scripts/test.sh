@@ -61,6 +61,13 @@ for comp in rustfmt clippy; do
         rustup component add "$comp"
     fi
 done
+# The fuzz targets (fuzz/) need nightly (sanitizer flags) and cargo-fuzz.
+if ! rustup toolchain list | grep -q '^nightly'; then
+    rustup toolchain install nightly --profile minimal
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    cargo install cargo-fuzz
+fi
 echo "ok"
 
 # ---------------------------------------------------------------- checks
@@ -84,5 +91,27 @@ tests/browser/v86-assets.sh
 
 step "cargo test --workspace $*"
 cargo test --workspace "$@"
+
+# Each fuzz target briefly (FUZZ_SECONDS, default 20); any crash fails the run. The long run is in
+# docs/SECURITY.md.
+fuzz_seconds="${FUZZ_SECONDS:-20}"
+step "fuzz targets, ${fuzz_seconds} s each (cargo +nightly fuzz)"
+(cd fuzz && cargo +nightly fuzz build)
+mkdir -p target
+for target in $(cd fuzz && cargo +nightly fuzz list); do
+    log="target/fuzz-${target}.log"
+    if ! (cd fuzz && cargo +nightly fuzz run "$target" -- -max_total_time="$fuzz_seconds") >"$log" 2>&1; then
+        tail -40 "$log"
+        echo "fuzz target ${target} crashed: the input is in fuzz/artifacts/${target}/" >&2
+        exit 1
+    fi
+    runs=$(grep -o 'Done [0-9]* runs' "$log" | tail -1 | awk '{print $2}')
+    if [[ -z "$runs" ]]; then
+        tail -40 "$log"
+        echo "fuzz target ${target}: no run count in its output" >&2
+        exit 1
+    fi
+    echo "${target}: ${runs} executions in ${fuzz_seconds} s, no crash"
+done
 
 step "all checks passed"
