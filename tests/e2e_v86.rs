@@ -5,8 +5,9 @@
 //! writes (cpio newc) with busybox-static, the kernel's own `8390.ko` and `ne2k-pci.ko`, and an
 //! init script. v86 comes from npm, SeaBIOS from Debian. The page (`tests/browser/v86.html`)
 //! boots it with `js/v86.js` attached to v86's bus; the guest runs `udhcpc`, resolves a name via
-//! dnsmasq and fetches a file from nginx with busybox `wget`, then prints its sha256 on the
-//! serial console, which the page returns.
+//! dnsmasq and fetches a file from nginx with busybox `wget`, then the same file over IPv6 from
+//! the address SLAAC made out of the adapter's router advertisement, and prints the sha256s on
+//! the serial console, which the page returns.
 
 mod common;
 
@@ -196,6 +197,20 @@ if wget -q -O /tmp/fetched "$webnic_url"; then
 else
     echo "WEBNIC_GUEST_FETCH_FAILED $webnic_url"
 fi
+# IPv6: the address SLAAC made from the adapter's router advertisement, then the same file.
+i=0
+while [ $i -lt 20 ]; do
+    a6=$(ip -6 -o addr show dev eth0 scope global | grep -v tentative | awk '{ print $4 }' | cut -d/ -f1)
+    [ -n "$a6" ] && break
+    sleep 1
+    i=$((i + 1))
+done
+echo "WEBNIC_GUEST_IPV6 $a6"
+if wget -q -O /tmp/fetched6 "http://[$webnic_v6]/guest.bin"; then
+    echo "WEBNIC_GUEST_SHA256_V6 $(sha256sum /tmp/fetched6 | cut -d' ' -f1) $(wc -c < /tmp/fetched6)"
+else
+    echo "WEBNIC_GUEST_FETCH_V6_FAILED"
+fi
 echo WEBNIC_GUEST_DONE
 poweroff -f
 "#;
@@ -373,7 +388,10 @@ fn v86_linux_guest_in_chromium_gets_dhcp_and_fetches_through_the_adapter() {
     let server = PageServer::start(guest_dir);
 
     let url = format!("http://{}/guest.bin", topo.srv_ipv4());
-    let cmdline = format!("console=ttyS0 quiet rdinit=/init webnic_url={url} webnic_name=web.test");
+    let cmdline = format!(
+        "console=ttyS0 quiet rdinit=/init webnic_url={url} webnic_name=web.test webnic_v6={}",
+        topo.srv_ipv6()
+    );
     let arg = format!(
         r#"{{"gateway":"{}","certHash":"{}","cmdline":"{cmdline}","bootTimeoutMs":{}}}"#,
         gateway.url(),
@@ -433,7 +451,21 @@ fn v86_linux_guest_in_chromium_gets_dhcp_and_fetches_through_the_adapter() {
             FILE_LEN as f64 / 1000.0 / (t1 - t0).max(0.001)
         );
     }
-    for needle in ["DHCP Discover", "-> Offer 10.77.0.", "-> Ack 10.77.0."] {
+    let v6 = serial_line(&serial, "WEBNIC_GUEST_IPV6 ").unwrap_or_default();
+    assert!(v6.trim().starts_with("fd00:77:"), "SLAAC address: {v6:?}");
+    let fetched6 = serial_line(&serial, "WEBNIC_GUEST_SHA256_V6 ")
+        .unwrap_or_else(|| panic!("the guest's IPv6 fetch failed:\n{serial}"));
+    assert_eq!(
+        fetched6.trim(),
+        format!("{} {FILE_LEN}", sha256_hex(&data)),
+        "byte-exact over IPv6"
+    );
+    for needle in [
+        "DHCP Discover",
+        "-> Offer 10.77.0.",
+        "-> Ack 10.77.0.",
+        "guest IPv6 address fd00:77:",
+    ] {
         assert!(
             result.contains(needle),
             "adapter events lack {needle:?}: {result}"

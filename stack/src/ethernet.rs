@@ -650,7 +650,7 @@ impl EthernetAdapter {
             return;
         };
         match repr {
-            NdiscRepr::RouterSolicit { .. } => self.send_router_advert(),
+            NdiscRepr::RouterSolicit { .. } => self.send_router_advert(src_mac, src),
             NdiscRepr::NeighborSolicit { target_addr, .. } => {
                 // DAD probes (from ::) must find no one; the guest's own addresses are its own.
                 if src.is_unspecified()
@@ -681,7 +681,9 @@ impl EthernetAdapter {
         }
     }
 
-    fn send_router_advert(&mut self) {
+    /// Answers a router solicitation from `mac`/`src` (RFC 4861 §6.2.6 allows unicast): some
+    /// emulated NICs (v86's ne2k) filter multicast the guest never asked them to receive.
+    fn send_router_advert(&mut self, mac: EthernetAddress, src: Ipv6Addr) {
         let Some(session) = self.config.ipv6 else {
             self.drop(DropReason::NoAddress);
             return;
@@ -724,11 +726,16 @@ impl EthernetAdapter {
                 rdnss.extend_from_slice(&server.octets());
             }
         }
-        let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+        // From :: (before its link-local address is ready) a solicitor gets it at all-nodes.
+        let dst = if src.is_unspecified() {
+            Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1)
+        } else {
+            src
+        };
         self.send_icmpv6(
-            EthernetAddress([0x33, 0x33, 0, 0, 0, 1]),
+            mac,
             self.router_ipv6(),
-            all_nodes,
+            dst,
             &Icmpv6Repr::Ndisc(advert),
             &rdnss,
         );
@@ -1233,11 +1240,20 @@ mod tests {
         assert!(adapter.handle_frame(&mut frame).is_none());
         let reply = only_reply(&mut adapter);
         let eth = EthernetFrame::new_checked(&reply[..]).unwrap();
-        assert_eq!(eth.dst_addr(), EthernetAddress([0x33, 0x33, 0, 0, 0, 1]));
+        assert_eq!(
+            eth.dst_addr(),
+            EthernetAddress(GUEST_MAC),
+            "unicast to the solicitor"
+        );
         let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
         let ip_repr = Ipv6Repr::parse(&ip).unwrap();
         assert_eq!(ip_repr.hop_limit, 255);
         assert_eq!(ip_repr.src_addr, adapter.router_ipv6());
+        assert_eq!(
+            ip_repr.dst_addr,
+            link_local(EthernetAddress(GUEST_MAC)),
+            "to the solicitor's link-local address"
+        );
         assert!(ip_repr.src_addr.is_unicast_link_local());
         let icmp = Icmpv6Packet::new_checked(ip.payload()).unwrap();
         let caps = ChecksumCapabilities::default();
