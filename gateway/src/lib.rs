@@ -29,6 +29,7 @@
 pub mod abuse_log;
 pub mod admission;
 pub mod config;
+pub mod lease;
 pub mod demo;
 pub mod metrics;
 pub mod nat;

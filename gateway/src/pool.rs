@@ -235,6 +235,26 @@ impl AddressPool {
         true
     }
 
+    /// Takes `address` out of the pool as if allocated (a lease restored after a restart).
+    /// Returns `false` if it is outside the pool, beyond its limit, or already in use.
+    pub fn claim(&mut self, address: IpAddr) -> bool {
+        let Some(offset) = self.offset(address) else {
+            return false;
+        };
+        if offset < self.first || offset >= self.end || self.in_use.contains(&offset) {
+            return false;
+        }
+        if offset >= self.next {
+            // The never-used addresses skipped over stay available, after the fresh ones.
+            self.free.extend(self.next..offset);
+            self.next = offset + 1;
+        } else {
+            self.free.retain(|&o| o != offset);
+        }
+        self.in_use.insert(offset);
+        true
+    }
+
     /// Addresses currently handed out.
     pub fn in_use(&self) -> usize {
         self.in_use.len()
@@ -349,6 +369,25 @@ mod tests {
         assert_eq!(pool.allocate(), Some(a));
         assert_eq!(pool.allocate(), Some(b));
         assert_eq!(pool.allocate(), None);
+    }
+
+    #[test]
+    fn claimed_addresses_are_never_handed_out() {
+        let mut pool = AddressPool::ipv4("10.77.0.0/29".parse().unwrap()).unwrap();
+        assert!(pool.claim(ip("10.77.0.4")));
+        assert!(!pool.claim(ip("10.77.0.4")), "already in use");
+        assert!(!pool.claim(ip("10.77.0.1")), "the gateway's own address");
+        assert!(!pool.claim(ip("10.77.0.7")), "broadcast");
+        assert!(!pool.claim(ip("10.78.0.2")), "outside the prefix");
+        let mut got: Vec<IpAddr> = std::iter::from_fn(|| pool.allocate()).collect();
+        got.sort();
+        assert_eq!(
+            got,
+            ["10.77.0.2", "10.77.0.3", "10.77.0.5", "10.77.0.6"]
+                .map(ip)
+                .to_vec()
+        );
+        assert_eq!(pool.in_use(), 5);
     }
 
     #[test]
