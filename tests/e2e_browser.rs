@@ -1343,3 +1343,83 @@ fn browser_bench_relays() {
         println!("BENCH {label}: {:.2}", figure(key) / relays);
     }
 }
+
+/// With `--token-key-file` the gateway refuses sessions without a signed token; its demo (on
+/// loopback) puts a one-hour token in `config.json`, so the new-user path still works: the
+/// page connects by itself, netcats, and its speed test is byte-exact.
+#[test]
+fn browser_gateway_served_demo_with_token() {
+    const DEMO_PORT: u16 = 4480;
+    require_prerequisites();
+    require_browser();
+    let topology = Topology::new();
+    let www = topology.tmp().join("www");
+    fs::create_dir_all(&www).expect("www dir");
+    let data = random_bytes(1 << 20);
+    fs::write(www.join("speed.bin"), &data).expect("write speed.bin");
+    let _nginx = topology.serve_nginx(&www);
+    let _tcp_echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
+    let _udp_echo = topology.serve_udp_echo(common::UDP_ECHO_PORT);
+    let key = topology.tmp().join("token.key");
+    fs::write(&key, sha256_hex(&random_bytes(32))).expect("write token key");
+    let gateway = topology.start_gateway(&["--token-key-file", key.to_str().expect("utf-8")]);
+    topology.wait_listening(&topology.gw_ns(), "tcp", DEMO_PORT, &gateway.process);
+    let config = topology.gw_exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        &format!("http://127.0.0.1:{DEMO_PORT}/config.json"),
+    ]);
+    let config = String::from_utf8_lossy(&config.stdout).into_owned();
+    assert!(
+        json_field(&config, "token").is_some_and(|t| t.contains('.')),
+        "no token in {config}"
+    );
+
+    let screenshot = topology.tmp().join("demo-token.png");
+    let srv = topology.srv_ipv4().to_string();
+    let node = find_command("node").expect("node");
+    let script = repo().join("tests/browser/demo_user.mjs");
+    let page = topology.spawn_in(
+        &topology.gw_ns(),
+        "browser-demo-token",
+        &[
+            node.to_str().expect("utf-8 path"),
+            script.to_str().expect("utf-8 path"),
+            &format!("http://127.0.0.1:{DEMO_PORT}/"),
+            &srv,
+            &TCP_ECHO_PORT.to_string(),
+            &common::UDP_ECHO_PORT.to_string(),
+            &format!("{srv}:80/speed.bin"),
+            screenshot.to_str().expect("utf-8 path"),
+            &PAGE_TIMEOUT.as_millis().to_string(),
+        ],
+        Vec::new(),
+    );
+    let status = wait_exit(&page, PAGE_TIMEOUT + Duration::from_secs(30));
+    let stdout =
+        fs::read_to_string(topology.tmp().join("browser-demo-token.out")).unwrap_or_default();
+    let result = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("RESULT "))
+        .unwrap_or_else(|| {
+            panic!(
+                "the demo failed ({status})\n{}\n{}",
+                page.logs(),
+                gateway.process.logs()
+            )
+        });
+    println!("demo: {result}");
+    assert!(
+        json_field(result, "status").is_some_and(|s| s.starts_with("connected: 10.77.0.")),
+        "{result}"
+    );
+    assert_eq!(json_field(result, "tcpEcho"), Some("true"), "{result}");
+    assert_eq!(json_field(result, "udpEcho"), Some("true"), "{result}");
+    assert_eq!(
+        json_field(result, "sha256"),
+        Some(sha256_hex(&data).as_str()),
+        "{result}"
+    );
+}

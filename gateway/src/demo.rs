@@ -15,6 +15,14 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::token::{Claims, TokenKey};
+
+/// How long a token in `config.json` is valid (the page connects right after loading it).
+const DEMO_TOKEN_SECS: u64 = 3600;
+
+/// The subject of demo tokens (what per-subject caps and the abuse log see).
+pub const DEMO_TOKEN_SUBJECT: &str = "demo";
+
 /// Where the demo listens unless told otherwise: localhost only (the page gets sockets into
 /// the tunnel, so it must not be reachable from elsewhere by default).
 pub const DEFAULT_DEMO_LISTEN: &str = "127.0.0.1:4480";
@@ -104,9 +112,29 @@ pub struct Site {
     pub gateway: SocketAddr,
     /// The certificate's SHA-256, lower-case hex.
     pub cert_hash: String,
+    /// With `--token-key-file`: the key `config.json` mints a one-hour demo token with, so the
+    /// page can connect. Only set when the demo listens on loopback (see [`Site::new`]).
+    pub token_key: Option<Arc<TokenKey>>,
 }
 
 impl Site {
+    /// The site for a demo listening on `listen`. A token key is kept only for a loopback
+    /// listener: anyone who can load `config.json` gets a session token.
+    pub fn new(
+        dir: PathBuf,
+        gateway: SocketAddr,
+        cert_hash: String,
+        listen: SocketAddr,
+        token_key: Option<Arc<TokenKey>>,
+    ) -> Self {
+        Self {
+            dir,
+            gateway,
+            cert_hash,
+            token_key: token_key.filter(|_| listen.ip().is_loopback()),
+        }
+    }
+
     /// Maps a request to what answers it (without touching the file system).
     pub fn route(&self, request: &Request<'_>) -> Route {
         if request.method != "GET" && request.method != "HEAD" {
@@ -140,8 +168,9 @@ impl Site {
     }
 
     /// `config.json` for a page that reached this server at `local` (the host the page used,
-    /// which is also how it reaches the gateway when the gateway listens on every address).
-    pub fn config_json(&self, local: IpAddr) -> String {
+    /// which is also how it reaches the gateway when the gateway listens on every address), at
+    /// Unix time `now` (for the token, if the gateway requires them).
+    pub fn config_json(&self, local: IpAddr, now: u64) -> String {
         let host = if self.gateway.ip().is_unspecified() {
             local
         } else {
@@ -151,8 +180,25 @@ impl Site {
             IpAddr::V4(v4) => v4.to_string(),
             IpAddr::V6(v6) => format!("[{v6}]"),
         };
+        // Base64url and hex: nothing in the values needs JSON escaping.
+        let token = self
+            .token_key
+            .as_ref()
+            .and_then(|key| {
+                key.mint(&Claims {
+                    sub: DEMO_TOKEN_SUBJECT.to_owned(),
+                    nbf: now.saturating_sub(60),
+                    exp: now + DEMO_TOKEN_SECS,
+                    dst: Vec::new(),
+                    max_sessions: None,
+                    rate: None,
+                })
+                .ok()
+            })
+            .map(|token| format!(",\"token\":\"{token}\""))
+            .unwrap_or_default();
         format!(
-            "{{\"gateway\":\"https://{host}:{}{}\",\"certHash\":\"{}\"}}\n",
+            "{{\"gateway\":\"https://{host}:{}{}\",\"certHash\":\"{}\"{token}}}\n",
             self.gateway.port(),
             webnic_stack::protocol::SESSION_PATH,
             self.cert_hash
@@ -253,7 +299,10 @@ async fn answer(mut stream: TcpStream, site: &Site) -> std::io::Result<()> {
         let head_only = request.method == "HEAD";
         match site.route(&request) {
             Route::Config => {
-                let body = site.config_json(local);
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let body = site.config_json(local, now);
                 respond(
                     &mut stream,
                     "200 OK",
@@ -351,6 +400,7 @@ mod tests {
             dir: PathBuf::from("/pkg-root"),
             gateway: gateway.parse().expect("address"),
             cert_hash: "ab".repeat(32),
+            token_key: None,
         }
     }
 
@@ -436,17 +486,53 @@ mod tests {
         let hash = "ab".repeat(32);
         // Listening everywhere: the host the page reached the demo at.
         assert_eq!(
-            site("0.0.0.0:4433").config_json("127.0.0.1".parse().expect("ip")),
+            site("0.0.0.0:4433").config_json("127.0.0.1".parse().expect("ip"), 0),
             format!("{{\"gateway\":\"https://127.0.0.1:4433/webnic\",\"certHash\":\"{hash}\"}}\n")
         );
         assert_eq!(
-            site("[::]:4433").config_json("::1".parse().expect("ip")),
+            site("[::]:4433").config_json("::1".parse().expect("ip"), 0),
             format!("{{\"gateway\":\"https://[::1]:4433/webnic\",\"certHash\":\"{hash}\"}}\n")
         );
         // A specific address: that one.
         assert_eq!(
-            site("10.200.1.1:4434").config_json("127.0.0.1".parse().expect("ip")),
+            site("10.200.1.1:4434").config_json("127.0.0.1".parse().expect("ip"), 0),
             format!("{{\"gateway\":\"https://10.200.1.1:4434/webnic\",\"certHash\":\"{hash}\"}}\n")
+        );
+    }
+
+    #[test]
+    fn config_carries_a_demo_token_only_on_loopback() {
+        let key = Arc::new(TokenKey::new(b"0123456789abcdef0123").expect("key"));
+        let gateway: SocketAddr = "10.200.1.1:4433".parse().expect("address");
+        let now = 1_800_000_000;
+        let local = Site::new(
+            PathBuf::new(),
+            gateway,
+            "ab".repeat(32),
+            "127.0.0.1:4480".parse().expect("address"),
+            Some(key.clone()),
+        );
+        let json = local.config_json("127.0.0.1".parse().expect("ip"), now);
+        let token = json
+            .split("\"token\":\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .expect("a token in config.json");
+        let verified = key.verify(token, now).expect("the token verifies");
+        assert_eq!(verified.claims.sub, DEMO_TOKEN_SUBJECT);
+        assert!(key.verify(token, now + DEMO_TOKEN_SECS).is_err(), "expires");
+        // Listening beyond loopback: no token for whoever loads the page.
+        let public = Site::new(
+            PathBuf::new(),
+            gateway,
+            "ab".repeat(32),
+            "0.0.0.0:4480".parse().expect("address"),
+            Some(key),
+        );
+        assert!(
+            !public
+                .config_json("127.0.0.1".parse().expect("ip"), now)
+                .contains("token")
         );
     }
 

@@ -307,11 +307,13 @@ async fn start_demo(
     }
     println!("demo page: http://{address}/");
     let _ = std::io::stdout().flush();
-    let site = crate::demo::Site {
+    let site = crate::demo::Site::new(
         dir,
         gateway,
-        cert_hash: cert_hash.to_owned(),
-    };
+        cert_hash.to_owned(),
+        address,
+        config.token_key.clone(),
+    );
     Some(tokio::spawn(crate::demo::serve(listener, Arc::new(site))))
 }
 
