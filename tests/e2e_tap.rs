@@ -444,10 +444,11 @@ fn kernel_guest_on_a_tap_gets_dhcp_resolves_and_fetches_through_the_adapter() {
     let logs = tap.stderr();
     println!("--- webnic tap (adapter):\n{logs}");
     println!("--- udhcpc (guest):\n{}", udhcpc.logs());
-    assert_eq!(
-        logs.matches("-> Ack 10.77.0.").count(),
-        2,
-        "one ACK selecting, one renewing:\n{logs}"
+    // One ACK selecting, at least one renewing: busybox sometimes binds its renewal socket only
+    // after the (immediate) unicast ACK arrived, and then asks again by broadcast.
+    assert!(
+        logs.matches("-> Ack 10.77.0.").count() >= 2,
+        "an ACK selecting and one renewing:\n{logs}"
     );
     for needle in [
         "DHCP Discover",
