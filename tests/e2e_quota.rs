@@ -218,6 +218,65 @@ async fn icmp_echo_requests_are_rate_limited() {
     .await;
 }
 
+/// A token's `rate` narrows the session's bandwidth: an echo of 1 MiB through a 256 kB/s
+/// session takes at least (size − burst) / rate, still arrives byte-exact, and the gateway counts
+/// the policed packets; another session without the limit is not slowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_rate_limits_session_bandwidth() {
+    const RATE: u64 = 256_000;
+    const SIZE: usize = 1 << 20;
+    let topology = Topology::new();
+    let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
+    let key = topology.tmp().join("token.key");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let key_arg = key.to_str().unwrap().to_owned();
+    let gateway = topology.start_gateway(&["--token-key-file", &key_arg]);
+    let mint = |args: &[&str]| {
+        let binary = common::gateway_binary();
+        let mut argv = vec![binary.to_str().unwrap(), "token", "--key-file", &key_arg];
+        argv.extend_from_slice(args);
+        common::run(&argv).trim().to_owned()
+    };
+    let slow = mint(&["--sub", "slow", "--rate", &RATE.to_string()]);
+    let fast = mint(&["--sub", "fast"]);
+    let remote = SocketAddr::new(IpAddr::V4(topology.srv_ipv4()), TCP_ECHO_PORT);
+    within(TEST_TIMEOUT, "token rate", async {
+        let connect = |token: String| {
+            let options = webnic::ConnectOptions::new(gateway.url())
+                .cert_hash(gateway.cert_hash())
+                .token(token);
+            webnic::Client::connect(options)
+        };
+        let client = connect(fast).await.expect("fast session");
+        let data = random_bytes(SIZE);
+        let started = Instant::now();
+        let echoed = tcp_exchange(&client, remote, data.clone()).await.expect("fast echo");
+        let fast_time = started.elapsed();
+        assert_same_bytes(&echoed, &data, "unlimited session");
+        client.close().await;
+
+        let client = connect(slow).await.expect("slow session");
+        let started = Instant::now();
+        let echoed = tcp_exchange(&client, remote, data.clone()).await.expect("slow echo");
+        let slow_time = started.elapsed();
+        assert_same_bytes(&echoed, &data, "rate-limited session");
+        // Each direction has a 64 KiB burst, then RATE bytes/s (IP bytes: headers count too).
+        let floor = (SIZE - 65_536) as f64 / RATE as f64;
+        println!(
+            "token rate {RATE} B/s: 1 MiB echo {slow_time:?} (floor {floor:.1} s); unlimited {fast_time:?}"
+        );
+        assert!(
+            slow_time.as_secs_f64() >= floor * 0.95,
+            "a {RATE} B/s session echoed 1 MiB in {slow_time:?}, below the {floor:.1} s floor"
+        );
+        let policed = gateway.metric("webnic_quota_dropped_packets_total{reason=\"bytes\"}")
+            + gateway.metric("webnic_quota_dropped_packets_total{reason=\"bytes_to_client\"}");
+        assert!(policed > 0.0, "no packet was policed");
+        client.close().await;
+    })
+    .await;
+}
+
 // ----- packet construction (valid checksums) -----
 
 fn checksum(data: &[u8], initial: u32) -> u16 {
