@@ -472,3 +472,47 @@ fn v86_linux_guest_in_chromium_gets_dhcp_and_fetches_through_the_adapter() {
         );
     }
 }
+
+/// Raw-packet mode on its own (`js/packets.js`): the page writes a hand-made IPv4/UDP DNS query
+/// to `packets.writable` and parses dnsmasq's answer from `packets.readable`.
+#[test]
+fn raw_packet_streams_carry_a_dns_query_from_the_page() {
+    require_prerequisites();
+    for path in [
+        "wasm-client/pkg/webnic_wasm_bg.wasm",
+        "wasm-client/node_modules/playwright-core/package.json",
+    ] {
+        assert!(
+            repo().join(path).exists(),
+            "{path} missing: `sudo scripts/test.sh` runs scripts/build-wasm.sh"
+        );
+    }
+    let topo = Topology::new();
+    let _dnsmasq = topo.serve_dnsmasq();
+    let gateway = topo.start_gateway(&[]);
+    let server = PageServer::start(topo.tmp().to_path_buf());
+    let arg = format!(
+        r#"{{"gateway":"{}","certHash":"{}","server":"{}","name":"web.test"}}"#,
+        gateway.url(),
+        gateway.cert_hash(),
+        topo.srv_ipv4()
+    );
+    let mut cmd = Command::new(find_command("node").expect("node"));
+    cmd.arg(repo().join("tests/browser/run.mjs"))
+        .arg(format!("http://127.0.0.1:{}/v86.html", server.port))
+        .arg("rawPacketsDns")
+        .arg(&arg)
+        .arg("60000");
+    let process = topo.spawn_root("browser-raw", &mut cmd);
+    let status = wait_exit(&process, Duration::from_secs(90));
+    let stdout = fs::read_to_string(topo.tmp().join("browser-raw.out")).unwrap_or_default();
+    let Some(result) = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")) else {
+        panic!("the raw-packet page failed ({status})\n{}", process.logs());
+    };
+    println!("page result: {result}");
+    assert!(result.contains("\"answers\":1"), "{result}");
+    assert!(
+        result.contains(&format!("\"address\":\"{}\"", topo.srv_ipv4())),
+        "web.test's A record through raw packets: {result}"
+    );
+}
