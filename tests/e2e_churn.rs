@@ -4,7 +4,7 @@
 //! address pool is full again, no session is active, the gateway's file descriptors are back to
 //! their count before the churn, and its resident memory after warm-up stayed flat (±5%).
 //!
-//! CI runs 2,000 cycles. The long run (docs/RELIABILITY.md) sets `WEBNIC_CHURN_CYCLES=100000`.
+//! CI runs 4,000 cycles (RSS settles after about 1,500; the first half is warm-up). The long run (docs/RELIABILITY.md) sets `WEBNIC_CHURN_CYCLES=100000`.
 
 mod common;
 
@@ -21,12 +21,14 @@ const WORKERS: u64 = 8;
 const KILL_EVERY: u64 = 50;
 /// Idle timeout of the test's gateway: a killed client's session ends after this.
 const IDLE_TIMEOUT_SECS: u64 = 2;
+/// Grace period of a lost session's addresses (then they return to the pool).
+const RESUME_GRACE_SECS: u64 = 3;
 
 fn cycles() -> u64 {
     std::env::var("WEBNIC_CHURN_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2_000)
+        .unwrap_or(4_000)
 }
 
 fn fd_count(pid: u32) -> usize {
@@ -59,6 +61,9 @@ async fn churn_sessions_return_every_resource() {
             "0",
             "--max-sessions-per-address",
             "0",
+            // A killed client's lease is parked for resumption this long after its idle timeout.
+            "--resume-grace",
+            &RESUME_GRACE_SECS.to_string(),
         ]),
     );
     let pid = gateway.process.pid();
@@ -71,6 +76,7 @@ async fn churn_sessions_return_every_resource() {
     let done = Arc::new(AtomicU64::new(0));
     let killed = Arc::new(AtomicU64::new(0));
     let dropped = Arc::new(AtomicU64::new(0));
+    let failed_connects = Arc::new(AtomicU64::new(0));
     // RSS at every tenth of the run. The first half is warm-up: RSS grows for about the first
     // 1,200 cycles (allocator arenas and per-address state while the pool's rotation hands out
     // every address) and is flat after that (measured with 6,000 cycles: within 2.2%).
@@ -81,6 +87,7 @@ async fn churn_sessions_return_every_resource() {
         let mut workers = Vec::new();
         for worker in 0..WORKERS {
             let (topology, gateway) = (Arc::clone(&topology), Arc::clone(&gateway));
+            let failed_connects = Arc::clone(&failed_connects);
             let (done, killed, dropped, rss) = (
                 Arc::clone(&done),
                 Arc::clone(&killed),
@@ -94,7 +101,22 @@ async fn churn_sessions_return_every_resource() {
                         kill_a_cli_session(&topology, &gateway).await;
                         killed.fetch_add(1, Ordering::Relaxed);
                     } else {
-                        let client = connect_client(&gateway).await;
+                        let client = match webnic::Client::connect(
+                            webnic::ConnectOptions::new(gateway.url())
+                                .cert_hash(gateway.cert_hash()),
+                        )
+                        .await
+                        {
+                            Ok(client) => client,
+                            Err(first) => {
+                                // Known, rare (see docs/RELIABILITY.md): a handshake closed by
+                                // the gateway's HTTP/3 layer with H3_FRAME_UNEXPECTED (261).
+                                // Counted, reported, bounded below; one retry.
+                                eprintln!("cycle {cycle}: connect failed, retrying once: {first}");
+                                failed_connects.fetch_add(1, Ordering::Relaxed);
+                                connect_client(&gateway).await
+                            }
+                        };
                         if cycle % 10 == 0 {
                             let data = vec![cycle as u8; 64];
                             let echoed = tcp_exchange(&client, remote, data.clone())
@@ -126,7 +148,8 @@ async fn churn_sessions_return_every_resource() {
     let churn_time = started.elapsed();
 
     // Every session ends: the dropped ones and the killed ones by the idle timeout at the latest.
-    let deadline = Instant::now() + Duration::from_secs(IDLE_TIMEOUT_SECS * 5 + 10);
+    let deadline =
+        Instant::now() + Duration::from_secs((IDLE_TIMEOUT_SECS + RESUME_GRACE_SECS) * 3 + 10);
     while (gateway.metric("webnic_sessions_active") > 0.0 || pool_free(&gateway) < free_at_start)
         && Instant::now() < deadline
     {
@@ -138,11 +161,18 @@ async fn churn_sessions_return_every_resource() {
         .find(|(n, _)| *n >= total / 2)
         .map_or(0, |(_, rss)| *rss);
     let rss_end = rss_kib(pid);
-    let fds_end = fd_count(pid);
+    // The metrics requests above are served on their own connections, closed a moment later.
+    let settle = Instant::now() + Duration::from_secs(3);
+    let mut fds_end = fd_count(pid);
+    while fds_end != fds_at_start && Instant::now() < settle {
+        std::thread::sleep(Duration::from_millis(100));
+        fds_end = fd_count(pid);
+    }
     let report = format!(
         "{total} cycles in {:.1} s ({} graceful, {} dropped without close, {} SIGKILLed): \
          pool free {} → {}, sessions active {}, fds {fds_at_start} → {fds_end}, RSS after warm-up \
-         {rss_warm} KiB → {rss_end} KiB (samples: {samples:?})",
+         {rss_warm} KiB → {rss_end} KiB (samples: {samples:?}); connects that failed and \
+         were retried: {}",
         churn_time.as_secs_f64(),
         total - killed.load(Ordering::Relaxed) - dropped.load(Ordering::Relaxed),
         dropped.load(Ordering::Relaxed),
@@ -150,9 +180,14 @@ async fn churn_sessions_return_every_resource() {
         free_at_start,
         pool_free(&gateway),
         gateway.metric("webnic_sessions_active"),
+        failed_connects.load(Ordering::Relaxed),
     );
     println!("{report}");
     assert_eq!(gateway.metric("webnic_sessions_active"), 0.0, "{report}");
+    assert!(
+        failed_connects.load(Ordering::Relaxed) * 200 <= total,
+        "more than 0.5% of connects failed: {report}"
+    );
     assert_eq!(pool_free(&gateway), free_at_start, "{report}");
     assert_eq!(fds_end, fds_at_start, "{report}");
     assert!(rss_warm > 0, "{report}");

@@ -30,6 +30,9 @@ pub const DEFAULT_TUN: &str = "webnic0";
 /// Chromium's 1211-byte browser→server datagram limit. PMTU discovery may raise quinn's limit
 /// later, and black-hole detection can drop it back, so the link MTU stays at the floor.
 pub const DEFAULT_MTU: u16 = 1152;
+/// Default grace period of a lost session's addresses.
+pub const DEFAULT_RESUME_GRACE_SECS: u64 = 60;
+
 /// Default QUIC idle timeout.
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 30;
 /// Default cap on IPv6 addresses handed out at once.
@@ -89,6 +92,13 @@ pub struct Cli {
     /// QUIC idle timeout in seconds [default: 30].
     #[arg(long, value_name = "SECS")]
     pub idle_timeout: Option<u64>,
+    /// How long a session whose connection was lost keeps its addresses for a client that
+    /// reconnects with its ticket, in seconds; 0 turns resumption off [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub resume_grace: Option<u64>,
+    /// Keep the session leases in this file, so clients resume across a gateway restart.
+    #[arg(long, value_name = "PATH")]
+    pub lease_file: Option<PathBuf>,
     /// Allow destinations the default policy refuses: `CIDR[:PORTS]`, e.g. `10.1.2.0/24` or
     /// `fd00:1::/64:80,443` (repeatable). The gateway's own addresses stay refused.
     #[arg(long, value_name = "CIDR[:PORTS]")]
@@ -236,6 +246,10 @@ pub struct FileConfig {
     pub cert_hash_file: Option<PathBuf>,
     /// See [`Cli::idle_timeout`].
     pub idle_timeout: Option<u64>,
+    /// See [`Cli::resume_grace`].
+    pub resume_grace: Option<u64>,
+    /// See [`Cli::lease_file`].
+    pub lease_file: Option<PathBuf>,
     /// See [`Cli::allow_dest`].
     #[serde(default)]
     pub allow_dest: Vec<String>,
@@ -351,6 +365,10 @@ pub struct Config {
     pub cert_hash_file: Option<PathBuf>,
     /// QUIC idle timeout.
     pub idle_timeout: Duration,
+    /// Grace period of a lost session's lease; zero: no resumption.
+    pub resume_grace: Duration,
+    /// Where leases persist across restarts.
+    pub lease_file: Option<PathBuf>,
     /// The egress policy's rules (host addresses and pools are added at startup).
     pub policy: EgressPolicy,
     /// The demo site's listen address and package directory; `None` with `--no-demo`.
@@ -609,6 +627,12 @@ impl Config {
             metrics: cli.metrics.or(file.metrics),
             cert_hash_file: cli.cert_hash_file.or(file.cert_hash_file),
             idle_timeout: Duration::from_secs(idle_timeout),
+            resume_grace: Duration::from_secs(
+                cli.resume_grace
+                    .or(file.resume_grace)
+                    .unwrap_or(DEFAULT_RESUME_GRACE_SECS),
+            ),
+            lease_file: cli.lease_file.or(file.lease_file),
         })
     }
 }

@@ -29,8 +29,8 @@
 pub mod abuse_log;
 pub mod admission;
 pub mod config;
-pub mod lease;
 pub mod demo;
+pub mod lease;
 pub mod metrics;
 pub mod nat;
 pub mod origin;

@@ -3,10 +3,10 @@
 
 use std::io::Write as _;
 use std::net::IpAddr;
-use std::path::Path;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -15,6 +15,7 @@ use webnic_stack::protocol::SESSION_PATH;
 use wtransport::{Endpoint, Identity, ServerConfig, VarInt};
 
 use crate::config::Config;
+use crate::lease::Leases;
 use crate::metrics::{self, Metrics};
 use crate::nat::Nat;
 use crate::origin::OriginPolicy;
@@ -73,7 +74,7 @@ pub enum StartError {
     #[error("cannot write {path}: {source}")]
     HashFile {
         /// The file.
-        path: std::path::PathBuf,
+        path: PathBuf,
         /// The error.
         source: std::io::Error,
     },
@@ -87,7 +88,7 @@ pub enum StartError {
     #[error("cannot open the abuse log {path}: {source}")]
     AbuseLog {
         /// The file.
-        path: std::path::PathBuf,
+        path: PathBuf,
         /// The error.
         source: std::io::Error,
     },
@@ -103,13 +104,20 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let hash = certificate.hash();
     let hash_bytes: &[u8; 32] = hash.as_ref();
 
-    let pools = Pools {
+    let mut pools = Pools {
         v4: AddressPool::ipv4(config.pool_v4)?,
         v6: config
             .pool_v6
             .map(|cidr| AddressPool::ipv6(cidr, u128::from(config.pool_v6_limit)))
             .transpose()?,
     };
+    let leases = (!config.resume_grace.is_zero()).then(|| {
+        let mut leases = Leases::new(config.resume_grace);
+        if let Some(path) = &config.lease_file {
+            restore_leases(&mut leases, &mut pools, path);
+        }
+        leases
+    });
 
     let mut signals = Signals::new().map_err(StartError::Signals)?;
 
@@ -209,7 +217,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         queue_capacity: DEFAULT_QUEUE_CAPACITY,
         shutdown: shutdown_rx,
         next_session: AtomicU64::new(1),
+        leases: leases.map(Mutex::new),
+        leases_dirty: AtomicBool::new(false),
     });
+    let lease_keeper = tokio::spawn(keep_leases(Arc::clone(&shared), config.lease_file.clone()));
     let IpAddr::V4(gateway_v4) = config.pool_v4.gateway_address() else {
         unreachable!("pool_v4 is IPv4");
     };
@@ -262,6 +273,16 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         tracing::warn!("sessions did not end in time; aborting them");
     }
     sessions.shutdown().await;
+    // Sessions ended by the shutdown parked their leases: write them for the next start.
+    lease_keeper.abort();
+    let _ = lease_keeper.await;
+    if let Some(leases) = &shared.leases {
+        let mut leases = leases.lock().unwrap_or_else(PoisonError::into_inner);
+        leases.park_all(Instant::now());
+        if let Some(path) = &config.lease_file {
+            write_leases(path, &leases.to_text());
+        }
+    }
     endpoint.close(
         VarInt::from_u32(webnic_stack::protocol::CloseCode::GatewayShutdown.to_u32()),
         b"gateway shutting down",
@@ -285,6 +306,81 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     drop(tun);
     tracing::info!(closed_sessions = active, tun = %name, "gateway stopped");
     Ok(())
+}
+
+/// Reads the lease file of a previous run: its leases are parked for the grace period from now,
+/// and their addresses taken out of the pools so nobody else gets them meanwhile.
+fn restore_leases(leases: &mut Leases, pools: &mut Pools, path: &Path) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return,
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "cannot read the lease file; starting without leases");
+            return;
+        }
+    };
+    let skipped = leases.load(&text, Instant::now());
+    let addresses: Vec<IpAddr> = leases.addresses().collect();
+    let mut unclaimable = 0;
+    for address in &addresses {
+        let claimed = match address {
+            IpAddr::V4(_) => pools.v4.claim(*address),
+            IpAddr::V6(_) => pools.v6.as_mut().is_some_and(|pool| pool.claim(*address)),
+        };
+        if !claimed {
+            unclaimable += 1;
+        }
+    }
+    tracing::info!(
+        path = %path.display(),
+        leases = leases.parked(),
+        addresses = addresses.len(),
+        skipped_lines = skipped,
+        unclaimable,
+        grace = ?leases.grace(),
+        "restored session leases"
+    );
+}
+
+/// Every second: returns the addresses of expired leases to the pools, and writes the lease
+/// table when it changed.
+async fn keep_leases(shared: Arc<Shared>, path: Option<PathBuf>) {
+    let Some(leases) = &shared.leases else {
+        return;
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let expired = leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .expire(Instant::now());
+        if !expired.is_empty() {
+            tracing::info!(addresses = ?expired, "session leases expired");
+            let mut pools = shared.pools();
+            pools.release(&expired);
+            pools.update_metrics(&shared.metrics);
+            shared.leases_dirty.store(true, Ordering::Relaxed);
+        }
+        if let Some(path) = &path
+            && shared.leases_dirty.swap(false, Ordering::Relaxed)
+        {
+            let text = leases
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .to_text();
+            write_leases(path, &text);
+        }
+    }
+}
+
+/// Replaces the lease file atomically (write, then rename).
+fn write_leases(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    let result = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(error) = result {
+        tracing::warn!(path = %path.display(), %error, "cannot write the lease file");
+    }
 }
 
 /// Serves the demo site (see [`crate::demo`]) unless `--no-demo`; a demo that cannot bind is

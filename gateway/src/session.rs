@@ -32,6 +32,7 @@ use wtransport::{Connection, RecvStream, SendStream, VarInt};
 
 use crate::abuse_log::AbuseLog;
 use crate::admission::{Admission, AdmissionRefusal, Ticket};
+use crate::lease::{self, Leases};
 use crate::metrics::{Direction, Family, Metrics, RefusalReason};
 use crate::origin::OriginPolicy;
 use crate::packet::{
@@ -132,6 +133,10 @@ pub struct Shared {
     pub quota: QuotaLimits,
     /// The abuse log.
     pub abuse_log: Option<AbuseLog>,
+    /// Session leases for resumption; `None` when resumption is off.
+    pub leases: Option<Mutex<Leases>>,
+    /// Set when the lease table changed since it was last written to the lease file.
+    pub leases_dirty: std::sync::atomic::AtomicBool,
 }
 
 /// ICMP administratively-prohibited replies per second per session (and burst): enough for a
@@ -144,7 +149,17 @@ impl Shared {
         max_mss_for_mtu(self.link_mtu)
     }
 
-    fn pools(&self) -> std::sync::MutexGuard<'_, Pools> {
+    fn leases(&self) -> Option<std::sync::MutexGuard<'_, Leases>> {
+        let guard = self
+            .leases
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.leases_dirty.store(true, Ordering::Relaxed);
+        Some(guard)
+    }
+
+    pub(crate) fn pools(&self) -> std::sync::MutexGuard<'_, Pools> {
         self.pools.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -274,6 +289,9 @@ pub async fn handle(incoming: IncomingSession, shared: Arc<Shared>) {
     // The token travels in the URL (browsers cannot add headers to a WebTransport request); it
     // is checked after the hello so that a refusal reaches the client as a close code.
     let token = token_from_path(request.path()).map(str::to_owned);
+    // A client that lost its connection comes back with `?resume=<ticket>` to get its addresses
+    // (and so its open TCP connections) back.
+    let resume = query_param(request.path(), "resume").map(lease::Ticket::from_hex);
     let connection = match request.accept().await {
         Ok(connection) => connection,
         Err(error) => {
@@ -282,7 +300,26 @@ pub async fn handle(incoming: IncomingSession, shared: Arc<Shared>) {
         }
     };
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
-    run(id, connection, token, shared).await;
+    run(id, connection, (token, resume), shared).await;
+}
+
+/// The value of `name` in the URL's query, if present and non-empty.
+fn query_param<'a>(path: &'a str, name: &str) -> Option<&'a str> {
+    let (_, query) = path.split_once('?')?;
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+        .filter(|value| !value.is_empty())
+}
+
+/// Fresh random session ticket.
+fn new_ticket() -> lease::Ticket {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the system RNG works");
+    lease::Ticket(bytes)
 }
 
 /// Refuses a session after its hello: counts, logs, tells the client why and closes.
@@ -305,7 +342,12 @@ async fn refuse(
     close(connection, Some(send), code, detail).await;
 }
 
-async fn run(id: u64, connection: Connection, token: Option<String>, shared: Arc<Shared>) {
+async fn run(
+    id: u64,
+    connection: Connection,
+    (token, resume): (Option<String>, Option<Option<lease::Ticket>>),
+    shared: Arc<Shared>,
+) {
     let remote = connection.remote_address();
     let (mut send, mut recv, mut decoder) = match hello(&connection).await {
         Ok(Hello::Ok {
@@ -390,12 +432,28 @@ async fn run(id: u64, connection: Connection, token: Option<String>, shared: Arc
         }
     };
 
-    let addresses = {
+    let ticket = new_ticket();
+    let resumed = match (resume, shared.leases()) {
+        (Some(Some(old)), Some(mut leases)) => match leases.resume(&old, ticket, Instant::now()) {
+            Ok(addresses) => Some(addresses),
+            Err(error) => {
+                tracing::info!(session = id, %remote, %error, "resumption refused; fresh addresses");
+                None
+            }
+        },
+        (Some(None), _) => {
+            tracing::info!(session = id, %remote, "malformed resume ticket; fresh addresses");
+            None
+        }
+        _ => None,
+    };
+    let was_resumed = resumed.is_some();
+    let addresses = resumed.or_else(|| {
         let mut pools = shared.pools();
         let addresses = pools.allocate();
         pools.update_metrics(&shared.metrics);
         addresses
-    };
+    });
     let Some(addresses) = addresses else {
         shared.metrics.refused(RefusalReason::PoolExhausted);
         tracing::warn!(session = id, %remote, "refused session: address pool exhausted");
@@ -409,6 +467,9 @@ async fn run(id: u64, connection: Connection, token: Option<String>, shared: Arc
         return;
     };
 
+    if !was_resumed && let Some(mut leases) = shared.leases() {
+        leases.issue(ticket, addresses.clone());
+    }
     let header = datagram_header(connection.session_id().into_u64());
     let queue = Arc::new(SessionQueue::new(shared.queue_capacity, header));
     for address in &addresses {
@@ -421,6 +482,7 @@ async fn run(id: u64, connection: Connection, token: Option<String>, shared: Arc
         %remote,
         subject = identity.subject(),
         addresses = ?addresses,
+        resumed = was_resumed,
         "session started"
     );
     if let Some(log) = &shared.abuse_log {
@@ -429,7 +491,11 @@ async fn run(id: u64, connection: Connection, token: Option<String>, shared: Arc
     let identity = Arc::new(identity);
 
     let stats = Arc::new(SessionStats::default());
-    let end = match send.write_all(&configuration(&shared, &addresses)).await {
+    let ticket_to_send = shared.leases.is_some().then_some(ticket);
+    let end = match send
+        .write_all(&configuration(&shared, &addresses, ticket_to_send))
+        .await
+    {
         Err(error) => End::ControlError(format!("sending configuration: {error}")),
         Ok(()) => {
             serve(
@@ -484,7 +550,23 @@ async fn run(id: u64, connection: Connection, token: Option<String>, shared: Arc
     for address in &addresses {
         shared.routes.remove(*address);
     }
-    {
+    // A connection that was lost, or a gateway going down, parks the lease: the client may come
+    // back with its ticket. Anything else ends it and the addresses go back to the pool.
+    // (A client that closed its connection on purpose, even without a Close capsule, is gone.)
+    let lost = match &end {
+        End::Shutdown => true,
+        End::Connection(error) => !matches!(error, ConnectionError::ApplicationClosed(_)),
+        _ => false,
+    };
+    let parked = lost
+        && shared
+            .leases()
+            .map(|mut leases| leases.park(&ticket, Instant::now()))
+            .is_some();
+    if !parked {
+        if let Some(mut leases) = shared.leases() {
+            leases.end(&ticket);
+        }
         let mut pools = shared.pools();
         pools.release(&addresses);
         pools.update_metrics(&shared.metrics);
@@ -578,7 +660,7 @@ async fn hello(connection: &Connection) -> Result<Hello, String> {
 
 /// The initial burst: ServerHello, LinkMtu, DnsServers, RouteAdvertisement, AddressAssign
 /// (last, so the client may treat it as "configured").
-fn configuration(shared: &Shared, addresses: &[IpAddr]) -> Vec<u8> {
+fn configuration(shared: &Shared, addresses: &[IpAddr], ticket: Option<lease::Ticket>) -> Vec<u8> {
     let mut routes = vec![RouteRange {
         start: IpAddr::from([0u8; 4]),
         end: IpAddr::from([255u8; 4]),
@@ -607,10 +689,14 @@ fn configuration(shared: &Shared, addresses: &[IpAddr]) -> Vec<u8> {
         ControlMessage::LinkMtu(shared.link_mtu),
         ControlMessage::DnsServers(shared.dns.clone()),
         ControlMessage::RouteAdvertisement(routes),
-        ControlMessage::AddressAssign(assigned),
     ] {
         message.emit(&mut out);
     }
+    if let Some(ticket) = ticket {
+        ControlMessage::SessionTicket(ticket.0.to_vec()).emit(&mut out);
+    }
+    // Last: clients take ADDRESS_ASSIGN as "configuration complete".
+    ControlMessage::AddressAssign(assigned).emit(&mut out);
     out
 }
 
