@@ -274,7 +274,8 @@ pub async fn handle(incoming: IncomingSession, shared: Arc<Shared>) {
     let path = request.path().split('?').next().unwrap_or_default();
     if path != SESSION_PATH {
         shared.metrics.refused(RefusalReason::Path);
-        tracing::info!(%remote, path = request.path(), "refused session: wrong path");
+        // The path without its query: a query may carry a token, which must not reach the logs.
+        tracing::info!(%remote, path, "refused session: wrong path");
         request.not_found().await;
         return;
     }
