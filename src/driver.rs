@@ -55,6 +55,11 @@ impl Shared {
         }
         self.waiters.wake_all();
     }
+
+    /// Whether the session is over (not merely between two connections).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.is_some()
+    }
 }
 
 /// The part of the client every socket holds.
@@ -63,7 +68,12 @@ pub(crate) struct Core {
     pub(crate) shared: Mutex<Shared>,
     /// Wakes the driver after a socket call changed the stack.
     pub(crate) poke: Notify,
-    pub(crate) connection: wtransport::Connection,
+    /// The current QUIC connection; replaced when the session resumes on a new one.
+    connection: Mutex<wtransport::Connection>,
+    /// Woken when the session ends for good.
+    pub(crate) ended: Notify,
+    /// Connections the session resumed on after losing one.
+    pub(crate) reconnects: std::sync::atomic::AtomicU64,
     epoch: std::time::Instant,
 }
 
@@ -76,9 +86,37 @@ impl Core {
         Self {
             shared: Mutex::new(Shared::new(stack)),
             poke: Notify::new(),
-            connection,
+            connection: Mutex::new(connection),
+            ended: Notify::new(),
+            reconnects: std::sync::atomic::AtomicU64::new(0),
             epoch,
         }
+    }
+
+    /// The current connection (a cheap handle).
+    pub(crate) fn connection(&self) -> wtransport::Connection {
+        self.connection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Moves the session onto `connection` after a resumption.
+    pub(crate) fn replace_connection(&self, connection: wtransport::Connection) {
+        *self
+            .connection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = connection;
+        self.reconnects
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.poke.notify_one();
+    }
+
+    /// Ends the session for good with `error`, waking everything that waits on it.
+    pub(crate) fn end(&self, error: SessionError) {
+        self.lock().close(error);
+        self.poke.notify_one();
+        self.ended.notify_waiters();
     }
 
     pub(crate) fn now(&self) -> Instant {
@@ -92,16 +130,12 @@ impl Core {
     }
 }
 
-/// Reads datagrams into the stack until the session ends.
-pub(crate) async fn read_datagrams(core: Arc<Core>) {
+/// Reads datagrams of `connection` into the stack until that connection ends (the session's
+/// supervisor decides whether the session ends with it).
+pub(crate) async fn read_datagrams(core: Arc<Core>, connection: wtransport::Connection) {
     loop {
-        let datagram = match core.connection.receive_datagram().await {
-            Ok(datagram) => datagram,
-            Err(error) => {
-                core.lock().close(SessionError::Lost(error.to_string()));
-                core.poke.notify_one();
-                return;
-            }
+        let Ok(datagram) = connection.receive_datagram().await else {
+            return;
         };
         {
             let mut shared = core.lock();
@@ -116,10 +150,12 @@ pub(crate) async fn read_datagrams(core: Arc<Core>) {
 
 /// Polls the stack, sends its packets, and sleeps until the next packet, socket call or timer.
 pub(crate) async fn drive(core: Arc<Core>) {
-    let (header, header_len) = datagram_header(core.connection.session_id().into_u64());
-    let quic = core.connection.quic_connection().clone();
     let mut outgoing = Vec::new();
     loop {
+        // Per round: the session may have moved to a new connection (new session id).
+        let connection = core.connection();
+        let (header, header_len) = datagram_header(connection.session_id().into_u64());
+        let quic = connection.quic_connection().clone();
         let deadline = {
             let mut shared = core.lock();
             if shared.closed.is_some() {
@@ -150,9 +186,10 @@ pub(crate) async fn drive(core: Arc<Core>) {
                             "packet larger than the path allows, dropped"
                         );
                     }
+                    // The connection is gone: the packet is lost like on any broken link (TCP
+                    // resends it); the supervisor resumes the session or ends it.
                     other => {
-                        core.lock().close(SessionError::Lost(other.to_string()));
-                        return;
+                        tracing::debug!(error = %other, "connection gone; packet dropped");
                     }
                 }
             }

@@ -72,7 +72,7 @@ impl RawSession {
             recv,
             decoder,
             announced,
-        } = handshake(&options).await.map_err(|e| e.to_io())?;
+        } = handshake(&options, None).await.map_err(|e| e.to_io())?;
         let (header, header_len) = datagram_header(connection.session_id().into_u64());
         let closed = Arc::new(Mutex::new(None));
         let control = tokio::spawn(follow_control(

@@ -16,6 +16,10 @@ use crate::sockets::{TcpListener, TcpStream, UdpSocket};
 
 /// How long the gateway has to complete the control handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of [`ConnectOptions::reconnect_for`].
+pub(crate) const DEFAULT_RECONNECT_FOR: Duration = Duration::from_secs(60);
+/// One resumption attempt gives up after this (the path may still be down).
+const RESUME_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why a session could not be opened, or ended.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,6 +77,10 @@ pub struct ConnectOptions {
     /// A session token from `webnic-gateway token`, for gateways that require one; sent as the
     /// URL's `token` query parameter.
     pub token: Option<String>,
+    /// How long to keep trying to resume the session on a new connection after losing one
+    /// (idle timeout, network change, gateway restart); zero: never [default: 60 s, the
+    /// gateway's default grace period].
+    pub reconnect_for: Duration,
 }
 
 impl ConnectOptions {
@@ -82,7 +90,15 @@ impl ConnectOptions {
             url: url.into(),
             cert_hash: None,
             token: None,
+            reconnect_for: DEFAULT_RECONNECT_FOR,
         }
+    }
+
+    /// How long to try resuming a lost session ([`ConnectOptions::reconnect_for`]).
+    #[must_use]
+    pub fn reconnect_for(mut self, limit: Duration) -> Self {
+        self.reconnect_for = limit;
+        self
     }
 
     /// Sends `token` with the session request.
@@ -92,15 +108,21 @@ impl ConnectOptions {
         self
     }
 
-    /// The URL to request: `url` with `token=` added to its query.
-    fn request_url(&self) -> String {
-        match &self.token {
-            None => self.url.clone(),
-            Some(token) => {
-                let separator = if self.url.contains('?') { '&' } else { '?' };
-                format!("{}{separator}token={token}", self.url)
-            }
+    /// The URL to request: `url` with `token=` and, when resuming, `resume=` added to its query.
+    fn request_url(&self, resume: Option<&[u8]>) -> String {
+        let mut url = self.url.clone();
+        let mut add = |name: &str, value: &str| {
+            let separator = if url.contains('?') { '&' } else { '?' };
+            url = format!("{url}{separator}{name}={value}");
+        };
+        if let Some(token) = &self.token {
+            add("token", token);
         }
+        if let Some(ticket) = resume {
+            let hex: String = ticket.iter().map(|b| format!("{b:02x}")).collect();
+            add("resume", &hex);
+        }
+        url
     }
 
     /// Pins the gateway's certificate by its SHA-256 (hex), as pages do with
@@ -125,6 +147,8 @@ pub struct ClientStats {
     pub bytes_received: u64,
     /// Packets the stack dropped (queue full, too large).
     pub packets_dropped: u64,
+    /// Times the session resumed on a new connection after losing one.
+    pub reconnects: u64,
 }
 
 /// A session with a webnic gateway: a virtual NIC with its own addresses.
@@ -149,8 +173,8 @@ struct Tasks {
 
 impl Drop for Tasks {
     fn drop(&mut self) {
-        self.core.lock().close(SessionError::ClosedLocally);
-        self.core.connection.close(
+        self.core.end(SessionError::ClosedLocally);
+        self.core.connection().close(
             wtransport::VarInt::from_u32(CloseCode::Normal.to_u32()),
             b"client dropped",
         );
@@ -189,7 +213,7 @@ impl Client {
             recv,
             decoder,
             announced,
-        } = handshake(&options).await?;
+        } = handshake(&options, None).await?;
 
         let mtu = announced.mtu.unwrap_or(1152);
         if let Some(max) = connection.max_datagram_size()
@@ -207,13 +231,29 @@ impl Client {
         stack_config.dns_servers.clone_from(&announced.dns);
         let epoch = std::time::Instant::now();
         let stack = webnic_stack::Stack::new(stack_config, webnic_stack::Instant::from_micros(0));
-        let core = Arc::new(Core::new(stack, connection, epoch));
+        let core = Arc::new(Core::new(stack, connection.clone(), epoch));
         tracing::info!(ipv4 = ?announced.ipv4, ipv6 = ?announced.ipv6, mtu, "session configured");
 
+        let resume = Resumption {
+            options,
+            ticket: announced.ticket.clone(),
+            ipv4: announced.ipv4,
+            ipv6: announced.ipv6,
+        };
         let tasks = vec![
-            tokio::spawn(driver::read_datagrams(core.clone())),
             tokio::spawn(driver::drive(core.clone())),
-            tokio::spawn(read_control(core.clone(), recv, decoder, send, endpoint)),
+            tokio::spawn(supervise(
+                core.clone(),
+                Handshake {
+                    endpoint,
+                    connection,
+                    send,
+                    recv,
+                    decoder,
+                    announced: Announced::default(),
+                },
+                resume,
+            )),
         ];
         Ok(Self {
             core: core.clone(),
@@ -246,7 +286,7 @@ impl Client {
     /// The largest datagram payload the QUIC path takes right now (it grows with path MTU
     /// discovery); `None` if the gateway does not do datagrams.
     pub fn max_datagram_size(&self) -> Option<usize> {
-        self.core.connection.max_datagram_size()
+        self.core.connection().max_datagram_size()
     }
 
     /// The resolvers the gateway announced.
@@ -263,6 +303,10 @@ impl Client {
             bytes_sent: stats.bytes_sent,
             bytes_received: stats.bytes_received,
             packets_dropped: stats.dropped_queue_full + stats.dropped_too_large,
+            reconnects: self
+                .core
+                .reconnects
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -452,30 +496,32 @@ impl Client {
     pub fn send_raw_packet(&self, packet: &[u8]) -> io::Result<()> {
         self.core.lock().check_open()?;
         self.core
-            .connection
+            .connection()
             .send_datagram(packet)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
     }
 
     /// Ends the session: the gateway frees the address, all sockets fail.
     pub async fn close(&self) {
-        self.core.lock().close(SessionError::ClosedLocally);
-        self.core.connection.close(
+        self.core.end(SessionError::ClosedLocally);
+        self.core.connection().close(
             wtransport::VarInt::from_u32(CloseCode::Normal.to_u32()),
             b"client closed",
         );
-        self.core.poke.notify_one();
     }
 
-    /// Waits until the session ends and says why.
+    /// Waits until the session ends for good (not merely loses a connection it then resumes)
+    /// and says why.
     pub async fn closed(&self) -> SessionError {
-        let error = self.core.connection.closed().await;
-        let mut shared = self.core.lock();
-        shared.close(SessionError::Lost(error.to_string()));
-        shared
-            .closed
-            .clone()
-            .unwrap_or(SessionError::Lost(error.to_string()))
+        loop {
+            let ended = self.core.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if let Some(error) = self.core.lock().closed.clone() {
+                return error;
+            }
+            ended.await;
+        }
     }
 
     fn local_ip(&self) -> IpAddr {
@@ -498,11 +544,14 @@ pub(crate) struct Handshake {
 }
 
 /// Connects and runs the control handshake (`CLIENT_HELLO` → `ADDRESS_ASSIGN`).
-pub(crate) async fn handshake(options: &ConnectOptions) -> Result<Handshake, SessionError> {
+pub(crate) async fn handshake(
+    options: &ConnectOptions,
+    resume: Option<&[u8]>,
+) -> Result<Handshake, SessionError> {
     let config = client_config(options)?;
     let endpoint = Endpoint::client(config).map_err(|e| SessionError::Connect(e.to_string()))?;
     let connection = endpoint
-        .connect(options.request_url())
+        .connect(options.request_url(resume))
         .await
         .map_err(|e| match e {
             wtransport::error::ConnectingError::SessionRejected => SessionError::Rejected,
@@ -676,24 +725,131 @@ pub(crate) fn close_reason(error: &wtransport::error::ConnectionError) -> Option
     None
 }
 
-/// Follows the control stream after the handshake: later announcements and the close reason.
-async fn read_control(
-    core: Arc<Core>,
-    mut recv: wtransport::RecvStream,
-    mut decoder: CapsuleDecoder,
-    _send: wtransport::SendStream,
-    _endpoint: Endpoint<wtransport::endpoint::endpoint_side::Client>,
-) {
+/// What a lost session needs to come back on a new connection.
+#[derive(Debug)]
+struct Resumption {
+    options: ConnectOptions,
+    /// The gateway's latest ticket; `None`: the gateway does not offer resumption.
+    ticket: Option<Vec<u8>>,
+    ipv4: Option<Ipv4Addr>,
+    ipv6: Option<Ipv6Addr>,
+}
+
+/// Runs the session's connections one after another: reads each one's datagrams and control
+/// stream, and when a connection is lost (not closed on purpose) resumes the session on a new
+/// one with the gateway's ticket, so the stack — and every TCP connection in it — carries on.
+async fn supervise(core: Arc<Core>, mut current: Handshake, mut resume: Resumption) {
+    loop {
+        let datagrams = tokio::spawn(driver::read_datagrams(
+            core.clone(),
+            current.connection.clone(),
+        ));
+        let reason = read_control(&core, &mut current).await;
+        datagrams.abort();
+        if core.lock().is_closed() {
+            return;
+        }
+        let resumable = matches!(
+            reason,
+            SessionError::Lost(_)
+                | SessionError::Closed {
+                    code: CloseCode::GatewayShutdown,
+                    ..
+                }
+        );
+        let Some(ticket) = resume.ticket.clone().filter(|_| resumable) else {
+            core.end(reason);
+            return;
+        };
+        if resume.options.reconnect_for.is_zero() {
+            core.end(reason);
+            return;
+        }
+        tracing::warn!(%reason, "connection to the gateway lost; resuming the session");
+        match reconnect(&core, &resume, &ticket).await {
+            Ok(next) => {
+                resume.ticket = next.announced.ticket.clone();
+                core.replace_connection(next.connection.clone());
+                tracing::info!(
+                    reconnects = core.reconnects.load(std::sync::atomic::Ordering::Relaxed),
+                    "session resumed on a new connection"
+                );
+                current = next;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not resume the session");
+                core.end(error);
+                return;
+            }
+        }
+    }
+}
+
+/// Tries to resume with `ticket`, backing off from 100 ms to 2 s between attempts, for
+/// [`ConnectOptions::reconnect_for`].
+async fn reconnect(
+    core: &Core,
+    resume: &Resumption,
+    ticket: &[u8],
+) -> Result<Handshake, SessionError> {
+    let deadline = tokio::time::Instant::now() + resume.options.reconnect_for;
+    let mut backoff = Duration::from_millis(100);
+    let mut last = SessionError::Lost("no resumption attempt finished".into());
+    while tokio::time::Instant::now() < deadline {
+        if core.lock().is_closed() {
+            return Err(SessionError::ClosedLocally);
+        }
+        match tokio::time::timeout(
+            RESUME_ATTEMPT_TIMEOUT,
+            handshake(&resume.options, Some(ticket)),
+        )
+        .await
+        {
+            Ok(Ok(next)) => {
+                if next.announced.ipv4 == resume.ipv4 && next.announced.ipv6 == resume.ipv6 {
+                    return Ok(next);
+                }
+                // The gateway no longer held our addresses (grace period over, or it restarted
+                // without its lease file): the stack's connections cannot continue.
+                next.connection.close(
+                    wtransport::VarInt::from_u32(CloseCode::Normal.to_u32()),
+                    b"resumed with other addresses",
+                );
+                return Err(SessionError::Lost(format!(
+                    "the gateway resumed the session with other addresses ({:?}, {:?}); \
+                     its lease had expired",
+                    next.announced.ipv4, next.announced.ipv6
+                )));
+            }
+            // A refusal with a reason (pool exhausted, token expired, ...) is final.
+            Ok(Err(error @ (SessionError::Closed { .. } | SessionError::Rejected))) => {
+                return Err(error);
+            }
+            Ok(Err(error)) => last = error,
+            Err(_) => last = SessionError::Lost("resumption attempt timed out".into()),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+    Err(last)
+}
+
+/// Reads the control stream of `current` until its connection ends; returns why it ended.
+async fn read_control(core: &Core, current: &mut Handshake) -> SessionError {
     let mut buf = [0u8; 4096];
+    let mut closing = None;
     loop {
         loop {
-            match decoder.next_message() {
+            match current.decoder.next_message() {
                 Ok(Some(ControlMessage::DnsServers(servers))) => {
                     core.lock().stack.set_dns_servers(&servers);
                 }
+                Ok(Some(ControlMessage::SessionTicket(ticket))) => {
+                    current.announced.ticket = Some(ticket);
+                }
                 Ok(Some(ControlMessage::Close { code, reason })) => {
                     tracing::info!(%code, %reason, "gateway is closing the session");
-                    core.lock().close(SessionError::Closed { code, reason });
+                    closing = Some(SessionError::Closed { code, reason });
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => break,
@@ -703,15 +859,15 @@ async fn read_control(
                 }
             }
         }
-        match recv.read(&mut buf).await {
-            Ok(Some(n)) => decoder.extend(&buf[..n]),
+        match current.recv.read(&mut buf).await {
+            Ok(Some(n)) => current.decoder.extend(&buf[..n]),
             Ok(None) | Err(_) => break,
         }
     }
-    let error = core.connection.closed().await;
-    let reason = close_reason(&error).unwrap_or_else(|| SessionError::Lost(error.to_string()));
-    core.lock().close(reason);
-    core.poke.notify_one();
+    let error = current.connection.closed().await;
+    closing
+        .or_else(|| close_reason(&error))
+        .unwrap_or_else(|| SessionError::Lost(error.to_string()))
 }
 
 pub(crate) fn connect_error_to_io(error: &TcpError) -> io::Error {
@@ -750,11 +906,21 @@ mod tests {
     #[test]
     fn token_goes_in_the_query() {
         let plain = ConnectOptions::new("https://gw:4433/webnic");
-        assert_eq!(plain.request_url(), "https://gw:4433/webnic");
+        assert_eq!(plain.request_url(None), "https://gw:4433/webnic");
         let with = plain.clone().token("abc.def");
-        assert_eq!(with.request_url(), "https://gw:4433/webnic?token=abc.def");
+        assert_eq!(
+            with.request_url(None),
+            "https://gw:4433/webnic?token=abc.def"
+        );
         let query = ConnectOptions::new("https://gw:4433/webnic?x=1").token("t");
-        assert_eq!(query.request_url(), "https://gw:4433/webnic?x=1&token=t");
+        assert_eq!(
+            query.request_url(None),
+            "https://gw:4433/webnic?x=1&token=t"
+        );
+        assert_eq!(
+            with.request_url(Some(&[0xab, 0x01])),
+            "https://gw:4433/webnic?token=abc.def&resume=ab01"
+        );
         assert_eq!(
             SessionError::Rejected.to_io().kind(),
             io::ErrorKind::ConnectionRefused

@@ -513,6 +513,24 @@ async fn run(
         }
     };
 
+    // Decided before the closes below change the connection's state. A client that closed its
+    // connection on purpose, even without a Close capsule, is gone; a control stream that failed
+    // because the connection timed out or was reset is a lost connection.
+    let lost = match &end {
+        End::Shutdown => true,
+        End::Connection(error) => !matches!(error, ConnectionError::ApplicationClosed(_)),
+        End::ControlError(_) => {
+            match tokio::time::timeout(Duration::from_millis(200), connection.closed()).await {
+                Ok(error) => !matches!(
+                    error,
+                    ConnectionError::ApplicationClosed(_) | ConnectionError::LocallyClosed
+                ),
+                // The connection is still up: the client broke the protocol.
+                Err(_) => false,
+            }
+        }
+        _ => false,
+    };
     match &end {
         End::Shutdown => {
             close(
@@ -553,12 +571,6 @@ async fn run(
     }
     // A connection that was lost, or a gateway going down, parks the lease: the client may come
     // back with its ticket. Anything else ends it and the addresses go back to the pool.
-    // (A client that closed its connection on purpose, even without a Close capsule, is gone.)
-    let lost = match &end {
-        End::Shutdown => true,
-        End::Connection(error) => !matches!(error, ConnectionError::ApplicationClosed(_)),
-        _ => false,
-    };
     let parked = lost
         && shared
             .leases()

@@ -1,0 +1,204 @@
+//! TCP connections that survive losing the QUIC connection. The TCP state lives in the client's
+//! stack and the address belongs to the session, so when the connection dies the client resumes
+//! the session on a new one with the gateway's ticket, gets the same addresses back, and its
+//! open TCP connections carry on. Two ways to lose the connection mid-transfer:
+//! - the path goes dark for longer than the idle timeout (the impairment relay drops everything),
+//!   so both ends declare the connection dead;
+//! - the gateway process restarts (SIGTERM, then a new process with the same certificate and
+//!   `--lease-file`).
+//!
+//! In both, an 8 MiB echo through socat completes byte-exact and the client counts one resume.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{
+    TCP_ECHO_PORT, Topology, assert_same_bytes, seeded_bytes, tcp_exchange, wait_exit, within,
+};
+use webnic_impair::{Impairment, Relay};
+
+fn gateway_socket_addr(url: &str) -> SocketAddr {
+    let rest = url.strip_prefix("https://").expect("https URL");
+    rest.split('/').next().unwrap().parse().expect("ip:port")
+}
+
+/// A P-256 certificate and key (what browsers accept for pinning), so a restarted gateway keeps
+/// the certificate hash the client pinned.
+fn make_certificate(dir: &Path) -> (String, String) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let output = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "10"])
+        .args(["-subj", "/CN=webnic-test", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl");
+    assert!(
+        output.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (
+        cert.to_str().unwrap().to_owned(),
+        key.to_str().unwrap().to_owned(),
+    )
+}
+
+/// Waits until `relay` has carried `packets` packets to the client: the transfer is under way.
+async fn wait_for_traffic(relay: &Relay, packets: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relay.stats().down.delivered_original < packets {
+        assert!(Instant::now() < deadline, "the transfer never got going");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_survives_the_connection_timing_out() {
+    let topology = Topology::new();
+    let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
+    let gateway = topology.start_gateway(&["--idle-timeout", "1"]);
+    // 50 Mbit/s keeps the 8 MiB echo going for a few seconds.
+    let link: Impairment = "rate=50mbit,queue=50ms".parse().unwrap();
+    let relay = Relay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        gateway_socket_addr(gateway.url()),
+        link.clone(),
+        link,
+        21,
+    )
+    .await
+    .expect("relay");
+    within(Duration::from_secs(120), "resume after a timeout", async {
+        let url = format!("https://{}/webnic", relay.local_addr());
+        let client = webnic::Client::connect(
+            webnic::ConnectOptions::new(url).cert_hash(gateway.cert_hash()),
+        )
+        .await
+        .expect("connect");
+        let address = client.ipv4();
+        let remote = SocketAddr::new(IpAddr::V4(topology.srv_ipv4()), TCP_ECHO_PORT);
+        let data = seeded_bytes(21, 8 << 20);
+        let transfer = {
+            let (client, data) = (client.clone(), data.clone());
+            tokio::spawn(async move { tcp_exchange(&client, remote, data).await })
+        };
+        wait_for_traffic(&relay, 300).await;
+        assert!(!transfer.is_finished());
+        // Four seconds of nothing: both ends' 1 s idle timeout fires.
+        relay.black_out(Duration::from_secs(4));
+        let cut = Instant::now();
+        let echoed = transfer.await.expect("task").unwrap_or_else(|e| {
+            panic!(
+                "transfer across a lost connection: {e}\nrelay {:?}\n{}",
+                relay.stats(),
+                gateway.process.logs()
+            )
+        });
+        assert_same_bytes(&echoed, &data, "8 MiB echo across a lost connection");
+        let stats = client.stats();
+        println!(
+            "8 MiB echo byte-exact; finished {:.1} s after the path died; reconnects {}; {:?}",
+            cut.elapsed().as_secs_f64(),
+            stats.reconnects,
+            relay.stats()
+        );
+        assert_eq!(stats.reconnects, 1, "{}", gateway.process.logs());
+        assert_eq!(client.ipv4(), address);
+        assert_eq!(gateway.metric("webnic_sessions_total"), 2.0);
+        // The resumed session is a normal one: it closes and frees its address.
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_survives_a_gateway_restart() {
+    let topology = Topology::new();
+    let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
+    let (cert, key) = make_certificate(topology.tmp());
+    let leases = topology.tmp().join("leases.txt");
+    let leases_arg = leases.to_str().unwrap().to_owned();
+    let args = [
+        "--cert",
+        cert.as_str(),
+        "--key",
+        key.as_str(),
+        "--lease-file",
+        leases_arg.as_str(),
+    ];
+    let gateway = topology.start_gateway(&args);
+    let link: Impairment = "rate=50mbit,queue=50ms".parse().unwrap();
+    let relay = Relay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        gateway_socket_addr(gateway.url()),
+        link.clone(),
+        link,
+        22,
+    )
+    .await
+    .expect("relay");
+    let hash = gateway.cert_hash().to_owned();
+    within(Duration::from_secs(120), "resume after a restart", async {
+        let url = format!("https://{}/webnic", relay.local_addr());
+        let client =
+            webnic::Client::connect(webnic::ConnectOptions::new(url).cert_hash(hash.clone()))
+                .await
+                .expect("connect");
+        let address = client.ipv4();
+        let remote = SocketAddr::new(IpAddr::V4(topology.srv_ipv4()), TCP_ECHO_PORT);
+        let data = seeded_bytes(22, 8 << 20);
+        let transfer = {
+            let (client, data) = (client.clone(), data.clone());
+            tokio::spawn(async move { tcp_exchange(&client, remote, data).await })
+        };
+        wait_for_traffic(&relay, 300).await;
+        assert!(!transfer.is_finished());
+
+        // SIGTERM: the gateway tells its sessions it is going down, parks their leases and
+        // writes them to the lease file; a new process with the same certificate reads them.
+        tokio::task::block_in_place(|| {
+            gateway.process.kill();
+            assert!(
+                wait_exit(&gateway.process, Duration::from_secs(15)).contains("exit"),
+                "{}",
+                gateway.process.logs()
+            );
+        });
+        let saved = std::fs::read_to_string(&leases).expect("lease file written on shutdown");
+        let own = address.expect("IPv4 address").to_string();
+        assert!(saved.contains(&own), "lease file lacks {own}: {saved}");
+        let restarted = tokio::task::block_in_place(|| topology.start_gateway(&args));
+        assert_eq!(restarted.cert_hash(), hash, "the certificate changed");
+        let cut = Instant::now();
+
+        let echoed = transfer.await.expect("task").unwrap_or_else(|e| {
+            panic!(
+                "transfer across a gateway restart: {e}\n{}",
+                restarted.process.logs()
+            )
+        });
+        assert_same_bytes(&echoed, &data, "8 MiB echo across a gateway restart");
+        let stats = client.stats();
+        println!(
+            "8 MiB echo byte-exact across a gateway restart; finished {:.1} s after the new \
+             gateway was ready; reconnects {}",
+            cut.elapsed().as_secs_f64(),
+            stats.reconnects
+        );
+        assert_eq!(stats.reconnects, 1, "{}", restarted.process.logs());
+        assert_eq!(client.ipv4(), address);
+        assert!(
+            restarted.process.logs().contains("restored session leases"),
+            "{}",
+            restarted.process.logs()
+        );
+        client.close().await;
+    })
+    .await;
+}
