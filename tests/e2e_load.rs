@@ -23,8 +23,8 @@ use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +36,9 @@ const UDP_ECHO_PORT: u16 = 7;
 const FLOOD_PORT: u16 = 9999;
 /// Size of one flood datagram's payload (the packet fits the 1152-byte link MTU).
 const FLOOD_PAYLOAD: usize = 1100;
+
+/// The two tests measure throughput: they take turns (cargo runs a binary's tests in parallel).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -156,6 +159,7 @@ fn metric_sum(gateway: &GatewayProcess, prefix: &str) -> f64 {
 
 #[test]
 fn load_sessions_fair_and_never_stuck() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let sessions = env_u64("WEBNIC_LOAD_SESSIONS", 100);
     let secs = env_u64("WEBNIC_LOAD_SECS", 30);
     let procs = env_u64("WEBNIC_LOAD_PROCS", 4).clamp(1, sessions.max(1));
@@ -238,11 +242,15 @@ fn load_sessions_fair_and_never_stuck() {
         thread::sleep(Duration::from_secs(1));
     }
 
+    let mut nonzero: Vec<String> = gateway
+        .metrics()
+        .into_iter()
+        .filter(|(k, v)| k.contains("dropped_packets_total") && *v > 0.0)
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    nonzero.sort();
     let drops = format!(
-        "gateway drops: queue_full {}, all reasons {}, quota {}; packets to clients {}, from clients {}",
-        gateway.metric("webnic_dropped_packets_total{reason=\"queue_full\"}"),
-        metric_sum(&gateway, "webnic_dropped_packets_total"),
-        metric_sum(&gateway, "webnic_quota_dropped_packets_total"),
+        "gateway drops: {nonzero:?}; packets to clients {}, from clients {}",
         gateway.metric("webnic_packets_total{direction=\"to_client\"}"),
         gateway.metric("webnic_packets_total{direction=\"from_client\"}"),
     );
@@ -388,6 +396,7 @@ fn bulk_goodput(topology: &Topology, gateway: &GatewayProcess, name: &str, secs:
 
 #[test]
 fn flooded_session_does_not_starve_another() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     const B_SECS: u64 = 6;
     let topology = Topology::new();
     let _tcp_echo = serve_tcp_echo(&topology);
