@@ -202,3 +202,88 @@ async fn tcp_survives_a_gateway_restart() {
     })
     .await;
 }
+
+/// A gateway killed with SIGKILL leaves its nftables table behind and its clients without a
+/// goodbye. A new gateway on the same host starts anyway (it replaces the stale table instead of
+/// adding a second one), and a client of the killed one resumes on it with the lease from the
+/// lease file and the same address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_after_sigkill_cleans_up_and_resumes() {
+    let topology = Topology::new();
+    let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
+    let (cert, key) = make_certificate(topology.tmp());
+    let leases = topology.tmp().join("leases.txt");
+    let leases_arg = leases.to_str().unwrap().to_owned();
+    let args = [
+        "--cert",
+        cert.as_str(),
+        "--key",
+        key.as_str(),
+        "--lease-file",
+        leases_arg.as_str(),
+        "--nat",
+        "--idle-timeout",
+        "2",
+    ];
+    let gateway = topology.start_gateway(&args);
+    let hash = gateway.cert_hash().to_owned();
+    let webnic_tables = |what: &str| {
+        let tables = String::from_utf8_lossy(&topology.gw_exec(&["nft", "list", "tables"]).stdout)
+            .into_owned();
+        let count = tables.lines().filter(|l| l.contains("webnic_")).count();
+        println!("{what}: {count} webnic tables\n{tables}");
+        count
+    };
+    let installed = webnic_tables("running");
+    assert!(installed >= 1, "--nat installed no table");
+    within(Duration::from_secs(120), "restart after SIGKILL", async {
+        let client = webnic::Client::connect(
+            webnic::ConnectOptions::new(gateway.url()).cert_hash(hash.clone()),
+        )
+        .await
+        .expect("connect");
+        let address = client.ipv4();
+        let remote = SocketAddr::new(IpAddr::V4(topology.srv_ipv4()), TCP_ECHO_PORT);
+        // Let the lease reach the file (written at most a second after it changes).
+        let own = address.expect("IPv4").to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&leases).is_ok_and(|t| t.contains(&own)) {
+            assert!(
+                Instant::now() < deadline,
+                "the lease never reached the file"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+        unsafe { libc::kill(gateway.process.pid() as libc::pid_t, libc::SIGKILL) };
+        tokio::task::block_in_place(|| {
+            let status = wait_exit(&gateway.process, Duration::from_secs(10));
+            assert!(status.contains("signal 9"), "{status}");
+        });
+        assert_eq!(
+            webnic_tables("after SIGKILL"),
+            installed,
+            "the stale table is gone?"
+        );
+        let restarted = tokio::task::block_in_place(|| topology.start_gateway(&args));
+        assert_eq!(
+            webnic_tables("restarted"),
+            installed,
+            "stale table duplicated"
+        );
+
+        // The old client notices the dead connection (2 s idle timeout), resumes, and works.
+        let data = seeded_bytes(23, 1 << 20);
+        let echoed = tcp_exchange(&client, remote, data.clone())
+            .await
+            .unwrap_or_else(|e| {
+                panic!("echo after the restart: {e}\n{}", restarted.process.logs())
+            });
+        assert_same_bytes(&echoed, &data, "echo through the restarted gateway");
+        assert_eq!(client.stats().reconnects, 1, "{}", restarted.process.logs());
+        assert_eq!(client.ipv4(), address);
+        client.close().await;
+    })
+    .await;
+}
