@@ -74,6 +74,8 @@ pub(crate) struct Core {
     pub(crate) ended: Notify,
     /// Connections the session resumed on after losing one.
     pub(crate) reconnects: std::sync::atomic::AtomicU64,
+    /// The gateway announced it is draining.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
     epoch: std::time::Instant,
 }
 
@@ -89,6 +91,7 @@ impl Core {
             connection: Mutex::new(connection),
             ended: Notify::new(),
             reconnects: std::sync::atomic::AtomicU64::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
             epoch,
         }
     }

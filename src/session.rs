@@ -510,6 +510,12 @@ impl Client {
         );
     }
 
+    /// Whether the gateway announced it is draining (it will close the session soon; new
+    /// sessions to it are refused).
+    pub fn gateway_draining(&self) -> bool {
+        self.core.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Waits until the session ends for good (not merely loses a connection it then resumes)
     /// and says why.
     pub async fn closed(&self) -> SessionError {
@@ -697,6 +703,7 @@ async fn read_configuration(
                 ControlMessage::SessionTicket(ticket) => announced.ticket = Some(ticket),
                 ControlMessage::RouteAdvertisement(_)
                 | ControlMessage::ClientHello { .. }
+                | ControlMessage::Draining { .. }
                 | ControlMessage::Unknown { .. } => {}
             }
         }
@@ -846,6 +853,11 @@ async fn read_control(core: &Core, current: &mut Handshake) -> SessionError {
                 }
                 Ok(Some(ControlMessage::SessionTicket(ticket))) => {
                     current.announced.ticket = Some(ticket);
+                }
+                Ok(Some(ControlMessage::Draining { seconds })) => {
+                    tracing::warn!(seconds, "the gateway is draining; the session ends within");
+                    core.draining
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 Ok(Some(ControlMessage::Close { code, reason })) => {
                     tracing::info!(%code, %reason, "gateway is closing the session");

@@ -287,3 +287,78 @@ async fn restart_after_sigkill_cleans_up_and_resumes() {
     })
     .await;
 }
+
+/// `--drain-timeout`: on SIGTERM the gateway refuses new sessions (code 1, counted as `draining`),
+/// tells its clients, lets a transfer in progress finish byte-exact, and exits as soon as the last
+/// session has ended — long before the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_refuses_new_sessions_and_lets_existing_ones_finish() {
+    let topology = Topology::new();
+    let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
+    let gateway = topology.start_gateway(&["--drain-timeout", "30", "--resume-grace", "0"]);
+    let link: Impairment = "rate=20mbit,queue=50ms".parse().unwrap();
+    let relay = Relay::start(
+        "127.0.0.1:0".parse().unwrap(),
+        gateway_socket_addr(gateway.url()),
+        link.clone(),
+        link,
+        24,
+    )
+    .await
+    .expect("relay");
+    within(Duration::from_secs(90), "drain", async {
+        let url = format!("https://{}/webnic", relay.local_addr());
+        let options = webnic::ConnectOptions::new(url).cert_hash(gateway.cert_hash());
+        let client = webnic::Client::connect(options.clone())
+            .await
+            .expect("connect");
+        let remote = SocketAddr::new(IpAddr::V4(topology.srv_ipv4()), TCP_ECHO_PORT);
+        let data = seeded_bytes(24, 4 << 20);
+        let transfer = {
+            let (client, data) = (client.clone(), data.clone());
+            tokio::spawn(async move { tcp_exchange(&client, remote, data).await })
+        };
+        wait_for_traffic(&relay, 200).await;
+        let drain_started = Instant::now();
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+        unsafe { libc::kill(gateway.process.pid() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !client.gateway_draining() {
+            assert!(Instant::now() < deadline, "the client was never told");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        match webnic::Client::connect(options).await {
+            Ok(_) => panic!("a draining gateway admitted a new session"),
+            Err(error) => assert!(
+                error.to_string().contains("shutting down"),
+                "refusal should carry code 1 (shutdown): {error}"
+            ),
+        }
+        assert!(
+            !transfer.is_finished(),
+            "the transfer ended before the drain was checked"
+        );
+        let echoed = transfer
+            .await
+            .expect("task")
+            .expect("transfer during the drain");
+        assert_same_bytes(&echoed, &data, "4 MiB echo finished during the drain");
+        client.close().await;
+        let status =
+            tokio::task::block_in_place(|| wait_exit(&gateway.process, Duration::from_secs(15)));
+        println!(
+            "drained and exited ({status}) {:.1} s after SIGTERM (deadline 30 s)",
+            drain_started.elapsed().as_secs_f64()
+        );
+        assert!(
+            status.contains("exit"),
+            "{status}\n{}",
+            gateway.process.logs()
+        );
+        assert!(drain_started.elapsed() < Duration::from_secs(25));
+        let logs = gateway.process.logs();
+        assert!(logs.contains("reason=\"draining\""), "{logs}");
+        assert!(logs.contains("drained: every session ended"), "{logs}");
+    })
+    .await;
+}

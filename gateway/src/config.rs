@@ -99,6 +99,10 @@ pub struct Cli {
     /// Keep the session leases in this file, so clients resume across a gateway restart.
     #[arg(long, value_name = "PATH")]
     pub lease_file: Option<PathBuf>,
+    /// On SIGTERM/SIGINT, drain first: refuse new sessions, tell clients, and keep serving the
+    /// existing ones up to this many seconds before closing them; 0: close at once [default: 0].
+    #[arg(long, value_name = "SECS")]
+    pub drain_timeout: Option<u64>,
     /// Allow destinations the default policy refuses: `CIDR[:PORTS]`, e.g. `10.1.2.0/24` or
     /// `fd00:1::/64:80,443` (repeatable). The gateway's own addresses stay refused.
     #[arg(long, value_name = "CIDR[:PORTS]")]
@@ -250,6 +254,8 @@ pub struct FileConfig {
     pub resume_grace: Option<u64>,
     /// See [`Cli::lease_file`].
     pub lease_file: Option<PathBuf>,
+    /// See [`Cli::drain_timeout`].
+    pub drain_timeout: Option<u64>,
     /// See [`Cli::allow_dest`].
     #[serde(default)]
     pub allow_dest: Vec<String>,
@@ -369,6 +375,8 @@ pub struct Config {
     pub resume_grace: Duration,
     /// Where leases persist across restarts.
     pub lease_file: Option<PathBuf>,
+    /// How long a shutdown drains before closing sessions; zero: no drain.
+    pub drain_timeout: Duration,
     /// The egress policy's rules (host addresses and pools are added at startup).
     pub policy: EgressPolicy,
     /// The demo site's listen address and package directory; `None` with `--no-demo`.
@@ -633,6 +641,9 @@ impl Config {
                     .unwrap_or(DEFAULT_RESUME_GRACE_SECS),
             ),
             lease_file: cli.lease_file.or(file.lease_file),
+            drain_timeout: Duration::from_secs(
+                cli.drain_timeout.or(file.drain_timeout).unwrap_or(0),
+            ),
         })
     }
 }

@@ -45,11 +45,13 @@ pub enum RefusalReason {
     Total,
     /// New sessions from the address arrive too fast.
     RateLimited,
+    /// The gateway is draining: it admits no new sessions.
+    Draining,
 }
 
 impl RefusalReason {
     /// Every reason, in metrics order.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::Origin,
         Self::Path,
         Self::PoolExhausted,
@@ -63,6 +65,7 @@ impl RefusalReason {
         Self::PerSubject,
         Self::Total,
         Self::RateLimited,
+        Self::Draining,
     ];
 
     /// The metric label value.
@@ -81,6 +84,7 @@ impl RefusalReason {
             Self::PerSubject => "per_subject",
             Self::Total => "total",
             Self::RateLimited => "rate_limited",
+            Self::Draining => "draining",
         }
     }
 }

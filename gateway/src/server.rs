@@ -165,6 +165,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (drain_tx, drain_rx) = watch::channel(None);
     // After the TUN is up, so its addresses are among the host's.
     let mut policy = config.policy.clone();
     policy.allow_resolvers(&config.dns);
@@ -218,6 +219,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         shutdown: shutdown_rx,
         next_session: AtomicU64::new(1),
         leases: leases.map(Mutex::new),
+        draining: drain_rx,
         leases_dirty: AtomicBool::new(false),
     });
     let lease_keeper = tokio::spawn(keep_leases(Arc::clone(&shared), config.lease_file.clone()));
@@ -244,6 +246,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     tracing::info!(%local, tun = tun.name(), "gateway ready");
 
     let mut sessions = JoinSet::new();
+    // While draining: new sessions are refused, existing ones run until they end or the deadline.
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -251,8 +255,33 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 while sessions.try_join_next().is_some() {}
             }
             signal = signals.recv() => {
+                if drain_deadline.is_none() && !config.drain_timeout.is_zero() {
+                    let seconds = u32::try_from(config.drain_timeout.as_secs()).unwrap_or(u32::MAX);
+                    tracing::info!(signal, seconds, active = metrics.sessions_active(), "draining: refusing new sessions, telling clients");
+                    drain_deadline = Some(tokio::time::Instant::now() + config.drain_timeout);
+                    let _ = drain_tx.send(Some(seconds));
+                    if sessions.is_empty() {
+                        break;
+                    }
+                    continue;
+                }
                 tracing::info!(signal, "shutting down");
                 break;
+            }
+            () = async {
+                match drain_deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                tracing::info!(active = metrics.sessions_active(), "drain deadline reached; closing the remaining sessions");
+                break;
+            }
+            Some(_) = sessions.join_next(), if drain_deadline.is_some() => {
+                if metrics.sessions_active() == 0 && sessions.is_empty() {
+                    tracing::info!("drained: every session ended");
+                    break;
+                }
             }
             result = &mut tun_reader => {
                 tracing::error!(?result, "TUN reader stopped; shutting down");

@@ -116,6 +116,9 @@ pub struct Shared {
     pub queue_capacity: usize,
     /// Becomes `true` when the gateway shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// `Some(seconds)` once the gateway drains: no new sessions; existing ones are told they
+    /// will be closed within that many seconds.
+    pub draining: watch::Receiver<Option<u32>>,
     /// Session numbering for logs.
     pub next_session: AtomicU64,
     /// Which destinations client packets may reach.
@@ -412,6 +415,20 @@ async fn run(
             }
         },
     };
+    if shared.draining.borrow().is_some() {
+        let detail = "the gateway is draining; try another one or later";
+        refuse(
+            &shared,
+            &connection,
+            &mut send,
+            (id, None),
+            RefusalReason::Draining,
+            CloseCode::GatewayShutdown,
+            detail,
+        )
+        .await;
+        return;
+    }
     let identity = Identity { id, remote, token };
     let admitted = shared.admission().admit(
         Instant::now(),
@@ -506,7 +523,7 @@ async fn run(
                 &addresses,
                 &queue,
                 &stats,
-                &mut recv,
+                (&mut send, &mut recv),
                 &mut decoder,
             )
             .await
@@ -747,7 +764,7 @@ async fn serve(
     addresses: &[IpAddr],
     queue: &Arc<SessionQueue>,
     stats: &Arc<SessionStats>,
-    recv: &mut RecvStream,
+    (send, recv): (&mut SendStream, &mut RecvStream),
     decoder: &mut CapsuleDecoder,
 ) -> End {
     // The datagram directions run as their own tasks so they can use both cores.
@@ -771,18 +788,36 @@ async fn serve(
         Arc::clone(stats),
     ));
     let mut shutdown = shared.shutdown.clone();
+    let mut draining = shared.draining.clone();
+    let mut told_draining = false;
     let lifetime = async {
         match shared.max_lifetime {
             Some(limit) => tokio::time::sleep(limit).await,
             None => std::future::pending().await,
         }
     };
-    let end = tokio::select! {
-        () = lifetime => End::MaxLifetime,
-        end = &mut rx => end.unwrap_or_else(|error| End::ControlError(format!("receiver task: {error}"))),
-        end = &mut tx => end.unwrap_or_else(|error| End::ControlError(format!("sender task: {error}"))),
-        end = control(recv, decoder) => end,
-        _ = shutdown.wait_for(|stop| *stop) => End::Shutdown,
+    tokio::pin!(lifetime);
+    let end = loop {
+        tokio::select! {
+            () = &mut lifetime => break End::MaxLifetime,
+            end = &mut rx => break end.unwrap_or_else(|error| End::ControlError(format!("receiver task: {error}"))),
+            end = &mut tx => break end.unwrap_or_else(|error| End::ControlError(format!("sender task: {error}"))),
+            end = control(recv, decoder) => break end,
+            // (The watch guards are dropped inside these futures: they must not live across
+            // the write below.)
+            () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break End::Shutdown,
+            seconds = async { draining.wait_for(Option::is_some).await.map(|s| s.unwrap_or(0)) },
+                if !told_draining =>
+            {
+                told_draining = true;
+                let seconds = seconds.unwrap_or(0);
+                let mut capsule = Vec::new();
+                ControlMessage::Draining { seconds }.emit(&mut capsule);
+                if let Err(error) = send.write_all(&capsule).await {
+                    tracing::debug!(%error, "could not tell the client the gateway drains");
+                }
+            }
+        }
     };
     rx.abort();
     tx.abort();

@@ -41,6 +41,8 @@ pub mod capsule_type {
     pub const CLOSE: u64 = 0x1a77_6e04;
     /// webnic: a session resumption ticket (gateway → client), sent before ADDRESS_ASSIGN.
     pub const SESSION_TICKET: u64 = 0x1a77_6e05;
+    /// webnic: the gateway is draining; the session will be closed within a deadline.
+    pub const DRAINING: u64 = 0x1a77_6e06;
 }
 
 /// Bounds of a session ticket's length in bytes.
@@ -228,6 +230,12 @@ pub enum ControlMessage {
     /// A secret the client presents (`?resume=` + hex in the URL) when it reconnects after losing
     /// the connection, to get the same addresses back while the gateway still holds them.
     SessionTicket(Vec<u8>),
+    /// The gateway is draining (it admits no new sessions and will close this one within
+    /// `seconds`): a client should finish or move its work.
+    Draining {
+        /// Seconds until the gateway closes the session at the latest.
+        seconds: u32,
+    },
     /// Sent just before the session closes, saying why.
     Close {
         /// Why.
@@ -314,6 +322,9 @@ impl ControlMessage {
                 }
                 Self::SessionTicket(ticket)
             }
+            capsule_type::DRAINING => Self::Draining {
+                seconds: r.varint_u32("drain seconds")?,
+            },
             capsule_type::CLOSE => {
                 let code = CloseCode::from_u32(r.varint_u32("close code")?);
                 let reason = std::str::from_utf8(r.rest())
@@ -344,6 +355,7 @@ impl ControlMessage {
             Self::DnsServers(_) => capsule_type::DNS_SERVERS,
             Self::Close { .. } => capsule_type::CLOSE,
             Self::SessionTicket(_) => capsule_type::SESSION_TICKET,
+            Self::Draining { .. } => capsule_type::DRAINING,
             Self::Unknown { capsule_type } => *capsule_type,
         }
     }
@@ -380,6 +392,7 @@ impl ControlMessage {
                 value.extend_from_slice(reason.as_bytes());
             }
             Self::SessionTicket(ticket) => value.extend_from_slice(ticket),
+            Self::Draining { seconds } => put_varint(&mut value, u64::from(*seconds)),
             Self::Unknown { .. } => {}
         }
         put_varint(out, self.capsule_type());
@@ -606,6 +619,7 @@ mod tests {
         roundtrip(ControlMessage::ClientHello { version: 1 });
         roundtrip(ControlMessage::ServerHello { version: 70_000 });
         roundtrip(ControlMessage::SessionTicket((0..32).collect()));
+        roundtrip(ControlMessage::Draining { seconds: 30 });
         roundtrip(ControlMessage::AddressAssign(vec![
             AssignedAddress {
                 request_id: 0,

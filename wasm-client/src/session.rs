@@ -207,6 +207,7 @@ async fn read_configuration(
                 ControlMessage::RouteAdvertisement(_)
                 | ControlMessage::ClientHello { .. }
                 | ControlMessage::SessionTicket(_)
+                | ControlMessage::Draining { .. }
                 | ControlMessage::Unknown { .. } => {}
             }
         }
