@@ -338,8 +338,50 @@ impl Metrics {
                 load(&self.refused[reason as usize])
             );
         }
+        // Drops before the gateway sees a datagram: the kernel's, when the QUIC socket's receive
+        // buffer is full. Counted per network namespace (the gateway's), so they include other
+        // UDP sockets there; on a dedicated host that is the gateway's socket.
+        if let Some(udp) = std::fs::read_to_string("/proc/self/net/snmp")
+            .ok()
+            .and_then(|text| parse_udp_snmp(&text))
+        {
+            let _ = writeln!(
+                out,
+                "# HELP webnic_kernel_udp_receive_buffer_errors_total UDP datagrams the kernel dropped in the gateway's network namespace because a socket's receive buffer was full.\n\
+                 # TYPE webnic_kernel_udp_receive_buffer_errors_total counter\n\
+                 webnic_kernel_udp_receive_buffer_errors_total {}\n\
+                 # HELP webnic_kernel_udp_send_buffer_errors_total UDP datagrams the kernel refused to send in the gateway's network namespace because a send buffer was full.\n\
+                 # TYPE webnic_kernel_udp_send_buffer_errors_total counter\n\
+                 webnic_kernel_udp_send_buffer_errors_total {}",
+                udp.receive_buffer_errors, udp.send_buffer_errors
+            );
+        }
         out
     }
+}
+
+/// The kernel's UDP drop counters (`/proc/net/snmp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpSnmp {
+    /// `RcvbufErrors`.
+    pub receive_buffer_errors: u64,
+    /// `SndbufErrors`.
+    pub send_buffer_errors: u64,
+}
+
+/// Reads the `Udp:` header and value lines of `/proc/net/snmp`.
+pub fn parse_udp_snmp(text: &str) -> Option<UdpSnmp> {
+    let mut lines = text.lines().filter(|l| l.starts_with("Udp: "));
+    let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let values: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let field = |name: &str| -> Option<u64> {
+        let i = names.iter().position(|n| *n == name)?;
+        values.get(i)?.parse().ok()
+    };
+    Some(UdpSnmp {
+        receive_buffer_errors: field("RcvbufErrors")?,
+        send_buffer_errors: field("SndbufErrors")?,
+    })
 }
 
 /// Serves [`Metrics::render`] over HTTP on `listener` until the task is dropped.
@@ -405,6 +447,28 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_udp_counters_parse() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+            Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors\n\
+            Udp: 9427768 11284 15747 11550941 15740 3 0\n\
+            UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+            UdpLite: 0 0 0 0 0 0\n";
+        assert_eq!(
+            parse_udp_snmp(snmp),
+            Some(UdpSnmp {
+                receive_buffer_errors: 15740,
+                send_buffer_errors: 3
+            })
+        );
+        assert_eq!(parse_udp_snmp("Ip: a\nIp: 1\n"), None);
+        assert!(
+            Metrics::new()
+                .render()
+                .contains("webnic_kernel_udp_receive_buffer_errors_total ")
+        );
+    }
 
     #[test]
     fn renders_every_reason() {
