@@ -513,7 +513,9 @@ impl Client {
     /// Whether the gateway announced it is draining (it will close the session soon; new
     /// sessions to it are refused).
     pub fn gateway_draining(&self) -> bool {
-        self.core.draining.load(std::sync::atomic::Ordering::Relaxed)
+        self.core
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Waits until the session ends for good (not merely loses a connection it then resumes)
