@@ -1423,3 +1423,78 @@ fn browser_gateway_served_demo_with_token() {
         "{result}"
     );
 }
+
+/// A refused session rejects `WebNic.connect` with an error named after the gateway's close code
+/// (the spec has no names for these; webnic.js's `CLOSE_CODE_NAMES`), in Window and Worker mode:
+/// no token → `TokenMissingError` (7), a malformed token → `TokenInvalidError` (8), an expired
+/// one → `TokenExpiredError` (9); a valid token connects.
+#[test]
+fn browser_session_refusals_have_typed_names() {
+    require_prerequisites();
+    require_browser();
+    let topology = Topology::new();
+    let key = topology.tmp().join("token.key");
+    fs::write(&key, format!("{}\n", "ab".repeat(32))).expect("write key");
+    let key_arg = key.to_str().unwrap().to_owned();
+    let gateway = topology.start_gateway(&["--token-key-file", &key_arg]);
+    let mint = |args: &[&str]| {
+        let binary = common::gateway_binary();
+        let mut argv = vec![
+            binary.to_str().unwrap(),
+            "token",
+            "--key-file",
+            key_arg.as_str(),
+            "--sub",
+            "page",
+        ];
+        argv.extend_from_slice(args);
+        common::run(&argv).trim().to_owned()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expired = mint(&["--ttl", "1h", "--issued-at", &(now - 7200).to_string()]);
+    let valid = mint(&["--ttl", "10m"]);
+    let server = PageServer::start();
+    for worker in [false, true] {
+        let arg = format!(
+            r#"{{"gateway":"{}","certHash":"{}","worker":{worker},"expiredToken":"{expired}","validToken":"{valid}"}}"#,
+            gateway.url(),
+            gateway.cert_hash(),
+        );
+        let result = run_in_page(&topology, &server, "sessionRefusalNames", &arg);
+        println!("worker={worker}: {result}");
+        assert_eq!(
+            json_field(&result, "missingName"),
+            Some("TokenMissingError"),
+            "{result}"
+        );
+        assert_eq!(json_field(&result, "missingCode"), Some("7"), "{result}");
+        assert_eq!(
+            json_field(&result, "invalidName"),
+            Some("TokenInvalidError"),
+            "{result}"
+        );
+        assert_eq!(json_field(&result, "invalidCode"), Some("8"), "{result}");
+        assert_eq!(
+            json_field(&result, "expiredName"),
+            Some("TokenExpiredError"),
+            "{result}"
+        );
+        assert_eq!(json_field(&result, "expiredCode"), Some("9"), "{result}");
+        assert_eq!(
+            json_field(&result, "validName"),
+            Some("connected"),
+            "{result}"
+        );
+        assert!(
+            json_field(&result, "validAddress").is_some_and(|a| a.starts_with("10.77.0.")),
+            "{result}"
+        );
+    }
+    assert_eq!(
+        gateway.metric("webnic_refused_sessions_total{reason=\"token_missing\"}"),
+        2.0
+    );
+}
