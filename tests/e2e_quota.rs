@@ -139,6 +139,8 @@ async fn port_scan_is_held_to_the_flow_quota() {
                     && l.contains(&format!("\"{own}\""))),
             "no session_start for {own} in the abuse log"
         );
+        // Exact flow lines above mean nothing was dropped; the gateway says so too.
+        assert_eq!(gateway.metric("webnic_abuse_log_dropped_lines_total"), 0.0);
 
         // The session is still usable: a new connection (after the new-flow bucket refills).
         tokio::time::sleep(Duration::from_millis(500)).await;

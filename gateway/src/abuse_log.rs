@@ -18,6 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -38,7 +39,7 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 #[derive(Debug)]
 pub struct AbuseLog {
     tx: SyncSender<Value>,
-    dropped: AtomicU64,
+    dropped: Arc<AtomicU64>,
 }
 
 impl AbuseLog {
@@ -57,8 +58,13 @@ impl AbuseLog {
             .spawn(move || writer(rx, &path, file, retention))?;
         Ok(Self {
             tx,
-            dropped: AtomicU64::new(0),
+            dropped: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// The dropped-lines counter, for the metrics.
+    pub fn drop_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.dropped)
     }
 
     /// Lines dropped because the writer fell behind.

@@ -132,6 +132,7 @@ pub struct Metrics {
     pool_in_use: [AtomicU64; 2],
     pool_free: [AtomicU64; 2],
     pool_configured: [AtomicU64; 2],
+    abuse_log_dropped: std::sync::OnceLock<Arc<AtomicU64>>,
 }
 
 impl Metrics {
@@ -203,6 +204,11 @@ impl Metrics {
     /// One session refused for `reason`.
     pub fn refused(&self, reason: RefusalReason) {
         self.refused[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Exports the abuse log's dropped-lines counter.
+    pub fn watch_abuse_log(&self, dropped: Arc<AtomicU64>) {
+        let _ = self.abuse_log_dropped.set(dropped);
     }
 
     /// Sets the pool gauges of `family`.
@@ -336,6 +342,15 @@ impl Metrics {
                 "webnic_refused_sessions_total{{reason=\"{}\"}} {}",
                 reason.label(),
                 load(&self.refused[reason as usize])
+            );
+        }
+        if let Some(dropped) = self.abuse_log_dropped.get() {
+            let _ = writeln!(
+                out,
+                "# HELP webnic_abuse_log_dropped_lines_total Abuse log lines dropped because its writer fell behind.\n\
+                 # TYPE webnic_abuse_log_dropped_lines_total counter\n\
+                 webnic_abuse_log_dropped_lines_total {}",
+                load(dropped)
             );
         }
         // Drops before the gateway sees a datagram: the kernel's, when the QUIC socket's receive

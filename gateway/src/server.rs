@@ -192,6 +192,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 },
             )?;
             tracing::info!(path = %path.display(), retention = ?config.abuse_log_retention, "writing the abuse log");
+            metrics.watch_abuse_log(log.drop_counter());
             Some(log)
         }
         None => None,
