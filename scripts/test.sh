@@ -28,9 +28,9 @@ if ! installed nginx-light && ! installed nginx && ! installed nginx-core && ! i
 fi
 # chromium and ngircd (IRC from the page): the browser end-to-end tests (tests/e2e_browser.rs).
 # busybox (udhcpc, nslookup): the kernel guest behind `webnic tap` (tests/e2e_tap.rs).
-# openbsd-inetd: its built-in datagram echo serves the impairment matrix (tests/e2e_impairment.rs).
+# openbsd-inetd: its built-in datagram echo (impairment matrix, load test); openssl: certificates for the restart tests.
 for pkg in dnsmasq-base socat openssh-server openssh-client netcat-openbsd iperf3 nftables iproute2 curl procps \
-    openbsd-inetd \
+    openbsd-inetd openssl \
     chromium ngircd busybox; do
     installed "$pkg" || missing+=("$pkg")
 done
