@@ -17,16 +17,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::{
-    TCP_ECHO_PORT, Topology, assert_same_bytes, nft_packets, seeded_bytes, tcp_exchange, within,
+    INETD_ECHO_PORT as UDP_ECHO_PORT, TCP_ECHO_PORT, Topology, assert_same_bytes, nft_packets,
+    seeded_bytes, start_relay, tcp_exchange, within,
 };
 use webnic_impair::{Impairment, Relay, RelayStats};
 
 const DATAGRAMS: u32 = 200;
-/// inetd's built-in datagram echo (RFC 862, port 7) from Debian's openbsd-inetd: one reply per
-/// datagram from one long-lived process. (socat's `UDP-RECVFROM,fork` echo, one process per
-/// datagram, occasionally left a datagram the kernel had delivered unanswered, and socat's
-/// `UDP-LISTEN` echo through a pipe merges datagrams.)
-const UDP_ECHO_PORT: u16 = 7;
 /// Large enough that two never share one QUIC packet, so one lost packet is one lost datagram.
 const DATAGRAM_SIZE: usize = 800;
 
@@ -49,12 +45,6 @@ fn transfer_sizes(seed: u64) -> Vec<usize> {
         .collect()
 }
 
-fn gateway_socket_addr(url: &str) -> SocketAddr {
-    let rest = url.strip_prefix("https://").expect("https URL");
-    let authority = rest.split('/').next().unwrap();
-    authority.parse().expect("gateway URL authority is ip:port")
-}
-
 fn dropped_total(metrics: &std::collections::HashMap<String, f64>) -> f64 {
     metrics
         .iter()
@@ -68,19 +58,10 @@ async fn impaired_cell(name: &str, spec: &str, seed: u64, time_limit: Duration) 
     let impairment: Impairment = spec.parse().expect("impairment spec");
     let topology = Topology::new();
     let _tcp_echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
-    let _udp_echo = serve_inetd_echo(&topology);
+    let _udp_echo = topology.serve_inetd_echo();
     count_udp_echo_in_server_namespace(&topology);
     let gateway = topology.start_gateway(&[]);
-    let relay = Relay::start(
-        "127.0.0.1:0".parse().unwrap(),
-        gateway_socket_addr(gateway.url()),
-        impairment.clone(),
-        impairment.clone(),
-        seed,
-    )
-    .await
-    .expect("start the impairment relay");
-    let url = format!("https://{}/webnic", relay.local_addr());
+    let (relay, url) = start_relay(&gateway, spec, seed).await;
     println!("[{name}] impairment {impairment} (seed {seed}) via {url}");
 
     within(time_limit, name, async {
@@ -162,30 +143,6 @@ fn assert_impairment_was_applied(name: &str, impairment: &Impairment, stats: &Re
             "[{name}] {stats:?}"
         );
     }
-}
-
-fn serve_inetd_echo(topology: &Topology) -> common::Process {
-    let config = topology.tmp().join("inetd.conf");
-    std::fs::write(
-        &config,
-        "echo\tdgram\tudp\twait\troot\tinternal\necho\tdgram\tudp6\twait\troot\tinternal\n",
-    )
-    .expect("write inetd.conf");
-    // -d: stay in the foreground; -R: lift the 256-per-minute invocation limit.
-    let inetd = topology.spawn_in(
-        &topology.srv_ns(),
-        "inetd-echo",
-        &[
-            "/usr/sbin/inetd",
-            "-d",
-            "-R",
-            "1000000",
-            config.to_str().unwrap(),
-        ],
-        Vec::new(),
-    );
-    topology.wait_listening(&topology.srv_ns(), "udp", UDP_ECHO_PORT, &inetd);
-    inetd
 }
 
 fn count_udp_echo_in_server_namespace(topology: &Topology) {
@@ -392,16 +349,7 @@ async fn transfer_survives_a_3_s_blackout() {
     let topology = Topology::new();
     let _tcp_echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
     let gateway = topology.start_gateway(&[]);
-    let relay = Relay::start(
-        "127.0.0.1:0".parse().unwrap(),
-        gateway_socket_addr(gateway.url()),
-        Impairment::default(),
-        Impairment::default(),
-        10,
-    )
-    .await
-    .expect("start the impairment relay");
-    let url = format!("https://{}/webnic", relay.local_addr());
+    let (relay, url) = start_relay(&gateway, "none", 10).await;
     within(Duration::from_secs(120), "blackout", async {
         let options = webnic::ConnectOptions::new(url.clone()).cert_hash(gateway.cert_hash());
         let client = webnic::Client::connect(options)

@@ -28,10 +28,11 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{GatewayProcess, Process, TCP_ECHO_PORT, Topology, in_netns, wait_exit};
+use common::{
+    GatewayProcess, INETD_ECHO_PORT as UDP_ECHO_PORT, Process, TCP_ECHO_PORT, Topology, in_netns,
+    wait_exit,
+};
 
-/// inetd's built-in datagram echo (one long-lived process; see tests/e2e_impairment.rs).
-const UDP_ECHO_PORT: u16 = 7;
 /// The UDP port session A binds and its server floods.
 const FLOOD_PORT: u16 = 9999;
 /// Size of one flood datagram's payload (the packet fits the 1152-byte link MTU).
@@ -64,30 +65,6 @@ fn serve_tcp_echo(topology: &Topology) -> Process {
     );
     topology.wait_listening(&topology.srv_ns(), "tcp", TCP_ECHO_PORT, &process);
     process
-}
-
-fn serve_inetd_echo(topology: &Topology) -> Process {
-    let config = topology.tmp().join("inetd.conf");
-    fs::write(
-        &config,
-        "echo\tdgram\tudp\twait\troot\tinternal\necho\tdgram\tudp6\twait\troot\tinternal\n",
-    )
-    .expect("write inetd.conf");
-    // -d: stay in the foreground; -R: lift the 256-per-minute invocation limit.
-    let inetd = topology.spawn_in(
-        &topology.srv_ns(),
-        "inetd-echo",
-        &[
-            "/usr/sbin/inetd",
-            "-d",
-            "-R",
-            "1000000",
-            config.to_str().unwrap(),
-        ],
-        Vec::new(),
-    );
-    topology.wait_listening(&topology.srv_ns(), "udp", UDP_ECHO_PORT, &inetd);
-    inetd
 }
 
 /// Starts `webnic-load` (root namespace) against `gateway`; its stdout (JSON lines) goes to
@@ -168,7 +145,7 @@ fn load_sessions_fair_and_never_stuck() {
     let stall_secs = env_u64("WEBNIC_LOAD_STALL_SECS", 20);
     let topology = Topology::new();
     let _tcp_echo = serve_tcp_echo(&topology);
-    let _udp_echo = serve_inetd_echo(&topology);
+    let _udp_echo = topology.serve_inetd_echo();
     // All sessions come from one address: lift the per-address admission limits. The pool is a
     // /20 (4,093 addresses) so that 1,000 sessions fit. Per-session quotas stay at their
     // defaults: 3 flows per session, far below 200 new flows/s, 200,000 packets/s, 250 MB/s.

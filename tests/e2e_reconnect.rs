@@ -16,14 +16,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
-    TCP_ECHO_PORT, Topology, assert_same_bytes, seeded_bytes, tcp_exchange, wait_exit, within,
+    TCP_ECHO_PORT, Topology, assert_same_bytes, seeded_bytes, start_relay, tcp_exchange, wait_exit,
+    within,
 };
-use webnic_impair::{Impairment, Relay};
-
-fn gateway_socket_addr(url: &str) -> SocketAddr {
-    let rest = url.strip_prefix("https://").expect("https URL");
-    rest.split('/').next().unwrap().parse().expect("ip:port")
-}
+use webnic_impair::Relay;
 
 /// A P-256 certificate and key (what browsers accept for pinning), so a restarted gateway keeps
 /// the certificate hash the client pinned.
@@ -49,13 +45,31 @@ fn make_certificate(dir: &Path) -> (String, String) {
     )
 }
 
-/// Waits until `relay` has carried `packets` packets to the client: the transfer is under way.
-async fn wait_for_traffic(relay: &Relay, packets: u64) {
+/// Starts an echo of `len` seeded bytes through the socat echo in the background and returns once
+/// `relay` has carried 200 packets of it to the client: the transfer is under way, not finished.
+async fn echo_under_way(
+    topology: &Topology,
+    client: &webnic::Client,
+    relay: &Relay,
+    seed: u64,
+    len: usize,
+) -> (Vec<u8>, tokio::task::JoinHandle<std::io::Result<Vec<u8>>>) {
+    let remote = SocketAddr::new(IpAddr::V4(topology.srv_ipv4()), TCP_ECHO_PORT);
+    let data = seeded_bytes(seed, len);
+    let transfer = {
+        let (client, data) = (client.clone(), data.clone());
+        tokio::spawn(async move { tcp_exchange(&client, remote, data).await })
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while relay.stats().down.delivered_original < packets {
+    while relay.stats().down.delivered_original < 200 {
         assert!(Instant::now() < deadline, "the transfer never got going");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    assert!(
+        !transfer.is_finished(),
+        "the transfer ended before the test acted"
+    );
+    (data, transfer)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,32 +78,15 @@ async fn tcp_survives_the_connection_timing_out() {
     let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
     let gateway = topology.start_gateway(&["--idle-timeout", "1"]);
     // 50 Mbit/s keeps the 8 MiB echo going for a few seconds.
-    let link: Impairment = "rate=50mbit,queue=50ms".parse().unwrap();
-    let relay = Relay::start(
-        "127.0.0.1:0".parse().unwrap(),
-        gateway_socket_addr(gateway.url()),
-        link.clone(),
-        link,
-        21,
-    )
-    .await
-    .expect("relay");
+    let (relay, url) = start_relay(&gateway, "rate=50mbit,queue=50ms", 21).await;
     within(Duration::from_secs(120), "resume after a timeout", async {
-        let url = format!("https://{}/webnic", relay.local_addr());
         let client = webnic::Client::connect(
             webnic::ConnectOptions::new(url).cert_hash(gateway.cert_hash()),
         )
         .await
         .expect("connect");
         let address = client.ipv4();
-        let remote = SocketAddr::new(IpAddr::V4(topology.srv_ipv4()), TCP_ECHO_PORT);
-        let data = seeded_bytes(21, 8 << 20);
-        let transfer = {
-            let (client, data) = (client.clone(), data.clone());
-            tokio::spawn(async move { tcp_exchange(&client, remote, data).await })
-        };
-        wait_for_traffic(&relay, 300).await;
-        assert!(!transfer.is_finished());
+        let (data, transfer) = echo_under_way(&topology, &client, &relay, 21, 8 << 20).await;
         // Four seconds of nothing: both ends' 1 s idle timeout fires.
         relay.black_out(Duration::from_secs(4));
         let cut = Instant::now();
@@ -133,32 +130,15 @@ async fn tcp_survives_a_gateway_restart() {
         leases_arg.as_str(),
     ];
     let gateway = topology.start_gateway(&args);
-    let link: Impairment = "rate=50mbit,queue=50ms".parse().unwrap();
-    let relay = Relay::start(
-        "127.0.0.1:0".parse().unwrap(),
-        gateway_socket_addr(gateway.url()),
-        link.clone(),
-        link,
-        22,
-    )
-    .await
-    .expect("relay");
+    let (relay, url) = start_relay(&gateway, "rate=50mbit,queue=50ms", 22).await;
     let hash = gateway.cert_hash().to_owned();
     within(Duration::from_secs(120), "resume after a restart", async {
-        let url = format!("https://{}/webnic", relay.local_addr());
         let client =
             webnic::Client::connect(webnic::ConnectOptions::new(url).cert_hash(hash.clone()))
                 .await
                 .expect("connect");
         let address = client.ipv4();
-        let remote = SocketAddr::new(IpAddr::V4(topology.srv_ipv4()), TCP_ECHO_PORT);
-        let data = seeded_bytes(22, 8 << 20);
-        let transfer = {
-            let (client, data) = (client.clone(), data.clone());
-            tokio::spawn(async move { tcp_exchange(&client, remote, data).await })
-        };
-        wait_for_traffic(&relay, 300).await;
-        assert!(!transfer.is_finished());
+        let (data, transfer) = echo_under_way(&topology, &client, &relay, 22, 8 << 20).await;
 
         // SIGTERM: the gateway tells its sessions it is going down, parks their leases and
         // writes them to the lease file; a new process with the same certificate reads them.
@@ -296,29 +276,13 @@ async fn drain_refuses_new_sessions_and_lets_existing_ones_finish() {
     let topology = Topology::new();
     let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
     let gateway = topology.start_gateway(&["--drain-timeout", "30", "--resume-grace", "0"]);
-    let link: Impairment = "rate=20mbit,queue=50ms".parse().unwrap();
-    let relay = Relay::start(
-        "127.0.0.1:0".parse().unwrap(),
-        gateway_socket_addr(gateway.url()),
-        link.clone(),
-        link,
-        24,
-    )
-    .await
-    .expect("relay");
+    let (relay, url) = start_relay(&gateway, "rate=20mbit,queue=50ms", 24).await;
     within(Duration::from_secs(90), "drain", async {
-        let url = format!("https://{}/webnic", relay.local_addr());
         let options = webnic::ConnectOptions::new(url).cert_hash(gateway.cert_hash());
         let client = webnic::Client::connect(options.clone())
             .await
             .expect("connect");
-        let remote = SocketAddr::new(IpAddr::V4(topology.srv_ipv4()), TCP_ECHO_PORT);
-        let data = seeded_bytes(24, 4 << 20);
-        let transfer = {
-            let (client, data) = (client.clone(), data.clone());
-            tokio::spawn(async move { tcp_exchange(&client, remote, data).await })
-        };
-        wait_for_traffic(&relay, 200).await;
+        let (data, transfer) = echo_under_way(&topology, &client, &relay, 24, 4 << 20).await;
         let drain_started = Instant::now();
         // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
         unsafe { libc::kill(gateway.process.pid() as libc::pid_t, libc::SIGTERM) };

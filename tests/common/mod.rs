@@ -39,6 +39,8 @@ pub(crate) const GATEWAY_PORT: u16 = 4433;
 pub(crate) const TCP_ECHO_PORT: u16 = 7001;
 /// Port of the UDP echo server that tests start by default.
 pub(crate) const UDP_ECHO_PORT: u16 = 7002;
+/// Port of inetd's built-in datagram echo (RFC 862), [`Topology::serve_inetd_echo`].
+pub(crate) const INETD_ECHO_PORT: u16 = 7;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(50);
@@ -62,6 +64,8 @@ const REQUIRED_COMMANDS: &[&str] = &[
     "nc",
     "nft",
     "sysctl",
+    "inetd",
+    "openssl",
 ];
 
 /// Panics, naming everything that is missing, unless the machine can run the end-to-end tests.
@@ -839,6 +843,35 @@ impl Topology {
         process
     }
 
+    /// inetd's built-in datagram echo (Debian's openbsd-inetd) on [`INETD_ECHO_PORT`], IPv4 and
+    /// IPv6: one long-lived process answering every datagram, for tests that account for each
+    /// one (socat's per-datagram `UDP-RECVFROM,fork` echo once left a delivered datagram
+    /// unanswered under load).
+    pub(crate) fn serve_inetd_echo(&self) -> Process {
+        let config = self.tmp().join("inetd.conf");
+        fs::write(
+            &config,
+            "echo\tdgram\tudp\twait\troot\tinternal\necho\tdgram\tudp6\twait\troot\tinternal\n",
+        )
+        .expect("write inetd.conf");
+        let inetd = command_path("inetd");
+        // -d: stay in the foreground; -R: lift the 256-per-minute invocation limit.
+        let process = self.spawn_in(
+            &self.srv_ns(),
+            "inetd-echo",
+            &[
+                inetd.to_str().expect("utf-8 path"),
+                "-d",
+                "-R",
+                "1000000",
+                config.to_str().expect("utf-8 path"),
+            ],
+            Vec::new(),
+        );
+        self.wait_listening(&self.srv_ns(), "udp", INETD_ECHO_PORT, &process);
+        process
+    }
+
     /// A socat UDP echo server on `port` (IPv4 and IPv6): one reply per datagram, to its sender.
     pub(crate) fn serve_udp_echo(&self, port: u16) -> Process {
         let listen = format!("UDP6-RECVFROM:{port},ipv6only=0,fork");
@@ -1128,6 +1161,16 @@ pub(crate) struct GatewayProcess {
 }
 
 impl GatewayProcess {
+    /// The gateway's QUIC address (`10.200.n.1:4433`), e.g. for a relay's upstream.
+    pub(crate) fn socket_addr(&self) -> SocketAddr {
+        let authority = self
+            .url
+            .strip_prefix("https://")
+            .and_then(|rest| rest.split('/').next())
+            .expect("https URL");
+        authority.parse().expect("gateway URL authority is ip:port")
+    }
+
     /// `https://10.200.n.1:4433/webnic`
     pub(crate) fn url(&self) -> &str {
         &self.url
@@ -1289,6 +1332,27 @@ pub(crate) async fn connect_client(gateway: &GatewayProcess) -> webnic::Client {
             gateway.process.logs()
         ),
     }
+}
+
+/// An impairment relay (`webnic-impair`) on 127.0.0.1 in front of `gateway`, applying `spec` both
+/// ways with `seed`; returns it and the session URL that goes through it.
+pub(crate) async fn start_relay(
+    gateway: &GatewayProcess,
+    spec: &str,
+    seed: u64,
+) -> (webnic_impair::Relay, String) {
+    let impairment: webnic_impair::Impairment = spec.parse().expect("impairment spec");
+    let relay = webnic_impair::Relay::start(
+        "127.0.0.1:0".parse().expect("address"),
+        gateway.socket_addr(),
+        impairment.clone(),
+        impairment,
+        seed,
+    )
+    .await
+    .expect("start the impairment relay");
+    let url = format!("https://{}/webnic", relay.local_addr());
+    (relay, url)
 }
 
 /// Opens a TCP connection through `client`, writes `data` (in a separate task) then half-closes,
