@@ -111,7 +111,7 @@ impl Core {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = connection;
         self.reconnects
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         self.poke.notify_one();
     }
 
@@ -154,11 +154,20 @@ pub(crate) async fn read_datagrams(core: Arc<Core>, connection: wtransport::Conn
 /// Polls the stack, sends its packets, and sleeps until the next packet, socket call or timer.
 pub(crate) async fn drive(core: Arc<Core>) {
     let mut outgoing = Vec::new();
+    // The connection and its datagram header change only when the session resumes on a new
+    // connection; the resume count says when, without locking per round.
+    let mut generation = u64::MAX;
+    let mut cached_header = ([0u8; 8], 0);
+    let mut quic = core.connection().quic_connection().clone();
     loop {
-        // Per round: the session may have moved to a new connection (new session id).
-        let connection = core.connection();
-        let (header, header_len) = datagram_header(connection.session_id().into_u64());
-        let quic = connection.quic_connection().clone();
+        let current = core.reconnects.load(std::sync::atomic::Ordering::Acquire);
+        if current != generation {
+            let connection = core.connection();
+            cached_header = datagram_header(connection.session_id().into_u64());
+            quic = connection.quic_connection().clone();
+            generation = current;
+        }
+        let (header, header_len) = cached_header;
         let deadline = {
             let mut shared = core.lock();
             if shared.closed.is_some() {
