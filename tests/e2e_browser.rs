@@ -975,7 +975,6 @@ fn browser_connect_errors() {
 /// listens on 4480.
 #[test]
 fn browser_gateway_served_demo() {
-    const DEMO_PORT: u16 = 4480;
     require_prerequisites();
     require_browser();
     let topology = Topology::new();
@@ -990,14 +989,7 @@ fn browser_gateway_served_demo() {
     topology.wait_listening(&topology.gw_ns(), "tcp", DEMO_PORT, &gateway.process);
 
     // config.json names this gateway and its current certificate.
-    let config = topology.gw_exec(&[
-        "curl",
-        "-sS",
-        "--max-time",
-        "10",
-        &format!("http://127.0.0.1:{DEMO_PORT}/config.json"),
-    ]);
-    let config = String::from_utf8_lossy(&config.stdout).into_owned();
+    let config = demo_config(&topology);
     assert_eq!(
         json_field(&config, "gateway"),
         Some(gateway.url()),
@@ -1023,34 +1015,8 @@ fn browser_gateway_served_demo() {
 
     let screenshot = repo().join("target/browser-demo-served.png");
     let _ = fs::remove_file(&screenshot);
-    let srv = topology.srv_ipv4().to_string();
-    let node = find_command("node").expect("node");
-    let script = repo().join("tests/browser/demo_user.mjs");
-    let page = topology.spawn_in(
-        &topology.gw_ns(),
-        "browser-demo-served",
-        &[
-            node.to_str().expect("utf-8 path"),
-            script.to_str().expect("utf-8 path"),
-            &format!("http://127.0.0.1:{DEMO_PORT}/"),
-            &srv,
-            &TCP_ECHO_PORT.to_string(),
-            &common::UDP_ECHO_PORT.to_string(),
-            &format!("{srv}:80/speed.bin"),
-            screenshot.to_str().expect("utf-8 path"),
-            &PAGE_TIMEOUT.as_millis().to_string(),
-        ],
-        Vec::new(),
-    );
-    let status = wait_exit(&page, PAGE_TIMEOUT + Duration::from_secs(30));
-    let stdout =
-        fs::read_to_string(topology.tmp().join("browser-demo-served.out")).unwrap_or_default();
-    eprintln!("{}", page.stderr());
-    let result = stdout
-        .lines()
-        .find_map(|line| line.strip_prefix("RESULT "))
-        .unwrap_or_else(|| panic!("the demo failed ({status})\n{}", page.logs()));
-    println!("demo: {result}");
+    let result = run_demo_user(&topology, &gateway, "browser-demo-served", &screenshot);
+    let result = result.as_str();
     assert!(
         json_field(result, "status").is_some_and(|s| s.starts_with("connected: 10.77.0.")),
         "{result}"
@@ -1086,6 +1052,66 @@ fn browser_gateway_served_demo() {
         "{}",
         quiet_gateway.process.logs()
     );
+}
+
+/// Where the gateway serves its demo by default (`--demo-listen`).
+const DEMO_PORT: u16 = 4480;
+
+/// `config.json` of the demo the gateway serves on 127.0.0.1:4480 of its namespace.
+fn demo_config(topology: &Topology) -> String {
+    let config = topology.gw_exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        &format!("http://127.0.0.1:{DEMO_PORT}/config.json"),
+    ]);
+    String::from_utf8_lossy(&config.stdout).into_owned()
+}
+
+/// A new user in headless Chromium (tests/browser/demo_user.mjs, in the gateway's namespace) on
+/// the gateway-served demo: netcat through the socat TCP and UDP echo servers, then the speed test
+/// of nginx's `speed.bin`, a screenshot to `screenshot`. Returns the page's `RESULT` JSON.
+fn run_demo_user(
+    topology: &Topology,
+    gateway: &common::GatewayProcess,
+    name: &str,
+    screenshot: &Path,
+) -> String {
+    let srv = topology.srv_ipv4().to_string();
+    let node = find_command("node").expect("node");
+    let script = repo().join("tests/browser/demo_user.mjs");
+    let page = topology.spawn_in(
+        &topology.gw_ns(),
+        name,
+        &[
+            node.to_str().expect("utf-8 path"),
+            script.to_str().expect("utf-8 path"),
+            &format!("http://127.0.0.1:{DEMO_PORT}/"),
+            &srv,
+            &TCP_ECHO_PORT.to_string(),
+            &common::UDP_ECHO_PORT.to_string(),
+            &format!("{srv}:80/speed.bin"),
+            screenshot.to_str().expect("utf-8 path"),
+            &PAGE_TIMEOUT.as_millis().to_string(),
+        ],
+        Vec::new(),
+    );
+    let status = wait_exit(&page, PAGE_TIMEOUT + Duration::from_secs(30));
+    let stdout = fs::read_to_string(topology.tmp().join(format!("{name}.out"))).unwrap_or_default();
+    let result = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("RESULT "))
+        .unwrap_or_else(|| {
+            panic!(
+                "the demo failed ({status})\n{}\n{}",
+                page.logs(),
+                gateway.process.logs()
+            )
+        })
+        .to_owned();
+    println!("demo: {result}");
+    result
 }
 
 /// nginx on port 8080 of the server's IPv4 address serving `root` with
@@ -1349,7 +1375,6 @@ fn browser_bench_relays() {
 /// page connects by itself, netcats, and its speed test is byte-exact.
 #[test]
 fn browser_gateway_served_demo_with_token() {
-    const DEMO_PORT: u16 = 4480;
     require_prerequisites();
     require_browser();
     let topology = Topology::new();
@@ -1364,53 +1389,15 @@ fn browser_gateway_served_demo_with_token() {
     fs::write(&key, sha256_hex(&random_bytes(32))).expect("write token key");
     let gateway = topology.start_gateway(&["--token-key-file", key.to_str().expect("utf-8")]);
     topology.wait_listening(&topology.gw_ns(), "tcp", DEMO_PORT, &gateway.process);
-    let config = topology.gw_exec(&[
-        "curl",
-        "-sS",
-        "--max-time",
-        "10",
-        &format!("http://127.0.0.1:{DEMO_PORT}/config.json"),
-    ]);
-    let config = String::from_utf8_lossy(&config.stdout).into_owned();
+    let config = demo_config(&topology);
     assert!(
         json_field(&config, "token").is_some_and(|t| t.contains('.')),
         "no token in {config}"
     );
 
     let screenshot = topology.tmp().join("demo-token.png");
-    let srv = topology.srv_ipv4().to_string();
-    let node = find_command("node").expect("node");
-    let script = repo().join("tests/browser/demo_user.mjs");
-    let page = topology.spawn_in(
-        &topology.gw_ns(),
-        "browser-demo-token",
-        &[
-            node.to_str().expect("utf-8 path"),
-            script.to_str().expect("utf-8 path"),
-            &format!("http://127.0.0.1:{DEMO_PORT}/"),
-            &srv,
-            &TCP_ECHO_PORT.to_string(),
-            &common::UDP_ECHO_PORT.to_string(),
-            &format!("{srv}:80/speed.bin"),
-            screenshot.to_str().expect("utf-8 path"),
-            &PAGE_TIMEOUT.as_millis().to_string(),
-        ],
-        Vec::new(),
-    );
-    let status = wait_exit(&page, PAGE_TIMEOUT + Duration::from_secs(30));
-    let stdout =
-        fs::read_to_string(topology.tmp().join("browser-demo-token.out")).unwrap_or_default();
-    let result = stdout
-        .lines()
-        .find_map(|line| line.strip_prefix("RESULT "))
-        .unwrap_or_else(|| {
-            panic!(
-                "the demo failed ({status})\n{}\n{}",
-                page.logs(),
-                gateway.process.logs()
-            )
-        });
-    println!("demo: {result}");
+    let result = run_demo_user(&topology, &gateway, "browser-demo-token", &screenshot);
+    let result = result.as_str();
     assert!(
         json_field(result, "status").is_some_and(|s| s.starts_with("connected: 10.77.0.")),
         "{result}"
