@@ -48,8 +48,9 @@ use crate::tun_device::TunIo;
 
 /// How long a client has to open the control stream and send its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the gateway waits for a final `Close` capsule to be acknowledged before closing.
-const CLOSE_LINGER: Duration = Duration::from_millis(500);
+/// How long the gateway waits, after a final `Close` capsule, for the client to read it and
+/// close the connection itself before the gateway closes it.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// The client address pools.
 #[derive(Debug)]
@@ -745,9 +746,13 @@ async fn close(
             reason: reason.to_owned(),
         }
         .emit(&mut capsule);
+        // A browser errors a stream when its session closes, discarding data the page has not
+        // read yet, so the capsule being acknowledged is not enough: wait (bounded) for the client
+        // to read it and close.
         let _ = tokio::time::timeout(CLOSE_LINGER, async {
             if send.write_all(&capsule).await.is_ok() {
                 let _ = send.finish().await;
+                connection.closed().await;
             }
         })
         .await;

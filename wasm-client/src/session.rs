@@ -123,7 +123,15 @@ pub(crate) async fn open(url: &str, certificate_hashes: &JsValue) -> Result<Open
         .map_err(connect)?;
 
     let mut decoder = CapsuleDecoder::new();
-    let announced = read_configuration(&transport, &control_reader, &mut decoder).await?;
+    let announced = match read_configuration(&transport, &control_reader, &mut decoder).await {
+        Ok(announced) => announced,
+        Err(error) => {
+            // The gateway waits for us to close before it closes, so that its reason is read
+            // before the browser errors the stream holding it; closing now ends its wait.
+            transport.close();
+            return Err(error);
+        }
+    };
     Ok(Opened {
         transport,
         announced,
