@@ -8,7 +8,7 @@
 # plus, for webnic, TCP upload goodput (16 MiB, checked by the server's sha256) and the UDPSocket
 # datagram echo rate, next to the page's raw WebTransport datagram echo rate against
 # gateway/examples/datagram_echo.rs (the ceiling: same wtransport/quinn layers, no stack, no TUN). Prints each figure and webnic's ratio to the best relay, writes them to
-# target/browser-bench.md and replaces the browser section at the end of docs/PERFORMANCE.md.
+# target/browser-bench.md and replaces the browser section of docs/PERFORMANCE.md (between its markers).
 #
 #   sudo scripts/bench-browser.sh            # RUNS=5 scripts/bench-browser.sh for more runs
 #
@@ -55,7 +55,7 @@ wasm=wasm-client/pkg/webnic_wasm_bg.wasm
     echo "## Browser: webnic against the relays pages use today"
     echo
     echo "Written by \`scripts/bench-browser.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC') (load average $(cut -d' ' -f1-3 /proc/loadavg)); it"
-    echo "replaces this section only (\`scripts/bench.sh\` rewrites the part above). Headless Chromium"
+    echo "replaces this section only (between its markers). Headless Chromium"
     echo "$(/usr/bin/chromium --version 2>/dev/null | awk '{print $2}'), one page; every GET is sha256-checked in the page. The relays run in the gateway's"
     echo "namespace and reach the same nginx; \`fetch()\` goes the same veth path with no relay. How each"
     echo "figure is measured: tests/e2e_browser.rs \`browser_bench_relays\` and tests/browser/page.html \`benchRelays\`."
@@ -68,13 +68,6 @@ wasm=wasm-client/pkg/webnic_wasm_bg.wasm
 echo
 cat target/browser-bench.md
 
-# Replace the browser section of docs/PERFORMANCE.md (from its heading to the end), keep the rest.
-heading='## Browser: webnic against the relays pages use today'
-python3 - "$heading" <<'PY'
-import pathlib, sys
-doc = pathlib.Path('docs/PERFORMANCE.md')
-text = doc.read_text() if doc.exists() else '# Performance\n'
-head = text.split(sys.argv[1] + '\n')[0].rstrip('\n')
-doc.write_text(head + '\n\n' + pathlib.Path('target/browser-bench.md').read_text())
-PY
+# Replace the browser section of docs/PERFORMANCE.md (between its markers), keep the rest.
+scripts/doc-section.py docs/PERFORMANCE.md bench-browser.sh target/browser-bench.md
 echo "updated the browser section of docs/PERFORMANCE.md"

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The one benchmark command: builds release, runs every bench RUNS times (default 3), and writes
-# docs/PERFORMANCE.md from the `RESULT` lines the benches print. Each figure sits next to a
-# baseline measured in the same run, because absolute numbers on shared machines drift.
+# The one benchmark command: builds release, runs every bench RUNS times (default 5), and writes
+# its section of docs/PERFORMANCE.md (between `<!-- bench.sh begin -->` and `<!-- bench.sh end -->`;
+# the rest of the file belongs to other scripts and people and is kept) from the `RESULT` lines the
+# benches print. Each figure sits next to a baseline measured in the same run, because absolute
+# numbers on shared machines drift.
 #
-#   sudo scripts/bench.sh              # all benches, 3 runs each
-#   sudo RUNS=5 scripts/bench.sh       # more runs
+#   sudo scripts/bench.sh              # all benches, 5 runs each
+#   sudo RUNS=9 scripts/bench.sh       # more runs
 #   sudo scripts/bench.sh stack_pair   # only the named benches
 #
 # Root because the tunnel bench builds network namespaces. Never run in CI (CI only compiles the
@@ -18,7 +20,7 @@ if [[ "$(id -u)" -ne 0 ]]; then
     exit 1
 fi
 
-RUNS="${RUNS:-3}"
+RUNS="${RUNS:-5}"
 ALL_BENCHES=(stack_pair gateway_forward tunnel)
 if (($# > 0)); then
     BENCHES=("$@")
@@ -56,29 +58,33 @@ for bench in "${BENCHES[@]}"; do
     done
 done
 
-step "writing docs/PERFORMANCE.md"
+step "writing the bench.sh section of docs/PERFORMANCE.md"
 cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
 {
-    echo "# Performance"
+    echo "## Benchmarks (scripts/bench.sh)"
     echo
-    echo "Written by \`scripts/bench.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'); do not edit by hand."
+    echo "Written by \`scripts/bench.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC') (load average $(cut -d' ' -f1-3 /proc/loadavg));"
+    echo "it rewrites only this section (between its markers); do not edit it by hand."
     echo
     echo "Every figure is measured next to a baseline in the same run, and the ratio (figure ÷"
     echo "baseline) is what to compare across machines: absolute numbers on shared machines drift."
     echo "For a rate, the ratio is the fraction of the baseline reached; for a time (ns, ms, µs), how"
-    echo "many times slower than the baseline. Each row is the run with the median ratio of $RUNS runs."
+    echo "many times slower than the baseline. Each row is the run whose ratio is the median of the"
+    echo "$RUNS runs (its value, baseline value and ratio come from that run); the last column is the"
+    echo "lowest and highest ratio over the runs."
     echo
-    echo "| Figure | Value | Unit | Baseline | Baseline value | Ratio |"
-    echo "|---|---:|---|---|---:|---:|"
+    echo "| Figure | Value | Unit | Baseline | Baseline value | Median ratio | Ratio range |"
+    echo "|---|---:|---|---|---:|---:|---:|"
     # Names in first-seen order; per name the median run by ratio (column 7).
     awk '{ print $2 }' "$results" | awk '!seen[$0]++' | while read -r name; do
         lines="$(awk -v n="$name" '$2 == n' "$results" | sort -g -k7,7)"
         count="$(printf '%s\n' "$lines" | wc -l)"
+        range="$(printf '%s\n' "$lines" | awk 'NR == 1 { lo = $7 } { hi = $7 } END { print lo "–" hi }')"
         printf '%s\n' "$lines" | sed -n "$(((count + 1) / 2))p" |
-            awk '{ printf "| %s | %s | %s | %s | %s | %s |\n", $2, $3, $4, $5, $6, $7 }'
+            awk -v r="$range" '{ printf "| %s | %s | %s | %s | %s | %s | %s |\n", $2, $3, $4, $5, $6, $7, r }'
     done
     echo
-    echo "## What each baseline is"
+    echo "### What each baseline is"
     echo
     echo "- \`stack_pair\` (two webnic-stack instances wired in memory, no I/O): bulk goodput against a"
     echo "  memcpy of the same bytes through two \`VecDeque<Vec<u8>>\` hops of MTU-sized chunks; 64-byte"
@@ -98,23 +104,24 @@ cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo "  payload delivered per second, first to last datagram; the loss it took is listed below."
     if [[ -s "$notes" ]]; then
         echo
-        echo "### Raw QUIC baseline: loss, and the echo RTT the tunnel adds"
+        echo "#### Raw QUIC baseline: loss, and the echo RTT the tunnel adds"
         echo
         sed 's/^/- /' "$notes"
     fi
     echo
-    echo "## Machine"
+    echo "### Machine"
     echo
     echo "- CPU: ${cpu_model:-unknown}, \`nproc\` = $(nproc)"
     echo "- Kernel: $(uname -sr)"
     echo "- Rust: $(rustc --version)"
     echo
-    echo "## Reproduce"
+    echo "### Reproduce"
     echo
     echo '```sh'
-    echo "sudo scripts/bench.sh            # RUNS=5 for more runs; bench names to run only some"
+    echo "sudo scripts/bench.sh            # RUNS=9 for more runs (default 5); bench names to run only some"
     echo '```'
     echo
     echo "Raw logs: \`target/bench-logs/\`; criterion's HTML report: \`target/criterion/report/index.html\`."
-} >docs/PERFORMANCE.md
-cat docs/PERFORMANCE.md
+} >"$log_dir/performance-section.md"
+scripts/doc-section.py docs/PERFORMANCE.md bench.sh "$log_dir/performance-section.md"
+cat "$log_dir/performance-section.md"
