@@ -21,7 +21,7 @@ if [[ "$(id -u)" -ne 0 ]]; then
 fi
 
 RUNS="${RUNS:-5}"
-ALL_BENCHES=(stack_pair gateway_forward tunnel)
+ALL_BENCHES=(stack_pair gateway_forward tunnel sessions)
 if (($# > 0)); then
     BENCHES=("$@")
 else

@@ -9,7 +9,9 @@
 //!   one every `--rr-interval-ms`, each reply checked;
 //! - `udp`: one sequence-numbered datagram every `--udp-interval-ms` to a UDP echo, replies
 //!   counted (UDP may be lost under load: counted, not an error unless none comes back at all);
-//! - `sink`: binds UDP `--sink-port` and counts what arrives (the target of a flood).
+//! - `sink`: binds UDP `--sink-port` and counts what arrives (the target of a flood);
+//! - `idle`: no traffic at all, the session only stays open (QUIC keep-alives) until the window
+//!   ends (what `benches/sessions.rs` measures the gateway's memory and CPU with).
 //!
 //! At the end every connection is half-closed and drained to the echo's FIN (the totals must
 //! match), and the session is closed. One JSON line per session goes to stdout; the process exits
@@ -85,6 +87,10 @@ struct Args {
     /// Tokio worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// At most this many sessions handshaking at once (0: all at once). Thousands of
+    /// simultaneous handshakes overflow the gateway's UDP receive buffer.
+    #[arg(long, default_value_t = 0)]
+    connect_parallel: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -93,6 +99,7 @@ enum Kind {
     Rr,
     Udp,
     Sink,
+    Idle,
 }
 
 /// What one session did.
@@ -452,7 +459,13 @@ async fn run_session(
         };
         let sink_flow =
             async { has(Kind::Sink).then_some(sink(&client, args.sink_port, end).await) };
-        tokio::join!(bulk_flow, rr_flow, udp_flow, sink_flow)
+        let idle = async {
+            if has(Kind::Idle) {
+                tokio::time::sleep_until(end.into()).await;
+            }
+        };
+        let (bulk, rr, udp, sink, ()) = tokio::join!(bulk_flow, rr_flow, udp_flow, sink_flow, idle);
+        (bulk, rr, udp, sink)
     };
     // The watchdog: a flow whose last step is older than --stall-secs is stuck (the drain after
     // the window counts too: a connection that never delivers its FIN is stuck as well).
@@ -516,9 +529,17 @@ async fn run(args: Args) -> Result<bool> {
     let args = Arc::new(args);
     let connect_started = Instant::now();
     let mut connecting = Vec::new();
+    let permits = match args.connect_parallel {
+        0 => tokio::sync::Semaphore::MAX_PERMITS,
+        n => n,
+    };
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(permits));
     for i in 0..args.sessions {
         let args = Arc::clone(&args);
+        let handshakes = Arc::clone(&handshakes);
         connecting.push(tokio::spawn(async move {
+            // Held until this session's handshake is done; the semaphore is never closed.
+            let _permit = handshakes.acquire_owned().await;
             let mut options = ConnectOptions::new(args.gateway.clone());
             if let Some(hash) = &args.cert_hash {
                 options = options.cert_hash(hash.clone());
