@@ -18,8 +18,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    TCP_ECHO_PORT, Topology, find_command, random_bytes, require_prerequisites, sha256_hex,
-    wait_exit,
+    TCP_ECHO_PORT, Topology, find_command, nft_packets, random_bytes, require_prerequisites,
+    sha256_hex, wait_exit,
 };
 
 /// What the page may take for one test function (session, transfer, hashing).
@@ -965,6 +965,134 @@ fn browser_connect_errors() {
     assert!(message("denied").contains("prohibited"), "{result}");
     assert_eq!(json_field(&result, "refusedClosed"), Some("NetworkError"));
     assert_eq!(json_field(&result, "udpNameName"), Some("DataError"));
+}
+
+/// `TCPSocketOptions` reach the stack, observed from the server's side: `dnsQueryType` "ipv6"
+/// to a name with A and AAAA connects over IPv6 and dnsmasq saw only an AAAA query for it
+/// ("ipv4": only A); `receiveBufferSize: 8192` is the window of that connection's SYN (nft
+/// counter in the server namespace); `keepAliveDelay: 1000` makes a connection idle for 3.5 s
+/// send keep-alive probes (1-byte segments below the acknowledged sequence: IPv4 length 41)
+/// that the server's namespace counts — none arrive on the connections without it — and the
+/// connection still echoes afterwards. Out-of-range values throw TypeError from the constructor.
+/// In Window and Worker mode.
+#[test]
+fn browser_tcp_socket_options() {
+    const KEEP_ALIVE_PORT: u16 = 7101;
+    const PLAIN_PORT: u16 = 7102;
+    require_prerequisites();
+    require_browser();
+    let topology = Topology::new();
+    let dnsmasq = topology.serve_dnsmasq();
+    let _alive_echo = topology.serve_tcp_echo(KEEP_ALIVE_PORT);
+    let _plain_echo = topology.serve_tcp_echo(PLAIN_PORT);
+    let table = "wnopts";
+    topology.srv_run(&["nft", "add", "table", "inet", table]);
+    topology.srv_run(&[
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        table,
+        "in",
+        "{ type filter hook input priority 0; policy accept; }",
+    ]);
+    // One counter per rule; the comments name them for nft_packets.
+    for (rule, name) in [
+        (
+            format!("tcp dport {KEEP_ALIVE_PORT} ip length 41"),
+            "probes-alive",
+        ),
+        (
+            format!("tcp dport {PLAIN_PORT} ip length 41"),
+            "probes-plain",
+        ),
+        (
+            format!("tcp dport {PLAIN_PORT} tcp flags syn tcp window 8192"),
+            "syn-window-8192",
+        ),
+        (format!("tcp dport {PLAIN_PORT} tcp flags syn"), "syn-plain"),
+    ] {
+        let mut args = vec!["nft", "add", "rule", "inet", table, "in"];
+        args.extend(rule.split_whitespace());
+        args.extend(["counter", "comment"]);
+        let comment = format!("\"{name}\"");
+        args.push(&comment);
+        topology.srv_run(&args);
+    }
+    let counters = || {
+        let ruleset = topology.srv_run(&["nft", "list", "table", "inet", table]);
+        let get = |name: &str| {
+            nft_packets(&ruleset, &format!("\"{name}\""))
+                .unwrap_or_else(|| panic!("no counter {name}:\n{ruleset}"))
+        };
+        [
+            get("probes-alive"),
+            get("probes-plain"),
+            get("syn-window-8192"),
+            get("syn-plain"),
+        ]
+    };
+    let gateway = topology.start_gateway(&[]);
+    let server = PageServer::start();
+    let mut before = counters();
+    for worker in [false, true] {
+        let arg = format!(
+            r#"{{"gateway":"{}","certHash":"{}","worker":{worker},"srv4":"{}","keepAlivePort":{KEEP_ALIVE_PORT},"plainPort":{PLAIN_PORT},"idleMs":3500}}"#,
+            gateway.url(),
+            gateway.cert_hash(),
+            topology.srv_ipv4(),
+        );
+        let result = run_in_page(&topology, &server, "tcpSocketOptions", &arg);
+        println!("worker {worker}: {result}");
+        assert_eq!(
+            json_field(&result, "worker"),
+            Some(worker.to_string().as_str())
+        );
+        for bad in [
+            "keepAlive999",
+            "keepAliveNegative",
+            "keepAliveNaN",
+            "sendZero",
+            "receiveTooBig",
+            "dnsBad",
+        ] {
+            assert_eq!(
+                json_field(&result, bad),
+                Some("TypeError"),
+                "{bad}: {result}"
+            );
+        }
+        assert_eq!(
+            json_field(&result, "v6Remote"),
+            Some(topology.srv_ipv6().to_string().as_str()),
+            "{result}"
+        );
+        assert_eq!(
+            json_field(&result, "v4Remote"),
+            Some(topology.srv_ipv4().to_string().as_str()),
+            "{result}"
+        );
+        assert_eq!(
+            json_field(&result, "echoed"),
+            Some("still here"),
+            "{result}"
+        );
+        let after = counters();
+        let delta: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+        before = after;
+        println!("worker {worker}: probes alive/plain, SYNs window 8192/all: {delta:?}");
+        // 3.5 s idle at one probe per second: three, at least two.
+        assert!(delta[0] >= 2, "keep-alive probes: {delta:?}");
+        assert_eq!(delta[1], 0, "probes without keepAliveDelay: {delta:?}");
+        assert_eq!(delta[2], 1, "SYNs with window 8192: {delta:?}");
+        assert_eq!(delta[3], 2, "SYNs to the plain port: {delta:?}");
+    }
+    // dnsmasq answered web.test's AAAA and echo.test's A query, and never the other type.
+    let log = dnsmasq.logs();
+    assert!(log.contains("query[AAAA] web.test"), "{log}");
+    assert!(!log.contains("query[A] web.test"), "{log}");
+    assert!(log.contains("query[A] echo.test"), "{log}");
+    assert!(!log.contains("query[AAAA] echo.test"), "{log}");
 }
 
 /// The README's new-user path: the gateway (default options) serves the demo on

@@ -214,6 +214,8 @@ enum TcpPhase {
         name: String,
         query: Query,
         kind: DnsKind,
+        /// Whether an empty A answer falls back to AAAA (not when the page asked for A only).
+        fallback: bool,
         port: u16,
     },
     /// A smoltcp socket exists.
@@ -538,14 +540,30 @@ impl Stack {
         port: u16,
         options: TcpOptions,
     ) -> Result<TcpHandle, ConnectError> {
+        self.tcp_connect_host_as(host, port, options, None)
+    }
+
+    /// As [`tcp_connect_host`](Self::tcp_connect_host), but `only` (when set) restricts the
+    /// lookup to that record type, with no fallback to the other: Direct Sockets'
+    /// `dnsQueryType` ("ipv4" → A, "ipv6" → AAAA). Address literals connect as they are.
+    ///
+    /// # Errors
+    /// As [`tcp_connect_host`](Self::tcp_connect_host).
+    pub fn tcp_connect_host_as(
+        &mut self,
+        host: &str,
+        port: u16,
+        options: TcpOptions,
+        only: Option<DnsKind>,
+    ) -> Result<TcpHandle, ConnectError> {
         let literal = host.trim_start_matches('[').trim_end_matches(']');
         if let Ok(ip) = literal.parse::<IpAddr>() {
             return self.tcp_connect(SocketAddr::new(ip, port), options);
         }
-        let kind = if self.config.ipv4.is_some() {
-            DnsKind::A
-        } else {
-            DnsKind::Aaaa
+        let kind = match only {
+            Some(kind) => kind,
+            None if self.config.ipv4.is_some() => DnsKind::A,
+            None => DnsKind::Aaaa,
         };
         let query = self
             .start_dns(host, kind)
@@ -558,6 +576,7 @@ impl Stack {
             name: host.to_owned(),
             query,
             kind,
+            fallback: only.is_none(),
             port,
         };
         self.tcp
@@ -1224,6 +1243,7 @@ impl Stack {
                     name,
                     query,
                     kind,
+                    fallback,
                     port,
                 } => {
                     let dns = self.sockets.get_mut::<dns::Socket>(dns_socket);
@@ -1233,7 +1253,7 @@ impl Stack {
                             to_connect.push((id, SocketAddr::new(ip_from(addrs[0]), *port)));
                         }
                         Ok(_) | Err(dns::GetQueryResultError::Failed) => {
-                            if *kind == DnsKind::A && self.config.ipv6.is_some() {
+                            if *fallback && *kind == DnsKind::A && self.config.ipv6.is_some() {
                                 to_connect.push((
                                     id,
                                     SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), *port),
@@ -1366,6 +1386,7 @@ impl Stack {
                     name: name.clone(),
                     query,
                     kind: DnsKind::Aaaa,
+                    fallback: false,
                     port,
                 })
                 .map_err(|reason| ConnectError::Resolve { name, reason })

@@ -27,10 +27,20 @@ export declare class WebNicSessionError extends Error {
   readonly closeCode: number;
 }
 
+/**
+ * As in Direct Sockets; `new TCPSocket` throws a TypeError for a size of 0 or out of range, a
+ * keepAliveDelay below 1000 ms, or another dnsQueryType. Buffer sizes above 16 MiB are clamped.
+ */
 export interface TCPSocketOptions {
+  /** Disables Nagle's algorithm. Default here: true (the spec's default is false). */
   noDelay?: boolean;
+  /** Idle time in ms before TCP keep-alive probes start (one per delay; 9 unanswered end it). */
+  keepAliveDelay?: number;
   sendBufferSize?: number;
+  /** Also sets the largest TCP window (and so the window-scale factor). */
   receiveBufferSize?: number;
+  /** Resolve a host name to A records only ('ipv4') or AAAA only ('ipv6'); default A then AAAA. */
+  dnsQueryType?: 'ipv4' | 'ipv6';
 }
 
 export interface TCPSocketOpenInfo {

@@ -223,6 +223,48 @@ export class WebNicSessionError extends Error {
   }
 }
 
+/**
+ * WebIDL `[EnforceRange] unsigned long` / `unsigned long long` conversion: TypeError for NaN,
+ * infinities and values outside [0, max]; fractions truncate.
+ */
+function enforceRange(value, name, max) {
+  const number = Number(value);
+  if (!Number.isFinite(number)) throw new TypeError(`${name} is not a finite number`);
+  const integer = Math.trunc(number);
+  if (integer < 0 || integer > max) throw new TypeError(`${name} is outside [0, ${max}]`);
+  return integer;
+}
+
+/**
+ * `TCPSocketOptions` as the Direct Sockets spec checks them, in the form the stack takes:
+ * 0 means "unset" for the sizes and the keep-alive delay, '' for the query type.
+ * noDelay defaults to true here (the spec's default is false): tunnelled request/response
+ * traffic suffers most from Nagle meeting the peer's delayed ACK (see TcpOptions::no_delay).
+ */
+function tcpOptions(options) {
+  const out = {
+    noDelay: options.noDelay === undefined ? true : Boolean(options.noDelay),
+    sendBufferSize: 0, receiveBufferSize: 0, keepAliveDelay: 0, dnsQueryType: '',
+  };
+  for (const name of ['sendBufferSize', 'receiveBufferSize']) {
+    if (options[name] === undefined) continue;
+    out[name] = enforceRange(options[name], name, 0xffff_ffff);
+    if (out[name] === 0) throw new TypeError(`${name} must be greater than 0`);
+  }
+  if (options.keepAliveDelay !== undefined) {
+    out.keepAliveDelay = enforceRange(options.keepAliveDelay, 'keepAliveDelay', Number.MAX_SAFE_INTEGER);
+    if (out.keepAliveDelay < 1000) throw new TypeError('keepAliveDelay must be at least 1000 ms');
+  }
+  if (options.dnsQueryType !== undefined) {
+    const type = String(options.dnsQueryType);
+    if (type !== 'ipv4' && type !== 'ipv6') {
+      throw new TypeError(`dnsQueryType must be "ipv4" or "ipv6", not "${type}"`);
+    }
+    out.dnsQueryType = type;
+  }
+  return out;
+}
+
 /** Turns the wasm side's "Name: message" errors into DOMExceptions with the spec's names. */
 function domError(error) {
   const message = String(error && error.message !== undefined ? error.message : error);
@@ -256,9 +298,10 @@ export class WebNic {
         });
         // Nobody has to observe `closed`.
         this.closed.catch(() => {});
+        // Bad options throw from the constructor, as WebIDL conversion does in the spec.
         const opening = options[ACCEPTED] !== undefined
           ? owner.#streams(this, options[ACCEPTED])
-          : owner.#open(this, String(remoteAddress), Number(remotePort), options);
+          : owner.#open(this, String(remoteAddress), Number(remotePort), tcpOptions(options));
         this.opened = opening.then(
           (opened) => opened,
           (error) => {
@@ -515,13 +558,7 @@ export class WebNic {
 
   async #open(socket, host, port, options) {
     const nic = this.#nic;
-    const id = await nic.tcpConnect(
-      host,
-      port,
-      options.noDelay !== false,
-      options.sendBufferSize ?? 0,
-      options.receiveBufferSize ?? 0,
-    );
+    const id = await nic.tcpConnect(host, port, options);
     return this.#streams(socket, id);
   }
 

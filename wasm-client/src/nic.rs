@@ -12,8 +12,8 @@ use js_sys::{Array, Object, Promise, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{future_to_promise, spawn_local};
 use webnic_stack::{
-    ListenError, ListenerHandle, Stack, StackConfig, TcpError, TcpHandle, TcpOptions, UdpError,
-    UdpHandle, UdpOptions,
+    DnsKind, Duration, ListenError, ListenerHandle, Stack, StackConfig, TcpError, TcpHandle,
+    TcpOptions, UdpError, UdpHandle, UdpOptions,
 };
 
 use crate::driver::{self, Core, Interest};
@@ -24,6 +24,13 @@ const DEFAULT_MTU: u16 = 1152;
 
 /// The largest datagram Chromium sends: bigger ones vanish without an error (see FACTS).
 const BROWSER_MAX_DATAGRAM: u16 = 1211;
+
+/// Largest `sendBufferSize`/`receiveBufferSize` honoured (the spec lets implementations clamp):
+/// 16 MiB is a 128 Mbit/s × 1 s window, and a page cannot make the wasm heap grow by gigabytes.
+const MAX_SOCKET_BUFFER: usize = 16 << 20;
+
+/// Unanswered keep-alive probes after which a connection is given up (Linux's default).
+const KEEP_ALIVE_PROBES: u32 = 9;
 
 /// Opens a session with the gateway at `url` (`https://host:port/webnic`).
 ///
@@ -171,6 +178,38 @@ fn listen_error(error: &ListenError) -> JsValue {
     JsError::new(&format!("NetworkError: {error}")).into()
 }
 
+/// The stack's [`TcpOptions`] and lookup type from js/webnic.js's checked options object.
+fn tcp_options(js: &JsValue) -> (TcpOptions, Option<DnsKind>) {
+    let field = |name: &str| Reflect::get(js, &JsValue::from_str(name)).unwrap_or_default();
+    let number = |name: &str| field(name).as_f64().unwrap_or(0.0);
+    let mut options = TcpOptions {
+        no_delay: field("noDelay").as_bool().unwrap_or(true),
+        ..TcpOptions::default()
+    };
+    let (send_buffer, receive_buffer) = (number("sendBufferSize"), number("receiveBufferSize"));
+    if send_buffer >= 1.0 {
+        options.send_buffer = (send_buffer as usize).min(MAX_SOCKET_BUFFER);
+    }
+    if receive_buffer >= 1.0 {
+        options.recv_buffer = (receive_buffer as usize).min(MAX_SOCKET_BUFFER);
+    }
+    let keep_alive_ms = number("keepAliveDelay");
+    if keep_alive_ms >= 1.0 {
+        // Capped at 49 days (u32 ms) so that the timeout below cannot overflow.
+        let delay = Duration::from_millis(keep_alive_ms.min(f64::from(u32::MAX)) as u64);
+        options.keep_alive = Some(delay);
+        // Like an OS keep-alive (Linux: 9 unanswered probes), give up on a peer that stays
+        // silent through KEEP_ALIVE_PROBES probes instead of probing forever.
+        options.timeout = Some(delay * KEEP_ALIVE_PROBES);
+    }
+    let only = match field("dnsQueryType").as_string().as_deref() {
+        Some("ipv4") => Some(DnsKind::A),
+        Some("ipv6") => Some(DnsKind::Aaaa),
+        _ => None,
+    };
+    (options, only)
+}
+
 /// An address literal (UDP and listeners take no names: there is nothing to resolve locally).
 fn parse_address(address: &str) -> Result<IpAddr, JsError> {
     address
@@ -216,34 +255,23 @@ impl Nic {
 
     /// Connects to `host:port` (an address literal, or a name resolved through the tunnel's
     /// DNS). Resolves to a socket id once established.
+    ///
+    /// `options` is the object js/webnic.js built from `TCPSocketOptions` after checking them
+    /// as the spec asks: `{ noDelay, sendBufferSize, receiveBufferSize, keepAliveDelay,
+    /// dnsQueryType }`, where 0 keeps the stack's default size or sends no keep-alives, and
+    /// `dnsQueryType` is `"ipv4"` (A only), `"ipv6"` (AAAA only) or empty (A, then AAAA).
     #[wasm_bindgen(js_name = tcpConnect)]
-    pub fn tcp_connect(
-        &self,
-        host: String,
-        port: u16,
-        no_delay: bool,
-        send_buffer: u32,
-        receive_buffer: u32,
-    ) -> Promise {
+    pub fn tcp_connect(&self, host: String, port: u16, options: &JsValue) -> Promise {
         let core = self.core.clone();
         let handles = self.handles.clone();
+        let (options, only) = tcp_options(options);
         future_to_promise(async move {
-            let mut options = TcpOptions {
-                no_delay,
-                ..TcpOptions::default()
-            };
-            if send_buffer > 0 {
-                options.send_buffer = send_buffer as usize;
-            }
-            if receive_buffer > 0 {
-                options.recv_buffer = receive_buffer as usize;
-            }
             core.check_open().map_err(|e| session_error(&e))?;
             let handle = core
                 .shared
                 .borrow_mut()
                 .stack
-                .tcp_connect_host(&host, port, options)
+                .tcp_connect_host_as(&host, port, options, only)
                 .map_err(|e| tcp_error(&TcpError::Connect(e)))?;
             core.poke();
             let connected = poll_fn(|cx| {
