@@ -461,7 +461,14 @@ impl EthernetAdapter {
         src_mac: EthernetAddress,
         payload: &'a mut [u8],
     ) -> Option<&'a [u8]> {
-        let Ok(ip) = Ipv4Packet::new_checked(&payload[..]) else {
+        // smoltcp's `new_checked` checks lengths, not the version nibble.
+        let Ok(ip) = Ipv4Packet::new_checked(&payload[..]).and_then(|ip| {
+            if ip.version() == 4 {
+                Ok(ip)
+            } else {
+                Err(smoltcp::wire::Error)
+            }
+        }) else {
             return self.drop(DropReason::Malformed);
         };
         let total = usize::from(ip.total_len());
@@ -593,7 +600,13 @@ impl EthernetAdapter {
         src_mac: EthernetAddress,
         payload: &'a mut [u8],
     ) -> Option<&'a [u8]> {
-        let Ok(ip) = Ipv6Packet::new_checked(&payload[..]) else {
+        let Ok(ip) = Ipv6Packet::new_checked(&payload[..]).and_then(|ip| {
+            if ip.version() == 6 {
+                Ok(ip)
+            } else {
+                Err(smoltcp::wire::Error)
+            }
+        }) else {
             return self.drop(DropReason::Malformed);
         };
         let total = ip.total_len();
@@ -1463,6 +1476,15 @@ mod tests {
         let mut frame = build(ip);
         frame[0..6].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 1]); // another host's MAC
         assert_eq!(adapter.handle_frame(&mut frame), None);
+        // An IPv4 ethertype whose packet says version 15 (found by the fuzz target); and an IPv6
+        // ethertype carrying an IPv4 packet.
+        let mut frame = build(ip);
+        frame[14] = 0xf5;
+        assert_eq!(adapter.handle_frame(&mut frame), None);
+        let mut frame = build(ip);
+        frame[12..14].copy_from_slice(&[0x86, 0xdd]);
+        frame.resize(14 + 40 + 12, 0);
+        assert_eq!(adapter.handle_frame(&mut frame), None);
 
         let mut small = EthernetAdapter::new(EthernetConfig {
             mtu: 30,
@@ -1478,6 +1500,7 @@ mod tests {
         assert_eq!(stats.dropped(DropReason::NotRoutable), 1);
         assert_eq!(stats.dropped(DropReason::UnknownEthertype), 1);
         assert_eq!(stats.dropped(DropReason::NotForRouter), 1);
+        assert_eq!(stats.dropped(DropReason::Malformed), 2);
     }
 
     #[test]
