@@ -91,6 +91,9 @@ struct Args {
     /// simultaneous handshakes overflow the gateway's UDP receive buffer.
     #[arg(long, default_value_t = 0)]
     connect_parallel: usize,
+    /// Attempts per session before its connect failure fails the run.
+    #[arg(long, default_value_t = 1)]
+    connect_attempts: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -540,13 +543,22 @@ async fn run(args: Args) -> Result<bool> {
         connecting.push(tokio::spawn(async move {
             // Held until this session's handshake is done; the semaphore is never closed.
             let _permit = handshakes.acquire_owned().await;
-            let mut options = ConnectOptions::new(args.gateway.clone());
-            if let Some(hash) = &args.cert_hash {
-                options = options.cert_hash(hash.clone());
+            let mut attempt = 1;
+            loop {
+                let mut options = ConnectOptions::new(args.gateway.clone());
+                if let Some(hash) = &args.cert_hash {
+                    options = options.cert_hash(hash.clone());
+                }
+                match Client::connect(options).await {
+                    Ok(client) => break Ok(client),
+                    Err(_) if attempt < args.connect_attempts => attempt += 1,
+                    Err(error) => {
+                        break Err(error).with_context(|| {
+                            format!("session {}: connect (attempt {attempt})", args.id_base + i)
+                        });
+                    }
+                }
             }
-            Client::connect(options)
-                .await
-                .with_context(|| format!("session {}: connect", args.id_base + i))
         }));
     }
     let mut clients = Vec::with_capacity(connecting.len());
