@@ -29,8 +29,9 @@ fi
 # chromium and ngircd (IRC from the page): the browser end-to-end tests (tests/e2e_browser.rs).
 # busybox (udhcpc, nslookup): the kernel guest behind `webnic tap` (tests/e2e_tap.rs).
 # openbsd-inetd: its built-in datagram echo (impairment matrix, load test); openssl: certificates for the restart tests.
+# conntrack: the gateway deletes flow entries of released addresses with it; the churn test checks the table.
 for pkg in dnsmasq-base socat openssh-server openssh-client netcat-openbsd iperf3 nftables iproute2 curl procps \
-    openbsd-inetd openssl \
+    openbsd-inetd openssl conntrack \
     chromium ngircd busybox; do
     installed "$pkg" || missing+=("$pkg")
 done

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{TCP_ECHO_PORT, Topology, connect_client, tcp_exchange, within};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Parallel workers; each runs its share of the cycles one after another.
 const WORKERS: u64 = 8;
@@ -64,6 +65,9 @@ async fn churn_sessions_return_every_resource() {
             // A killed client's lease is parked for resumption this long after its idle timeout.
             "--resume-grace",
             &RESUME_GRACE_SECS.to_string(),
+            // Masquerading makes the kernel track every flow of the pool: the table must not keep
+            // the flows of sessions that are gone.
+            "--nat",
         ]),
     );
     let pid = gateway.process.pid();
@@ -71,6 +75,8 @@ async fn churn_sessions_return_every_resource() {
         |g: &common::GatewayProcess| g.metric("webnic_pool_addresses_free{family=\"ipv4\"}");
     let free_at_start = pool_free(&gateway);
     let fds_at_start = fd_count(pid);
+    let established_at_start = established_pool_flows(&topology);
+    let conntrack_at_start = conntrack_count(&topology);
     let remote = SocketAddr::new(IpAddr::V4(topology.srv_ipv4()), TCP_ECHO_PORT);
 
     let done = Arc::new(AtomicU64::new(0));
@@ -98,7 +104,7 @@ async fn churn_sessions_return_every_resource() {
                 let mut cycle = worker;
                 while cycle < total {
                     if cycle % KILL_EVERY == KILL_EVERY - 1 {
-                        kill_a_cli_session(&topology, &gateway).await;
+                        kill_a_cli_session(&topology, &gateway, remote).await;
                         killed.fetch_add(1, Ordering::Relaxed);
                     } else {
                         let client = match webnic::Client::connect(
@@ -161,6 +167,13 @@ async fn churn_sessions_return_every_resource() {
         .find(|(n, _)| *n >= total / 2)
         .map_or(0, |(_, rss)| *rss);
     let rss_end = rss_kib(pid);
+    // The gateway deletes ended sessions' conntrack entries in the background (child processes,
+    // which hold file descriptors while they run).
+    let settle = Instant::now() + Duration::from_secs(60);
+    while gateway.metric("webnic_conntrack_deletions_pending") > 0.0 && Instant::now() < settle {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let conntrack_pending = gateway.metric("webnic_conntrack_deletions_pending");
     // The metrics requests above are served on their own connections, closed a moment later.
     let settle = Instant::now() + Duration::from_secs(3);
     let mut fds_end = fd_count(pid);
@@ -168,11 +181,17 @@ async fn churn_sessions_return_every_resource() {
         std::thread::sleep(Duration::from_millis(100));
         fds_end = fd_count(pid);
     }
+    let established_end = established_pool_flows(&topology);
+    let conntrack_end = conntrack_count(&topology);
+    let conntrack_deleted = gateway.metric("webnic_conntrack_entries_deleted_total");
     let report = format!(
         "{total} cycles in {:.1} s ({} graceful, {} dropped without close, {} SIGKILLed): \
          pool free {} → {}, sessions active {}, fds {fds_at_start} → {fds_end}, RSS after warm-up \
          {rss_warm} KiB → {rss_end} KiB (samples: {samples:?}); connects that failed and \
-         were retried: {}",
+         were retried: {}; conntrack: established pool flows {established_at_start} → \
+         {established_end}, all entries {conntrack_at_start} → {conntrack_end} (closed flows \
+         wait out TIME_WAIT), deleted by the gateway {conntrack_deleted}, deletions pending \
+         {conntrack_pending}",
         churn_time.as_secs_f64(),
         total - killed.load(Ordering::Relaxed) - dropped.load(Ordering::Relaxed),
         dropped.load(Ordering::Relaxed),
@@ -190,6 +209,17 @@ async fn churn_sessions_return_every_resource() {
     );
     assert_eq!(pool_free(&gateway), free_at_start, "{report}");
     assert_eq!(fds_end, fds_at_start, "{report}");
+    // Every killed client left one established flow; the gateway deleted them all.
+    assert_eq!(established_end, established_at_start, "{report}");
+    assert!(
+        conntrack_deleted >= killed.load(Ordering::Relaxed) as f64,
+        "{report}"
+    );
+    assert_eq!(
+        gateway.metric("webnic_conntrack_delete_failures_total"),
+        0.0,
+        "{report}"
+    );
     assert!(rss_warm > 0, "{report}");
     // A leaked session (its QUIC connection, queues, stack of routes) costs tens of KiB, so a
     // leak shows as growth per cycle; the allocator's arenas grow in steps of a few hundred KiB
@@ -217,19 +247,68 @@ async fn churn_sessions_return_every_resource() {
     );
 }
 
-/// Starts `webnic socks5`, waits until its session is up, then kills it with SIGKILL: no close
-/// reaches the gateway.
-async fn kill_a_cli_session(topology: &Topology, gateway: &common::GatewayProcess) {
-    let cli = topology.spawn_cli(gateway, &["socks5", "127.0.0.1:0"]);
+/// Established TCP flows from the client pool in the gateway namespace's conntrack table.
+fn established_pool_flows(topology: &Topology) -> usize {
+    let out = topology.gw_exec(&["conntrack", "-L", "-p", "tcp"]);
+    assert!(out.status.success(), "conntrack -L: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(" ESTABLISHED ") && l.contains("src=10.77."))
+        .count()
+}
+
+/// Entries in the gateway namespace's conntrack table.
+fn conntrack_count(topology: &Topology) -> u64 {
+    let out = topology.gw_exec(&["conntrack", "-C"]);
+    assert!(out.status.success(), "conntrack -C: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("conntrack -C prints a count")
+}
+
+/// Starts `webnic forward` to the echo server, opens a TCP connection through it and echoes 64
+/// bytes, then kills the CLI with SIGKILL while that connection is open: no close reaches the
+/// gateway, and the flow stays established in the gateway's conntrack table until the gateway
+/// deletes it with the session's address.
+async fn kill_a_cli_session(
+    topology: &Topology,
+    gateway: &common::GatewayProcess,
+    remote: SocketAddr,
+) {
+    let rule = format!("127.0.0.1:0={remote}");
+    let cli = topology.spawn_cli(gateway, &["forward", &rule]);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !cli.stderr().contains("socks5 on") {
+    let local = loop {
+        if let Some(port) = cli
+            .stderr()
+            .lines()
+            .find_map(|l| l.strip_prefix("webnic: forwarding 127.0.0.1:"))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u16>().ok())
+        {
+            break SocketAddr::from(([127, 0, 0, 1], port));
+        }
         assert!(
             Instant::now() < deadline && cli.exit_status().is_none(),
-            "webnic socks5 never came up: {}",
+            "webnic forward never came up: {}",
             cli.logs()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
+    let mut stream = tokio::net::TcpStream::connect(local)
+        .await
+        .expect("connect to webnic forward");
+    let data = [0x5au8; 64];
+    stream
+        .write_all(&data)
+        .await
+        .expect("write through forward");
+    let mut echoed = [0u8; 64];
+    tokio::time::timeout(Duration::from_secs(30), stream.read_exact(&mut echoed))
+        .await
+        .expect("echo through forward in time")
+        .expect("read through forward");
+    assert_eq!(echoed, data, "echo through the killed client's forward");
     // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
     unsafe { libc::kill(cli.pid() as libc::pid_t, libc::SIGKILL) };
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -238,7 +317,8 @@ async fn kill_a_cli_session(topology: &Topology, gateway: &common::GatewayProces
     }
     assert!(
         cli.exit_status().is_some_and(|s| s.contains("signal 9")),
-        "webnic socks5 did not die of SIGKILL: {:?}",
+        "webnic forward did not die of SIGKILL: {:?}",
         cli.exit_status()
     );
+    drop(stream);
 }

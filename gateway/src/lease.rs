@@ -54,6 +54,8 @@ enum State {
 struct Lease {
     addresses: Vec<IpAddr>,
     state: State,
+    /// Some session on these addresses carried packets, so the kernel may track flows of them.
+    carried_traffic: bool,
 }
 
 /// Why a resumption was refused (the session then gets fresh addresses).
@@ -68,6 +70,15 @@ pub enum ResumeError {
     /// The grace period is over (not yet swept).
     #[error("the session ticket expired")]
     Expired,
+}
+
+/// The addresses of leases whose grace period ran out.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Expired {
+    /// Every address, for the pool.
+    pub addresses: Vec<IpAddr>,
+    /// Those whose sessions carried packets: the kernel may still track flows of them.
+    pub carried_traffic: Vec<IpAddr>,
 }
 
 /// Every lease of the gateway.
@@ -98,6 +109,7 @@ impl Leases {
             Lease {
                 addresses,
                 state: State::Live,
+                carried_traffic: false,
             },
         );
     }
@@ -153,17 +165,27 @@ impl Leases {
         }
     }
 
+    /// Records that the session holding `ticket` carried packets (see [`Expired::carried_traffic`]).
+    pub fn note_traffic(&mut self, ticket: &Ticket) {
+        if let Some(lease) = self.leases.get_mut(ticket) {
+            lease.carried_traffic = true;
+        }
+    }
+
     /// Removes the parked leases whose grace period is over; their addresses go back to the pool.
-    pub fn expire(&mut self, now: Instant) -> Vec<IpAddr> {
-        let mut released = Vec::new();
+    pub fn expire(&mut self, now: Instant) -> Expired {
+        let mut expired = Expired::default();
         self.leases.retain(|_, lease| match lease.state {
             State::Parked { until } if now >= until => {
-                released.append(&mut lease.addresses);
+                if lease.carried_traffic {
+                    expired.carried_traffic.extend(&lease.addresses);
+                }
+                expired.addresses.append(&mut lease.addresses);
                 false
             }
             _ => true,
         });
-        released
+        expired
     }
 
     /// Parked leases (for the metrics).
@@ -213,6 +235,8 @@ impl Leases {
                             state: State::Parked {
                                 until: now + self.grace,
                             },
+                            // Not recorded in the file: assume the worst.
+                            carried_traffic: true,
                         },
                     );
                 }
@@ -274,12 +298,23 @@ mod tests {
         let mut leases = Leases::new(Duration::from_secs(10));
         leases.issue(ticket(1), addrs());
         leases.park(&ticket(1), t0);
-        assert!(leases.expire(t0 + Duration::from_secs(9)).is_empty());
+        assert!(
+            leases
+                .expire(t0 + Duration::from_secs(9))
+                .addresses
+                .is_empty()
+        );
         assert_eq!(
             leases.resume(&ticket(1), ticket(2), t0 + Duration::from_secs(10)),
             Err(ResumeError::Expired)
         );
-        assert_eq!(leases.expire(t0 + Duration::from_secs(10)), addrs());
+        assert_eq!(
+            leases.expire(t0 + Duration::from_secs(10)),
+            Expired {
+                addresses: addrs(),
+                carried_traffic: Vec::new(),
+            }
+        );
         assert_eq!(
             leases.resume(&ticket(1), ticket(2), t0 + Duration::from_secs(10)),
             Err(ResumeError::Unknown)
@@ -302,9 +337,13 @@ mod tests {
             restarted.resume(&ticket(1), ticket(2), t1 + Duration::from_secs(29)),
             Ok(addrs())
         );
+        let from_file = vec!["10.77.0.3".parse::<IpAddr>().unwrap()];
         assert_eq!(
             restarted.expire(t1 + Duration::from_secs(30)),
-            vec!["10.77.0.3".parse::<IpAddr>().unwrap()]
+            Expired {
+                addresses: from_file.clone(),
+                carried_traffic: from_file,
+            }
         );
     }
 

@@ -133,6 +133,7 @@ pub struct Metrics {
     pool_free: [AtomicU64; 2],
     pool_configured: [AtomicU64; 2],
     abuse_log_dropped: std::sync::OnceLock<Arc<AtomicU64>>,
+    conntrack: std::sync::OnceLock<Arc<crate::conntrack::ConntrackCounters>>,
 }
 
 impl Metrics {
@@ -209,6 +210,11 @@ impl Metrics {
     /// Exports the abuse log's dropped-lines counter.
     pub fn watch_abuse_log(&self, dropped: Arc<AtomicU64>) {
         let _ = self.abuse_log_dropped.set(dropped);
+    }
+
+    /// Exports the conntrack cleaner's counters.
+    pub fn watch_conntrack(&self, counters: Arc<crate::conntrack::ConntrackCounters>) {
+        let _ = self.conntrack.set(counters);
     }
 
     /// Sets the pool gauges of `family`.
@@ -351,6 +357,23 @@ impl Metrics {
                  # TYPE webnic_abuse_log_dropped_lines_total counter\n\
                  webnic_abuse_log_dropped_lines_total {}",
                 load(dropped)
+            );
+        }
+        if let Some(conntrack) = self.conntrack.get() {
+            let _ = writeln!(
+                out,
+                "# HELP webnic_conntrack_entries_deleted_total Kernel connection-tracking entries deleted when their session's address returned to the pool.\n\
+                 # TYPE webnic_conntrack_entries_deleted_total counter\n\
+                 webnic_conntrack_entries_deleted_total {}\n\
+                 # HELP webnic_conntrack_delete_failures_total conntrack deletions that failed.\n\
+                 # TYPE webnic_conntrack_delete_failures_total counter\n\
+                 webnic_conntrack_delete_failures_total {}\n\
+                 # HELP webnic_conntrack_deletions_pending Released addresses whose conntrack entries are still being deleted.\n\
+                 # TYPE webnic_conntrack_deletions_pending gauge\n\
+                 webnic_conntrack_deletions_pending {}",
+                load(&conntrack.deleted),
+                load(&conntrack.failures),
+                load(&conntrack.pending)
             );
         }
         // Drops before the gateway sees a datagram: the kernel's, when the QUIC socket's receive

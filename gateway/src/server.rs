@@ -201,6 +201,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         tracing::info!("sessions need a token signed with --token-key-file");
     }
     tracing::info!(admission = ?config.admission, max_lifetime = ?config.max_lifetime, quota = ?config.quota, "session limits");
+    let conntrack_counters = Arc::new(crate::conntrack::ConntrackCounters::default());
+    metrics.watch_conntrack(Arc::clone(&conntrack_counters));
+    let conntrack = crate::conntrack::ConntrackCleaner::detect(conntrack_counters);
     let shared = Arc::new(Shared {
         token_key: config.token_key.clone(),
         admission: Mutex::new(crate::admission::Admission::new(config.admission)),
@@ -220,6 +223,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         shutdown: shutdown_rx,
         next_session: AtomicU64::new(1),
         leases: leases.map(Mutex::new),
+        conntrack,
         draining: drain_rx,
         leases_dirty: AtomicBool::new(false),
     });
@@ -385,11 +389,13 @@ async fn keep_leases(shared: Arc<Shared>, path: Option<PathBuf>) {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .expire(Instant::now());
-        if !expired.is_empty() {
-            tracing::info!(addresses = ?expired, "session leases expired");
+        if !expired.addresses.is_empty() {
+            tracing::info!(addresses = ?expired.addresses, "session leases expired");
             let mut pools = shared.pools();
-            pools.release(&expired);
+            pools.release(&expired.addresses);
             pools.update_metrics(&shared.metrics);
+            drop(pools);
+            shared.conntrack.forget(&expired.carried_traffic);
             shared.leases_dirty.store(true, Ordering::Relaxed);
         }
         if let Some(path) = &path

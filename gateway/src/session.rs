@@ -139,6 +139,8 @@ pub struct Shared {
     pub abuse_log: Option<AbuseLog>,
     /// Session leases for resumption; `None` when resumption is off.
     pub leases: Option<Mutex<Leases>>,
+    /// Deletes the kernel's flow entries of addresses returned to the pool.
+    pub conntrack: crate::conntrack::ConntrackCleaner,
     /// Set when the lease table changed since it was last written to the lease file.
     pub leases_dirty: std::sync::atomic::AtomicBool,
 }
@@ -589,10 +591,18 @@ async fn run(
     }
     // A connection that was lost, or a gateway going down, parks the lease: the client may come
     // back with its ticket. Anything else ends it and the addresses go back to the pool.
+    // A session that moved no packet left no flow in the kernel's conntrack table to delete.
+    let carried_traffic = stats.rx_packets.load(Ordering::Relaxed) > 0
+        || stats.tx_packets.load(Ordering::Relaxed) > 0;
     let parked = lost
         && shared
             .leases()
-            .map(|mut leases| leases.park(&ticket, Instant::now()))
+            .map(|mut leases| {
+                if carried_traffic {
+                    leases.note_traffic(&ticket);
+                }
+                leases.park(&ticket, Instant::now());
+            })
             .is_some();
     if !parked {
         if let Some(mut leases) = shared.leases() {
@@ -601,6 +611,10 @@ async fn run(
         let mut pools = shared.pools();
         pools.release(&addresses);
         pools.update_metrics(&shared.metrics);
+        drop(pools);
+        if carried_traffic {
+            shared.conntrack.forget(&addresses);
+        }
     }
     shared.metrics.session_ended();
     if let Some(log) = &shared.abuse_log {

@@ -66,6 +66,7 @@ const REQUIRED_COMMANDS: &[&str] = &[
     "sysctl",
     "inetd",
     "openssl",
+    "conntrack",
 ];
 
 /// Panics, naming everything that is missing, unless the machine can run the end-to-end tests.
