@@ -21,7 +21,7 @@ if [[ "$(id -u)" -ne 0 ]]; then
 fi
 
 RUNS="${RUNS:-5}"
-ALL_BENCHES=(stack_pair gateway_forward tunnel sessions)
+ALL_BENCHES=(stack_pair gateway_forward tunnel sessions impaired)
 if (($# > 0)); then
     BENCHES=("$@")
 else
@@ -33,6 +33,9 @@ else
 fi
 
 step() { printf '\n==> %s\n' "$*"; }
+
+step "installing the relay baselines (websockify, wisp-js) and ethtool under target/bench-relays"
+scripts/bench-relays-install.sh
 
 step "building release binaries (the tunnel bench runs target/release/webnic-gateway)"
 cargo build --release --workspace --bins

@@ -1,0 +1,328 @@
+//! Download goodput under random packet loss: webnic against the relays users run today, under
+//! the same loss. The native client (root namespace) reaches the gateway namespace over a
+//! 1500-byte veth with segmentation offloads off (TSO, GSO, UDP segmentation, GSO lists and GRO,
+//! both ends), so every packet
+//! on it is wire-sized: on loopback or with offloads on, the kernel moves TCP in 30–100 KB
+//! chunks and dropping one would be a different experiment. nft drops N% of the packets at
+//! random (`numgen random mod 100 < N`) in each direction of that veth, where they are received
+//! (see `Loss`), so webnic's QUIC datagrams and the relays' TCP segments are dropped alike. Behind
+//! it, the webnic gateway and the relays (websockify and a Wisp server, over TLS:
+//! `benches/relays/`) run side by side and reach the same download server.
+//!
+//! Cells: loss 0% (for reference), 1% and 5%; one flow of `TRANSFER` bytes and `FLOWS` flows of
+//! `TRANSFER / FLOWS` (through one webnic session; `FLOWS` websockify connections; `FLOWS` Wisp
+//! streams on one Wisp connection); each bounded by `LIMIT`, after which the goodput is what
+//! arrived so far. Every flow is sha256-checked against what the server sent (the prefix that
+//! arrived, when cut), or the bench fails.
+//!
+//! Needs root, `target/release/webnic-gateway` and the relays and ethtool
+//! (`scripts/bench-relays-install.sh`); `scripts/bench.sh` does all of it.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "relays/mod.rs"]
+mod relays;
+#[path = "support/mod.rs"]
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Topology, connect_client, find_command, nft_packets, run, seeded_bytes, try_run};
+use relays::{Received, Relay, Relays, read_all, serve_download};
+use support::report;
+
+/// One flow's download; the parallel flows move the same total.
+const TRANSFER: usize = 16 << 20;
+const FLOWS: usize = 8;
+/// The bound of one cell: at 5% loss the relays move a few MB/s at best.
+const LIMIT: Duration = Duration::from_secs(10);
+/// Percent of packets dropped in each direction.
+const LOSSES: [u8; 3] = [0, 1, 5];
+const DOWNLOAD_PORT: u16 = 9201;
+const DOWNLOAD_PART_PORT: u16 = 9202;
+/// The same bytes without closing first, for Wisp (see `relays::serve_download`).
+const OPEN_DOWNLOAD_PORT: u16 = 9203;
+const OPEN_DOWNLOAD_PART_PORT: u16 = 9204;
+const WEBSOCKIFY_PORT: u16 = 6080;
+const WEBSOCKIFY_PART_PORT: u16 = 6081;
+const WISP_PORT: u16 = 6001;
+const SEED: u64 = 0x1055;
+/// The loss rules: one nftables table per direction, each dropping on the *receiving* end of the
+/// veth. On the sending end (postrouting, or the netdev egress hook) the kernel still holds
+/// GSO super-packets (TCP always builds them, quinn sends UDP GSO batches), segmented only at
+/// transmit; a drop there takes out tens of wire packets at once. On the receiving end, with
+/// TSO/GSO off at the sender and GRO off at the receiver, every packet is one wire packet (the
+/// counters below confirm it: ≥ 1 packet per 1,500 bytes moved).
+#[derive(Debug)]
+struct Loss<'a> {
+    topology: &'a Topology,
+    /// In the root namespace (the client's end): gateway side → client.
+    root_table: String,
+    root_device: String,
+    /// In the gateway namespace: client → gateway side.
+    gw_device: String,
+}
+
+impl<'a> Loss<'a> {
+    /// The gateway namespace's table goes with the namespace; the root one is removed on drop
+    /// (also when the bench panics).
+    const GW_TABLE: &'static str = "wnbench_loss";
+
+    fn new(topology: &'a Topology, root_device: &str, gw_device: &str) -> Self {
+        Self {
+            topology,
+            root_table: format!("wnbench_loss_{}", topology.n()),
+            root_device: root_device.to_owned(),
+            gw_device: gw_device.to_owned(),
+        }
+    }
+
+    fn rules(table: &str, device: &str, percent: u8) -> String {
+        format!(
+            "table inet {table} {{\n\
+             chain ingress {{ type filter hook prerouting priority -300; policy accept;\n\
+             iifname \"{device}\" counter comment \"all\"\n\
+             iifname \"{device}\" numgen random mod 100 < {percent} counter drop comment \"dropped\"\n\
+             }}\n}}\n"
+        )
+    }
+
+    /// Drops `percent`% of the packets each way from now on, replacing the previous rules (and
+    /// so zeroing the counters).
+    fn set(&self, percent: u8) {
+        let _ = try_run(&["nft", "delete", "table", "inet", &self.root_table]);
+        let _ = self
+            .topology
+            .gw_exec(&["nft", "delete", "table", "inet", Self::GW_TABLE]);
+        let root = self.topology.tmp().join("loss-root.nft");
+        let gw = self.topology.tmp().join("loss-gw.nft");
+        std::fs::write(
+            &root,
+            Self::rules(&self.root_table, &self.root_device, percent),
+        )
+        .expect("write the loss rules");
+        std::fs::write(&gw, Self::rules(Self::GW_TABLE, &self.gw_device, percent))
+            .expect("write the loss rules");
+        run(&["nft", "-f", root.to_str().expect("utf-8 path")]);
+        let output = self
+            .topology
+            .gw_exec(&["nft", "-f", gw.to_str().expect("utf-8 path")]);
+        assert!(
+            output.status.success(),
+            "nft loss rules in the gateway namespace: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Packets (seen, dropped) since `set`: gateway side → client, then client → gateway side.
+    fn counters(&self) -> [(u64, u64); 2] {
+        let count =
+            |ruleset: &str, needle: &str| nft_packets(ruleset, needle).expect("nft counter");
+        let root = run(&["nft", "list", "table", "inet", &self.root_table]);
+        let output = self
+            .topology
+            .gw_exec(&["nft", "list", "table", "inet", Self::GW_TABLE]);
+        let gw = String::from_utf8_lossy(&output.stdout);
+        [
+            (count(&root, "\"all\""), count(&root, "\"dropped\"")),
+            (count(&gw, "\"all\""), count(&gw, "\"dropped\"")),
+        ]
+    }
+}
+
+impl Drop for Loss<'_> {
+    fn drop(&mut self) {
+        let _ = try_run(&["nft", "delete", "table", "inet", &self.root_table]);
+    }
+}
+
+/// `flows` concurrent downloads through webnic's one session, timed from before the flows
+/// open, bounded by `LIMIT`. Returns the goodput and each flow's bytes.
+async fn webnic_download_flows(
+    client: &webnic::Client,
+    server: IpAddr,
+    port: u16,
+    flows: usize,
+) -> (f64, Vec<Received>, bool) {
+    let start = Instant::now();
+    let deadline = start + LIMIT;
+    let tasks: Vec<_> = (0..flows)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let connect = client.tcp_connect(SocketAddr::new(server, port));
+                match tokio::time::timeout_at(deadline.into(), connect).await {
+                    Ok(stream) => {
+                        read_all(stream.expect("tunnel connect"), true, Some(deadline)).await
+                    }
+                    // Not even connected within the limit: nothing arrived.
+                    Err(_) => read_all(tokio::io::empty(), true, None).await,
+                }
+            })
+        })
+        .collect();
+    let mut received = Vec::with_capacity(flows);
+    for task in tasks {
+        received.push(task.await.expect("webnic download task"));
+    }
+    let elapsed = start.elapsed();
+    let total: usize = received.iter().map(|r| r.len).sum();
+    (
+        total as f64 * 8.0 / elapsed.as_secs_f64() / 1e6,
+        received,
+        Instant::now() >= deadline,
+    )
+}
+
+/// Segmentation offloads off on both ends of the client-side veth, and its MTU at 1500.
+fn wire_sized(topology: &Topology, root_device: &str, gw_device: &str) {
+    let ethtool = find_command("ethtool")
+        .expect("ethtool (scripts/bench-relays-install.sh installs it)")
+        .to_str()
+        .expect("utf-8 path")
+        .to_owned();
+    // TCP and UDP segmentation offloads (quinn sends UDP GSO batches, which a veth would pass
+    // on whole) and GRO.
+    let offloads = [
+        "tso",
+        "off",
+        "gso",
+        "off",
+        "gro",
+        "off",
+        "tx-udp-segmentation",
+        "off",
+        "tx-gso-list",
+        "off",
+    ];
+    run(&["ip", "link", "set", "dev", root_device, "mtu", "1500"]);
+    run(&[&[ethtool.as_str(), "-K", root_device][..], &offloads].concat());
+    for args in [
+        vec!["ip", "link", "set", "dev", gw_device, "mtu", "1500"],
+        [&[ethtool.as_str(), "-K", gw_device][..], &offloads].concat(),
+    ] {
+        let output = topology.gw_exec(&args);
+        assert!(
+            output.status.success(),
+            "{args:?} in the gateway namespace: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` would run this without it and must
+    // not build namespaces.
+    if !std::env::args().any(|arg| arg == "--bench") {
+        println!("impaired: run with `cargo bench --bench impaired` (as root)");
+        return;
+    }
+    let topology = Topology::new();
+    let n = topology.n();
+    let (root_device, gw_device) = (format!("wn{n}a"), format!("wn{n}b"));
+    wire_sized(&topology, &root_device, &gw_device);
+    let data = Arc::new(seeded_bytes(SEED, TRANSFER));
+    let part = Arc::new(data[..TRANSFER / FLOWS].to_vec());
+    serve_download(&topology, DOWNLOAD_PORT, Arc::clone(&data), true);
+    serve_download(&topology, DOWNLOAD_PART_PORT, Arc::clone(&part), true);
+    serve_download(&topology, OPEN_DOWNLOAD_PORT, Arc::clone(&data), false);
+    serve_download(&topology, OPEN_DOWNLOAD_PART_PORT, Arc::clone(&part), false);
+    let gateway = topology.start_gateway(&[]);
+    let relays = Arc::new(Relays::start(
+        &topology,
+        &[
+            (WEBSOCKIFY_PORT, DOWNLOAD_PORT),
+            (WEBSOCKIFY_PART_PORT, DOWNLOAD_PART_PORT),
+        ],
+        WISP_PORT,
+    ));
+    let server = IpAddr::V4(topology.srv_ipv4());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let loss_rules = Loss::new(&topology, &root_device, &gw_device);
+    runtime.block_on(async {
+        let client = connect_client(&gateway).await;
+        for loss in LOSSES {
+            loss_rules.set(loss);
+            for flows in [1, FLOWS] {
+                let (port, open_port, expected) = if flows == 1 {
+                    (DOWNLOAD_PORT, OPEN_DOWNLOAD_PORT, &data)
+                } else {
+                    (DOWNLOAD_PART_PORT, OPEN_DOWNLOAD_PART_PORT, &part)
+                };
+                let name = format!(
+                    "impaired.download_{flows}flow{}_loss{loss}pct",
+                    if flows == 1 { "" } else { "s" }
+                );
+                let (webnic_mbit, received, cut) =
+                    webnic_download_flows(&client, server, port, flows).await;
+                for flow in &received {
+                    flow.check(expected, cut, &format!("{name} webnic"));
+                }
+                println!(
+                    "NOTE {name} webnic: {webnic_mbit:.1} Mbit/s, {} bytes{}",
+                    received.iter().map(|r| r.len).sum::<usize>(),
+                    if cut { ", cut at the limit" } else { "" }
+                );
+                for relay in [Relay::Websockify, Relay::Wisp] {
+                    let port = if relay == Relay::Wisp {
+                        open_port
+                    } else {
+                        port
+                    };
+                    let result = relays
+                        .download_flows(
+                            relay,
+                            SocketAddr::new(server, port),
+                            flows,
+                            expected.len(),
+                            true,
+                            Some(LIMIT),
+                        )
+                        .await;
+                    for flow in &result.flows {
+                        flow.check(expected, result.cut, &format!("{name} {}", relay.name()));
+                    }
+                    println!(
+                        "NOTE {name} {}: {:.1} Mbit/s, {} bytes{}",
+                        relay.name(),
+                        result.mbit,
+                        result.flows.iter().map(|r| r.len).sum::<usize>(),
+                        if result.cut { ", cut at the limit" } else { "" }
+                    );
+                    report(
+                        &format!("{name}.vs_{}", relay.name()),
+                        webnic_mbit,
+                        "Mbit/s",
+                        &format!("{}_tls_same_loss", relay.name()),
+                        result.mbit,
+                    );
+                }
+            }
+            let [(down, down_dropped), (up, up_dropped)] = loss_rules.counters();
+            println!(
+                "NOTE impaired loss {loss}%: gateway side → client {down_dropped} of {down} \
+                 packets dropped, client → gateway side {up_dropped} of {up}"
+            );
+            // Six transfers of `TRANSFER` bytes came this way: at most 1,500 bytes a packet
+            // unless offloads merged them (then a drop would not be a wire packet's).
+            assert!(
+                down as usize >= 6 * TRANSFER / 1500,
+                "{down} packets for {} bytes: not wire-sized",
+                6 * TRANSFER
+            );
+            if loss > 0 {
+                assert!(
+                    down_dropped > 0 && up_dropped > 0,
+                    "the loss rules dropped nothing"
+                );
+            }
+        }
+        client.close().await;
+    });
+}
