@@ -75,6 +75,7 @@ async fn churn_sessions_return_every_resource() {
         |g: &common::GatewayProcess| g.metric("webnic_pool_addresses_free{family=\"ipv4\"}");
     let free_at_start = pool_free(&gateway);
     let fds_at_start = fd_count(pid);
+    let tasks_at_start = gateway.metric("webnic_runtime_tasks_alive");
     let established_at_start = established_pool_flows(&topology);
     let conntrack_at_start = conntrack_count(&topology);
     let remote = SocketAddr::new(IpAddr::V4(topology.srv_ipv4()), TCP_ECHO_PORT);
@@ -182,11 +183,18 @@ async fn churn_sessions_return_every_resource() {
         fds_end = fd_count(pid);
     }
     let established_end = established_pool_flows(&topology);
+    let mut tasks_end = gateway.metric("webnic_runtime_tasks_alive");
+    let settle = Instant::now() + Duration::from_secs(5);
+    while tasks_end != tasks_at_start && Instant::now() < settle {
+        std::thread::sleep(Duration::from_millis(100));
+        tasks_end = gateway.metric("webnic_runtime_tasks_alive");
+    }
     let conntrack_end = conntrack_count(&topology);
     let conntrack_deleted = gateway.metric("webnic_conntrack_entries_deleted_total");
     let report = format!(
         "{total} cycles in {:.1} s ({} graceful, {} dropped without close, {} SIGKILLed): \
-         pool free {} → {}, sessions active {}, fds {fds_at_start} → {fds_end}, RSS after warm-up \
+         pool free {} → {}, sessions active {}, fds {fds_at_start} → {fds_end}, runtime tasks \
+         {tasks_at_start} → {tasks_end}, RSS after warm-up \
          {rss_warm} KiB → {rss_end} KiB (samples: {samples:?}); connects that failed and \
          were retried: {}; conntrack: established pool flows {established_at_start} → \
          {established_end}, all entries {conntrack_at_start} → {conntrack_end} (closed flows \
@@ -209,6 +217,8 @@ async fn churn_sessions_return_every_resource() {
     );
     assert_eq!(pool_free(&gateway), free_at_start, "{report}");
     assert_eq!(fds_end, fds_at_start, "{report}");
+    assert!(tasks_at_start > 0.0, "{report}");
+    assert_eq!(tasks_end, tasks_at_start, "{report}");
     // Every killed client left one established flow; the gateway deleted them all.
     assert_eq!(established_end, established_at_start, "{report}");
     assert!(
@@ -297,7 +307,13 @@ async fn kill_a_cli_session(
     };
     let mut stream = tokio::net::TcpStream::connect(local)
         .await
-        .expect("connect to webnic forward");
+        .unwrap_or_else(|e| {
+            panic!(
+                "connect to webnic forward on {local}: {e} (exit: {:?}): {}",
+                cli.exit_status(),
+                cli.logs()
+            )
+        });
     let data = [0x5au8; 64];
     stream
         .write_all(&data)

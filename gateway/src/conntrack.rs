@@ -8,8 +8,9 @@
 //! deleted with `conntrack -D` (conntrack-tools), in both directions. Not while the address is
 //! parked for resumption: then its flows must live on.
 //!
-//! The deletions run as child processes off the session path, a few at a time; a host without
-//! the tool (or without conntrack) is told once at startup and relies on the kernel's timeouts.
+//! The deletions run as child processes off the session path, a few at a time, and the address
+//! goes back to the pool when its deletion is done; a host without the tool (or without
+//! conntrack) is told once at startup and relies on the kernel's timeouts.
 
 use std::net::IpAddr;
 use std::process::Stdio;
@@ -77,42 +78,40 @@ impl ConntrackCleaner {
         Self { inner: None }
     }
 
-    /// Deletes, in the background, every entry whose original source or destination is one of
-    /// `addresses`.
-    pub fn forget(&self, addresses: &[IpAddr]) {
+    /// Deletes every entry whose original source or destination is one of `addresses`; returns
+    /// when done. The caller returns the addresses to the pool only then: an address handed out
+    /// again while its deletion is still queued would lose the new session's live flows (a
+    /// masqueraded reply without its entry is answered by the host with a reset).
+    pub async fn forget(&self, addresses: &[IpAddr]) {
         let Some(inner) = &self.inner else {
             return;
         };
         if addresses.is_empty() {
             return;
         }
-        let inner = Arc::clone(inner);
-        let addresses = addresses.to_vec();
         inner
             .counters
             .pending
             .fetch_add(addresses.len() as u64, Ordering::Relaxed);
-        tokio::spawn(async move {
-            let Ok(_permit) = inner.permits.acquire().await else {
-                return;
-            };
-            for address in addresses {
-                for direction in ["-s", "-d"] {
-                    match delete(direction, address).await {
-                        Ok(0) => {}
-                        Ok(deleted) => {
-                            tracing::debug!(%address, direction, deleted, "deleted conntrack entries");
-                            inner.counters.deleted.fetch_add(deleted, Ordering::Relaxed);
-                        }
-                        Err(error) => {
-                            tracing::warn!(%address, %error, "cannot delete conntrack entries");
-                            inner.counters.failures.fetch_add(1, Ordering::Relaxed);
-                        }
+        let Ok(_permit) = inner.permits.acquire().await else {
+            return;
+        };
+        for &address in addresses {
+            for direction in ["-s", "-d"] {
+                match delete(direction, address).await {
+                    Ok(0) => {}
+                    Ok(deleted) => {
+                        tracing::debug!(%address, direction, deleted, "deleted conntrack entries");
+                        inner.counters.deleted.fetch_add(deleted, Ordering::Relaxed);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%address, %error, "cannot delete conntrack entries");
+                        inner.counters.failures.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                inner.counters.pending.fetch_sub(1, Ordering::Relaxed);
             }
-        });
+            inner.counters.pending.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

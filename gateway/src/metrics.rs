@@ -376,6 +376,17 @@ impl Metrics {
                 load(&conntrack.pending)
             );
         }
+        // Tasks of the gateway's runtime (sessions, their loops, this scrape's own connection):
+        // back to where they were once sessions are gone, or something leaks.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let _ = writeln!(
+                out,
+                "# HELP webnic_runtime_tasks_alive Tasks alive in the gateway's async runtime.\n\
+                 # TYPE webnic_runtime_tasks_alive gauge\n\
+                 webnic_runtime_tasks_alive {}",
+                runtime.metrics().num_alive_tasks()
+            );
+        }
         // Drops before the gateway sees a datagram: the kernel's, when the QUIC socket's receive
         // buffer is full. Counted per network namespace (the gateway's), so they include other
         // UDP sockets there; on a dedicated host that is the gateway's socket.

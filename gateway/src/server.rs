@@ -391,11 +391,19 @@ async fn keep_leases(shared: Arc<Shared>, path: Option<PathBuf>) {
             .expire(Instant::now());
         if !expired.addresses.is_empty() {
             tracing::info!(addresses = ?expired.addresses, "session leases expired");
-            let mut pools = shared.pools();
-            pools.release(&expired.addresses);
-            pools.update_metrics(&shared.metrics);
-            drop(pools);
-            shared.conntrack.forget(&expired.carried_traffic);
+            let (quiet, used): (Vec<IpAddr>, Vec<IpAddr>) = expired
+                .addresses
+                .iter()
+                .partition(|a| !expired.carried_traffic.contains(a));
+            shared.release(&quiet);
+            if !used.is_empty() {
+                // Back to the pool once the kernel forgot their flows.
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    shared.conntrack.forget(&used).await;
+                    shared.release(&used);
+                });
+            }
             shared.leases_dirty.store(true, Ordering::Relaxed);
         }
         if let Some(path) = &path

@@ -150,6 +150,13 @@ pub struct Shared {
 pub const ICMP_PROHIBITED_RATE: f64 = 100.0;
 
 impl Shared {
+    /// Returns `addresses` to their pools and updates the pool gauges.
+    pub fn release(&self, addresses: &[IpAddr]) {
+        let mut pools = self.pools();
+        pools.release(addresses);
+        pools.update_metrics(&self.metrics);
+    }
+
     /// The MSS limits for the link MTU: (IPv4, IPv6).
     pub fn max_mss(&self) -> (u16, u16) {
         max_mss_for_mtu(self.link_mtu)
@@ -608,12 +615,15 @@ async fn run(
         if let Some(mut leases) = shared.leases() {
             leases.end(&ticket);
         }
-        let mut pools = shared.pools();
-        pools.release(&addresses);
-        pools.update_metrics(&shared.metrics);
-        drop(pools);
         if carried_traffic {
-            shared.conntrack.forget(&addresses);
+            // Back to the pool once the kernel forgot the session's flows, off this task.
+            let (shared, addresses) = (Arc::clone(&shared), addresses.clone());
+            tokio::spawn(async move {
+                shared.conntrack.forget(&addresses).await;
+                shared.release(&addresses);
+            });
+        } else {
+            shared.release(&addresses);
         }
     }
     shared.metrics.session_ended();
