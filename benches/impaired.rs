@@ -138,6 +138,66 @@ impl Drop for Loss<'_> {
     }
 }
 
+/// The TCP sender's loss-recovery counters (`nstat`) that say why a cell was slow: for webnic's
+/// flows the sender is the server (its peer is the client's stack, through the tunnel); for the
+/// relays it is the relay in the gateway namespace (its peer is the client's kernel).
+const TCP_COUNTERS: [&str; 7] = [
+    "TcpRetransSegs",
+    "TcpExtTCPTimeouts",
+    "TcpExtTCPSackRecovery",
+    "TcpExtTCPRenoRecovery",
+    "TcpExtTCPLossProbes",
+    "TcpExtTCPSpuriousRTOs",
+    "TcpExtTCPSACKReorder",
+];
+
+fn tcp_counters(topology: &Topology, ns: &str) -> Vec<u64> {
+    let output = topology.netns_exec(ns, &["nstat", "-asz"], Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&output.stdout);
+    TCP_COUNTERS
+        .iter()
+        .map(|name| {
+            text.lines()
+                .find_map(|line| {
+                    let mut words = line.split_whitespace();
+                    (words.next() == Some(name)).then(|| words.next()?.parse().ok())?
+                })
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// `name=delta` for each counter that moved between `before` and `after`.
+fn counter_deltas(before: &[u64], after: &[u64]) -> String {
+    let moved: Vec<String> = TCP_COUNTERS
+        .iter()
+        .zip(before.iter().zip(after))
+        .filter(|(_, (b, a))| a > b)
+        .map(|(name, (b, a))| {
+            format!(
+                "{}={}",
+                name.trim_start_matches("TcpExt").trim_start_matches("Tcp"),
+                a - b
+            )
+        })
+        .collect();
+    if moved.is_empty() {
+        "none".to_owned()
+    } else {
+        moved.join(" ")
+    }
+}
+
+/// Packets the gateway dropped (all reasons): the tunnel's own losses on top of the wire's.
+fn gateway_drops(gateway: &common::GatewayProcess) -> f64 {
+    gateway
+        .metrics()
+        .iter()
+        .filter(|(key, _)| key.starts_with("webnic_dropped_packets_total"))
+        .map(|(_, value)| value)
+        .sum()
+}
+
 /// `flows` concurrent downloads through webnic's one session, timed from before the flows
 /// open, bounded by `LIMIT`. Returns the goodput and each flow's bytes.
 async fn webnic_download_flows(
@@ -259,13 +319,20 @@ fn main() {
                     "impaired.download_{flows}flow{}_loss{loss}pct",
                     if flows == 1 { "" } else { "s" }
                 );
+                let tcp_before = tcp_counters(&topology, &topology.srv_ns());
+                let drops_before = gateway_drops(&gateway);
+                let client_drops_before = client.stats().packets_dropped;
                 let (webnic_mbit, received, cut) =
                     webnic_download_flows(&client, server, port, flows).await;
+                let tcp = counter_deltas(&tcp_before, &tcp_counters(&topology, &topology.srv_ns()));
+                let drops = gateway_drops(&gateway) - drops_before;
+                let client_drops = client.stats().packets_dropped - client_drops_before;
                 for flow in &received {
                     flow.check(expected, cut, &format!("{name} webnic"));
                 }
                 println!(
-                    "NOTE {name} webnic: {webnic_mbit:.1} Mbit/s, {} bytes{}",
+                    "NOTE {name} webnic: {webnic_mbit:.1} Mbit/s, {} bytes{}; server TCP: {tcp}; \
+                     gateway drops: {drops}; client stack drops: {client_drops}",
                     received.iter().map(|r| r.len).sum::<usize>(),
                     if cut { ", cut at the limit" } else { "" }
                 );
@@ -275,6 +342,7 @@ fn main() {
                     } else {
                         port
                     };
+                    let tcp_before = tcp_counters(&topology, &topology.gw_ns());
                     let result = relays
                         .download_flows(
                             relay,
@@ -288,8 +356,10 @@ fn main() {
                     for flow in &result.flows {
                         flow.check(expected, result.cut, &format!("{name} {}", relay.name()));
                     }
+                    let tcp =
+                        counter_deltas(&tcp_before, &tcp_counters(&topology, &topology.gw_ns()));
                     println!(
-                        "NOTE {name} {}: {:.1} Mbit/s, {} bytes{}",
+                        "NOTE {name} {}: {:.1} Mbit/s, {} bytes{}; relay TCP: {tcp}",
                         relay.name(),
                         result.mbit,
                         result.flows.iter().map(|r| r.len).sum::<usize>(),
