@@ -910,12 +910,31 @@ async fn client_to_tun(
             shared.metrics.icmp_prohibited_sent();
         }
     };
+    // Datagrams are read from quinn's queue directly: wtransport's `receive_datagram` hands each
+    // one from its worker task over a capacity-1 channel, a task switch per packet. Its worker
+    // still reads quinn's queue too and may take one now and then, so its channel is polled as
+    // well, first: what it holds is older than what is left in quinn's queue, and taking it late
+    // would reorder the flow.
+    let quic = connection.quic_connection().clone();
+    let quarter_id = connection.session_id().into_u64() / 4;
     loop {
-        let datagram = match connection.receive_datagram().await {
-            Ok(datagram) => datagram,
-            Err(error) => return End::Connection(error),
+        let packet = tokio::select! {
+            biased;
+            datagram = connection.receive_datagram() => match datagram {
+                Ok(datagram) => datagram.payload(),
+                Err(error) => return End::Connection(error),
+            },
+            datagram = quic.read_datagram() => match datagram {
+                Ok(datagram) => match webnic_stack::protocol::get_varint(&datagram) {
+                    Some((id, len)) if id == quarter_id => datagram.slice(len..),
+                    _ => {
+                        shared.metrics.dropped(DropReason::Malformed);
+                        continue;
+                    }
+                },
+                Err(error) => return End::Connection(error.into()),
+            },
         };
-        let packet = datagram.payload();
         let classified = match classify_from_client(&packet, &addresses) {
             Ok(classified) => classified,
             Err(reason) => {
