@@ -58,6 +58,8 @@ for bench in "${BENCHES[@]}"; do
         grep '^RESULT ' "$log" >>"$results"
         # Figures that are not ratios (the raw QUIC baseline's loss, the RTT the tunnel adds).
         grep '^NOTE raw_quic_datagrams ' "$log" | sed "s/^NOTE /$bench run $run: /" >>"$notes" || true
+        # The sessions bench: RSS before/after and the idle CPU of each server, per run.
+        grep -E '^NOTE (bare_wtransport_server|gateway|sessions): ' "$log" | sed "s/^NOTE /$bench run $run: /" >>"$notes" || true
     done
 done
 
@@ -105,9 +107,16 @@ cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo "  over a QUIC stream (256 datagrams in flight, a credit every 32 received), because datagrams"
     echo "  have no flow control and an unpaced sender overflows the receiver's queue. Its figure is"
     echo "  payload delivered per second, first to last datagram; the loss it took is listed below."
+    echo "- \`sessions\` (the release gateway holding 10,000 idle sessions, opened by \`webnic-load --mix"
+    echo "  idle\` from 4 processes): RSS growth per session and CPU (user + system) per session per"
+    echo "  minute of idling, against a bare wtransport server (the bench binary re-executed) holding as"
+    echo "  many idle WebTransport sessions with the gateway's transport settings (datagram buffers,"
+    echo "  keep-alive, idle timeout) and the client's keep-alive: what any WebTransport tunnel pays per"
+    echo "  session for its transport, so the ratio is what the gateway's own session state adds."
+    echo "  Target: ≤ 32 KiB of gateway RSS per idle session."
     if [[ -s "$notes" ]]; then
         echo
-        echo "#### Raw QUIC baseline: loss, and the echo RTT the tunnel adds"
+        echo "#### Notes per run: raw QUIC baseline loss, the echo RTT the tunnel adds, idle-session RSS and CPU"
         echo
         sed 's/^/- /' "$notes"
     fi
