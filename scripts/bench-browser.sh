@@ -23,20 +23,9 @@ if [[ "$(id -u)" -ne 0 ]]; then
     exit 1
 fi
 
-WEBSOCKIFY_VERSION=0.13.0
-WISP_JS_VERSION=0.5.0
 dir=target/bench-browser
-mkdir -p "$dir"
-
-if [[ ! -x "$dir/venv/bin/websockify" ]]; then
-    python3 -m venv "$dir/venv"
-    "$dir/venv/bin/pip" install --quiet "websockify==$WEBSOCKIFY_VERSION"
-fi
-if [[ ! -f "$dir/node_modules/@mercuryworkshop/wisp-js/package.json" ]] \
-    || ! grep -q "\"version\": \"$WISP_JS_VERSION\"" "$dir/node_modules/@mercuryworkshop/wisp-js/package.json"; then
-    (cd "$dir" && [[ -f package.json ]] || echo '{"private": true}' > package.json)
-    (cd "$dir" && npm install --no-audit --no-fund --save-exact "@mercuryworkshop/wisp-js@$WISP_JS_VERSION")
-fi
+# websockify and wisp-js, the same pinned versions the native benches use.
+scripts/bench-relays-install.sh "$dir"
 
 scripts/build-wasm.sh
 cargo build --workspace --bins

@@ -17,7 +17,7 @@ dir="${1:-target/bench-relays}"
 mkdir -p "$dir"
 
 if [[ ! -x "$dir/venv/bin/websockify" ]] \
-    || ! "$dir/venv/bin/pip" show websockify 2>/dev/null | grep -qx "Version: $WEBSOCKIFY_VERSION"; then
+    || ! "$dir/venv/bin/pip" show websockify 2>/dev/null | grep -x "Version: $WEBSOCKIFY_VERSION" >/dev/null; then
     python3 -m venv "$dir/venv"
     "$dir/venv/bin/pip" install --quiet "websockify==$WEBSOCKIFY_VERSION"
 fi
