@@ -647,6 +647,14 @@ fn browser_window_vs_worker() {
         figure("windowRttMs"),
         figure("workerRttMs"),
     );
+    // Where segments were lost, as the servers' kernel saw it: upload segments arriving out of
+    // order (a datagram lost on the way up) and the servers' retransmissions (lost on the way
+    // down), over all runs.
+    let nstat = topology.srv_exec(&["nstat", "-az", "TcpExtTCPOFOQueue", "TcpRetransSegs"]);
+    println!(
+        "server namespace: {}",
+        String::from_utf8_lossy(&nstat.stdout).replace('\n', " ")
+    );
 }
 
 /// `nic.installGlobals()` defines the three Direct Sockets classes on the global object, and a
