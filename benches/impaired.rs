@@ -151,10 +151,25 @@ const TCP_COUNTERS: [&str; 7] = [
     "TcpExtTCPSACKReorder",
 ];
 
+/// UDP socket buffer overflows: the QUIC sockets' losses on top of the wire's (the client's in
+/// the root namespace, which other processes share, so an upper bound there).
+const UDP_COUNTERS: [&str; 3] = ["UdpRcvbufErrors", "UdpSndbufErrors", "UdpInErrors"];
+
 fn tcp_counters(topology: &Topology, ns: &str) -> Vec<u64> {
-    let output = topology.netns_exec(ns, &["nstat", "-asz"], Duration::from_secs(10));
+    nstat(topology, Some(ns), &TCP_COUNTERS)
+}
+
+/// Absolute `nstat` counters `names` of namespace `ns` (the root namespace for `None`).
+fn nstat(topology: &Topology, ns: Option<&str>, names: &[&str]) -> Vec<u64> {
+    let output = match ns {
+        Some(ns) => topology.netns_exec(ns, &["nstat", "-asz"], Duration::from_secs(10)),
+        None => common::run_with_timeout(
+            std::process::Command::new("nstat").arg("-asz"),
+            Duration::from_secs(10),
+        ),
+    };
     let text = String::from_utf8_lossy(&output.stdout);
-    TCP_COUNTERS
+    names
         .iter()
         .map(|name| {
             text.lines()
@@ -167,9 +182,9 @@ fn tcp_counters(topology: &Topology, ns: &str) -> Vec<u64> {
         .collect()
 }
 
-/// `name=delta` for each counter that moved between `before` and `after`.
-fn counter_deltas(before: &[u64], after: &[u64]) -> String {
-    let moved: Vec<String> = TCP_COUNTERS
+/// `name=delta` for each counter of `names` that moved between `before` and `after`.
+fn counter_deltas(names: &[&str], before: &[u64], after: &[u64]) -> String {
+    let moved: Vec<String> = names
         .iter()
         .zip(before.iter().zip(after))
         .filter(|(_, (b, a))| a > b)
@@ -196,6 +211,15 @@ fn gateway_drops(gateway: &common::GatewayProcess) -> f64 {
         .filter(|(key, _)| key.starts_with("webnic_dropped_packets_total"))
         .map(|(_, value)| value)
         .sum()
+}
+
+/// Packets the kernel dropped queueing toward the gateway's TUN (its reader fell behind).
+fn tun_tx_dropped(topology: &Topology) -> u64 {
+    let output = topology.gw_exec(&["cat", "/sys/class/net/wntun0/statistics/tx_dropped"]);
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
 }
 
 /// `flows` concurrent downloads through webnic's one session, timed from before the flows
@@ -322,17 +346,38 @@ fn main() {
                 let tcp_before = tcp_counters(&topology, &topology.srv_ns());
                 let drops_before = gateway_drops(&gateway);
                 let client_drops_before = client.stats().packets_dropped;
+                let tun_before = tun_tx_dropped(&topology);
+                let udp_before = [
+                    nstat(&topology, None, &UDP_COUNTERS),
+                    nstat(&topology, Some(&topology.gw_ns()), &UDP_COUNTERS),
+                ];
                 let (webnic_mbit, received, cut) =
                     webnic_download_flows(&client, server, port, flows).await;
-                let tcp = counter_deltas(&tcp_before, &tcp_counters(&topology, &topology.srv_ns()));
+                let tcp = counter_deltas(
+                    &TCP_COUNTERS,
+                    &tcp_before,
+                    &tcp_counters(&topology, &topology.srv_ns()),
+                );
                 let drops = gateway_drops(&gateway) - drops_before;
                 let client_drops = client.stats().packets_dropped - client_drops_before;
+                let tun_drops = tun_tx_dropped(&topology) - tun_before;
+                let client_udp = counter_deltas(
+                    &UDP_COUNTERS,
+                    &udp_before[0],
+                    &nstat(&topology, None, &UDP_COUNTERS),
+                );
+                let gateway_udp = counter_deltas(
+                    &UDP_COUNTERS,
+                    &udp_before[1],
+                    &nstat(&topology, Some(&topology.gw_ns()), &UDP_COUNTERS),
+                );
                 for flow in &received {
                     flow.check(expected, cut, &format!("{name} webnic"));
                 }
                 println!(
                     "NOTE {name} webnic: {webnic_mbit:.1} Mbit/s, {} bytes{}; server TCP: {tcp}; \
-                     gateway drops: {drops}; client stack drops: {client_drops}",
+                     gateway drops: {drops}; client stack drops: {client_drops}; TUN queue drops: {tun_drops}; \
+                     UDP client side: {client_udp}, gateway side: {gateway_udp}",
                     received.iter().map(|r| r.len).sum::<usize>(),
                     if cut { ", cut at the limit" } else { "" }
                 );
@@ -356,8 +401,11 @@ fn main() {
                     for flow in &result.flows {
                         flow.check(expected, result.cut, &format!("{name} {}", relay.name()));
                     }
-                    let tcp =
-                        counter_deltas(&tcp_before, &tcp_counters(&topology, &topology.gw_ns()));
+                    let tcp = counter_deltas(
+                        &TCP_COUNTERS,
+                        &tcp_before,
+                        &tcp_counters(&topology, &topology.gw_ns()),
+                    );
                     println!(
                         "NOTE {name} {}: {:.1} Mbit/s, {} bytes{}; relay TCP: {tcp}",
                         relay.name(),
