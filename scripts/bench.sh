@@ -60,6 +60,8 @@ for bench in "${BENCHES[@]}"; do
         grep '^NOTE raw_quic_datagrams ' "$log" | sed "s/^NOTE /$bench run $run: /" >>"$notes" || true
         # The sessions bench: RSS before/after and the idle CPU of each server, per run.
         grep -E '^NOTE (bare_wtransport_server|gateway|sessions): ' "$log" | sed "s/^NOTE /$bench run $run: /" >>"$notes" || true
+        # The impaired bench: packets seen and dropped per loss setting (the loss really applied).
+        grep '^NOTE impaired loss ' "$log" | sed "s/^NOTE /$bench run $run: /" >>"$notes" || true
     done
 done
 
@@ -114,6 +116,17 @@ cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo "  keep-alive, idle timeout) and the client's keep-alive: what any WebTransport tunnel pays per"
     echo "  session for its transport, so the ratio is what the gateway's own session state adds."
     echo "  Target: ≤ 32 KiB of gateway RSS per idle session."
+    echo "- \`tunnel\` and \`impaired\` downloads \`.vs_websockify\` / \`.vs_wisp\`: the relays users run"
+    echo "  today, from the registries (websockify 0.13.0 from PyPI; the Wisp server of"
+    echo "  @mercuryworkshop/wisp-js 0.5.0 from npm, in node's HTTPS server), in the gateway's namespace"
+    echo "  next to the webnic gateway, over TLS, reaching the same server; native clients in the bench"
+    echo "  (fastwebsockets; the wisp-mux crate). 8 flows are 8 websockify connections, or 8 Wisp"
+    echo "  streams on one Wisp connection. Every download is sha256-checked."
+    echo "- \`impaired\`: client and gateway/relays on either side of a 1500-byte veth with TSO, GSO,"
+    echo "  UDP segmentation and GRO off, N% of packets dropped at random each way by nft \`numgen\`"
+    echo "  where they are received (webnic's QUIC datagrams and the relays' TCP alike); 16 MiB per"
+    echo "  cell or 10 s, whichever comes first. Targets at 1% loss: one flow ≥ the best relay; 8 flows"
+    echo "  ≥ 2 × the 8 Wisp streams (ratio ≥ 2 in \`download_8flows_loss1pct.vs_wisp\`)."
     if [[ -s "$notes" ]]; then
         echo
         echo "#### Notes per run: raw QUIC baseline loss, the echo RTT the tunnel adds, idle-session RSS and CPU"
