@@ -37,7 +37,7 @@ export interface TCPSocketOptions {
   /** Idle time in ms before TCP keep-alive probes start (one per delay; 9 unanswered end it). */
   keepAliveDelay?: number;
   sendBufferSize?: number;
-  /** Also sets the largest TCP window (and so the window-scale factor). */
+  /** Also sets the largest TCP window (and so the window-scale factor). Default 1 MiB. */
   receiveBufferSize?: number;
   /** Resolve a host name to A records only ('ipv4') or AAAA only ('ipv6'); default A then AAAA. */
   dnsQueryType?: 'ipv4' | 'ipv6';
