@@ -213,6 +213,48 @@ fn gateway_drops(gateway: &common::GatewayProcess) -> f64 {
         .sum()
 }
 
+/// How long into a transfer the sender's TCP state is sampled.
+const SAMPLE_AFTER: Duration = Duration::from_millis(300);
+
+/// The smoothed RTT (ms) and congestion window (segments) of each TCP socket with source port
+/// `sport` in namespace `ns`, `SAMPLE_AFTER` into a transfer (`ss -tin`): the two things that
+/// set a loss-limited TCP flow's rate (≈ MSS × cwnd / RTT).
+async fn sample_sender(ns: String, sport: u16) -> String {
+    tokio::time::sleep(SAMPLE_AFTER).await;
+    let output = tokio::task::spawn_blocking(move || {
+        common::run_with_timeout(
+            std::process::Command::new("ip").args([
+                "netns",
+                "exec",
+                &ns,
+                "ss",
+                "-tinH",
+                "state",
+                "established",
+                &format!("sport = :{sport}"),
+            ]),
+            Duration::from_secs(10),
+        )
+    })
+    .await
+    .expect("ss task");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let field = |word: &str, key: &str| word.strip_prefix(key).map(str::to_owned);
+    let sockets: Vec<String> = text
+        .split_whitespace()
+        .filter_map(|word| {
+            field(word, "rtt:")
+                .map(|rtt| format!("rtt {}", rtt.split('/').next().unwrap_or("?")))
+                .or_else(|| field(word, "cwnd:").map(|cwnd| format!("cwnd {cwnd};")))
+        })
+        .collect();
+    if sockets.is_empty() {
+        "no socket (transfer already over)".to_owned()
+    } else {
+        sockets.join(" ").trim_end_matches(';').to_owned()
+    }
+}
+
 /// Packets the kernel dropped queueing toward the gateway's TUN (its reader fell behind).
 fn tun_tx_dropped(topology: &Topology) -> u64 {
     let output = topology.gw_exec(&["cat", "/sys/class/net/wntun0/statistics/tx_dropped"]);
@@ -351,8 +393,10 @@ fn main() {
                     nstat(&topology, None, &UDP_COUNTERS),
                     nstat(&topology, Some(&topology.gw_ns()), &UDP_COUNTERS),
                 ];
-                let (webnic_mbit, received, cut) =
-                    webnic_download_flows(&client, server, port, flows).await;
+                let ((webnic_mbit, received, cut), sample) = tokio::join!(
+                    webnic_download_flows(&client, server, port, flows),
+                    sample_sender(topology.srv_ns(), port)
+                );
                 let tcp = counter_deltas(
                     &TCP_COUNTERS,
                     &tcp_before,
@@ -377,6 +421,7 @@ fn main() {
                 println!(
                     "NOTE {name} webnic: {webnic_mbit:.1} Mbit/s, {} bytes{}; server TCP: {tcp}; \
                      gateway drops: {drops}; client stack drops: {client_drops}; TUN queue drops: {tun_drops}; \
+                     server TCP at {SAMPLE_AFTER:?} (ms, segments): {sample}; \
                      UDP client side: {client_udp}, gateway side: {gateway_udp}",
                     received.iter().map(|r| r.len).sum::<usize>(),
                     if cut { ", cut at the limit" } else { "" }
@@ -388,16 +433,22 @@ fn main() {
                         port
                     };
                     let tcp_before = tcp_counters(&topology, &topology.gw_ns());
-                    let result = relays
-                        .download_flows(
+                    let relay_port = match relay {
+                        Relay::Websockify if flows == 1 => WEBSOCKIFY_PORT,
+                        Relay::Websockify => WEBSOCKIFY_PART_PORT,
+                        Relay::Wisp => WISP_PORT,
+                    };
+                    let (result, sample) = tokio::join!(
+                        relays.download_flows(
                             relay,
                             SocketAddr::new(server, port),
                             flows,
                             expected.len(),
                             true,
                             Some(LIMIT),
-                        )
-                        .await;
+                        ),
+                        sample_sender(topology.gw_ns(), relay_port)
+                    );
                     for flow in &result.flows {
                         flow.check(expected, result.cut, &format!("{name} {}", relay.name()));
                     }
@@ -407,7 +458,8 @@ fn main() {
                         &tcp_counters(&topology, &topology.gw_ns()),
                     );
                     println!(
-                        "NOTE {name} {}: {:.1} Mbit/s, {} bytes{}; relay TCP: {tcp}",
+                        "NOTE {name} {}: {:.1} Mbit/s, {} bytes{}; relay TCP: {tcp}; \
+                         relay TCP at {SAMPLE_AFTER:?} (ms, segments): {sample}",
                         relay.name(),
                         result.mbit,
                         result.flows.iter().map(|r| r.len).sum::<usize>(),
