@@ -305,25 +305,25 @@ async fn kill_a_cli_session(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let mut stream = tokio::net::TcpStream::connect(local)
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "connect to webnic forward on {local}: {e} (exit: {:?}): {}",
-                cli.exit_status(),
-                cli.logs()
-            )
-        });
     let data = [0x5au8; 64];
-    stream
-        .write_all(&data)
-        .await
-        .expect("write through forward");
     let mut echoed = [0u8; 64];
-    tokio::time::timeout(Duration::from_secs(30), stream.read_exact(&mut echoed))
-        .await
-        .expect("echo through forward in time")
-        .expect("read through forward");
+    let echo = async {
+        let mut stream = tokio::net::TcpStream::connect(local).await?;
+        stream.write_all(&data).await?;
+        stream.read_exact(&mut echoed).await?;
+        std::io::Result::Ok(stream)
+    };
+    let stream = match tokio::time::timeout(Duration::from_secs(30), echo).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => panic!(
+            "echo through webnic forward on {local}: {e}: {}",
+            cli.logs()
+        ),
+        Err(_) => panic!(
+            "echo through webnic forward on {local} timed out: {}",
+            cli.logs()
+        ),
+    };
     assert_eq!(echoed, data, "echo through the killed client's forward");
     // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
     unsafe { libc::kill(cli.pid() as libc::pid_t, libc::SIGKILL) };

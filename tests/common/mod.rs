@@ -1074,10 +1074,18 @@ impl Topology {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
-        self.spawn_root(
-            &format!("webnic-{}", args.first().copied().unwrap_or("cli")),
-            &mut cmd,
-        )
+        // A log file of its own per CLI process: concurrent CLIs of one kind sharing a file read
+        // each other's output (the churn test once connected to another worker's `webnic
+        // forward`, which was being killed).
+        static SPAWNED: AtomicU64 = AtomicU64::new(0);
+        let k = SPAWNED.fetch_add(1, Ordering::Relaxed);
+        let kind = args.first().copied().unwrap_or("cli");
+        let name = if k == 0 {
+            format!("webnic-{kind}")
+        } else {
+            format!("webnic-{kind}-{k}")
+        };
+        self.spawn_root(&name, &mut cmd)
     }
 }
 
