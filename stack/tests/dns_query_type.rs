@@ -79,6 +79,18 @@ fn empty_answer(query: &[u8]) -> Vec<u8> {
     p
 }
 
+/// Checks that the lookup's one query asks for A, answers it with no records, and returns the
+/// queries the stack sends next.
+fn queries_after_an_empty_a_answer(stack: &mut Stack) -> Vec<Vec<u8>> {
+    let queries = dns_queries(stack, Instant::from_millis(1));
+    assert_eq!(queries.len(), 1);
+    assert_eq!(qtype(&queries[0]), QTYPE_A);
+    stack
+        .handle_packet(Instant::from_millis(2), &empty_answer(&queries[0]))
+        .expect("answer accepted");
+    dns_queries(stack, Instant::from_millis(3))
+}
+
 #[test]
 fn aaaa_only_asks_for_aaaa() {
     let mut stack = stack();
@@ -96,13 +108,7 @@ fn a_only_fails_on_an_empty_answer_without_asking_for_aaaa() {
     let handle = stack
         .tcp_connect_host_as("web.test", 80, TcpOptions::default(), Some(DnsKind::A))
         .expect("lookup starts");
-    let queries = dns_queries(&mut stack, Instant::from_millis(1));
-    assert_eq!(queries.len(), 1);
-    assert_eq!(qtype(&queries[0]), QTYPE_A);
-    stack
-        .handle_packet(Instant::from_millis(2), &empty_answer(&queries[0]))
-        .expect("answer accepted");
-    let again = dns_queries(&mut stack, Instant::from_millis(3));
+    let again = queries_after_an_empty_a_answer(&mut stack);
     assert!(
         again.is_empty(),
         "asked again: {:?}",
@@ -127,13 +133,7 @@ fn default_falls_back_from_a_to_aaaa() {
     stack
         .tcp_connect_host("web.test", 80, TcpOptions::default())
         .expect("lookup starts");
-    let queries = dns_queries(&mut stack, Instant::from_millis(1));
-    assert_eq!(queries.len(), 1);
-    assert_eq!(qtype(&queries[0]), QTYPE_A);
-    stack
-        .handle_packet(Instant::from_millis(2), &empty_answer(&queries[0]))
-        .expect("answer accepted");
-    let again = dns_queries(&mut stack, Instant::from_millis(3));
+    let again = queries_after_an_empty_a_answer(&mut stack);
     let types: Vec<u16> = again.iter().map(|q| qtype(q)).collect();
     assert_eq!(types, [QTYPE_AAAA]);
 }
