@@ -9,6 +9,7 @@ use webnic_gateway::config::{Cli, Command, Config, TokenArgs};
 use webnic_gateway::token::{Claims, TokenKey, parse_duration_secs};
 
 fn main() -> ExitCode {
+    webnic_gateway::sys::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),

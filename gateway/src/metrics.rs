@@ -134,6 +134,7 @@ pub struct Metrics {
     pool_configured: [AtomicU64; 2],
     abuse_log_dropped: std::sync::OnceLock<Arc<AtomicU64>>,
     conntrack: std::sync::OnceLock<Arc<crate::conntrack::ConntrackCounters>>,
+    quic_connections: AtomicU64,
 }
 
 impl Metrics {
@@ -151,6 +152,11 @@ impl Metrics {
     /// An admitted session ended.
     pub fn session_ended(&self) {
         self.sessions_active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Sessions admitted since start.
+    pub fn sessions_total(&self) -> u64 {
+        self.sessions_total.load(Ordering::Relaxed)
     }
 
     /// Sessions currently active.
@@ -215,6 +221,11 @@ impl Metrics {
     /// Exports the conntrack cleaner's counters.
     pub fn watch_conntrack(&self, counters: Arc<crate::conntrack::ConntrackCounters>) {
         let _ = self.conntrack.set(counters);
+    }
+
+    /// Sets the count of connections the QUIC endpoint holds.
+    pub fn set_quic_connections(&self, count: usize) {
+        self.quic_connections.store(count as u64, Ordering::Relaxed);
     }
 
     /// Sets the pool gauges of `family`.
@@ -374,6 +385,29 @@ impl Metrics {
                 load(&conntrack.deleted),
                 load(&conntrack.failures),
                 load(&conntrack.pending)
+            );
+        }
+        // Every QUIC connection the endpoint still holds, including closed ones waiting out their
+        // draining period: back to zero shortly after the last session, or connections leak.
+        // (Sampled once a second.)
+        let _ = writeln!(
+            out,
+            "# HELP webnic_quic_connections Connections the QUIC endpoint holds, including handshakes and closed connections draining.\n\
+             # TYPE webnic_quic_connections gauge\n\
+             webnic_quic_connections {}",
+            load(&self.quic_connections)
+        );
+        // Live heap apart from what the allocator holds free: a leak grows the first; the
+        // second (and RSS) also moves with fragmentation.
+        if let Some((in_use, free)) = crate::sys::heap_usage() {
+            let _ = writeln!(
+                out,
+                "# HELP webnic_heap_in_use_bytes Bytes in live heap allocations (glibc mallinfo2).\n\
+                 # TYPE webnic_heap_in_use_bytes gauge\n\
+                 webnic_heap_in_use_bytes {in_use}\n\
+                 # HELP webnic_heap_free_bytes Bytes the allocator holds free in its arenas.\n\
+                 # TYPE webnic_heap_free_bytes gauge\n\
+                 webnic_heap_free_bytes {free}"
             );
         }
         // Tasks of the gateway's runtime (sessions, their loops, this scrape's own connection):

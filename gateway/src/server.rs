@@ -253,8 +253,22 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let mut sessions = JoinSet::new();
     // While draining: new sessions are refused, existing ones run until they end or the deadline.
     let mut drain_deadline: Option<tokio::time::Instant> = None;
+    // Once a second: the QUIC connection gauge, and the allocator's free pages back to the
+    // kernel if sessions came or went since the last time (see `release_free_memory`).
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    let mut sessions_seen = (0, 0);
     loop {
         tokio::select! {
+            _ = housekeeping.tick() => {
+                metrics.set_quic_connections(endpoint.open_connections());
+                let sessions = (metrics.sessions_total(), metrics.sessions_active());
+                if sessions != sessions_seen {
+                    sessions_seen = sessions;
+                    let started = Instant::now();
+                    crate::sys::release_free_memory();
+                    tracing::debug!(took = ?started.elapsed(), "returned free memory to the kernel");
+                }
+            }
             incoming = endpoint.accept() => {
                 sessions.spawn(session::handle(incoming, Arc::clone(&shared)));
                 while sessions.try_join_next().is_some() {}

@@ -187,3 +187,54 @@ pub fn local_addresses() -> std::io::Result<Vec<std::net::IpAddr>> {
     addresses.dedup();
     Ok(addresses)
 }
+
+/// Sets glibc's allocator up for a long-running server with churning sessions, unless the
+/// operator chose otherwise through glibc's own environment variables.
+///
+/// Measured with the churn test (12,000 sessions): with glibc's defaults the live heap stays flat
+/// (about 4 MB when quiet) while RSS grows without end, 0.3–0.6 KiB per session, because
+/// - the mmap threshold is dynamic: once a large buffer (a QUIC connection's) is freed, buffers
+///   of that size come from the arenas instead of their own mappings, and fragment them;
+/// - every thread that allocates may get its own arena, each fragmenting on its own.
+///
+/// A fixed 128 KiB threshold and two arenas keep RSS flat (12.7 → 12.0 MB over the second
+/// 6,000 sessions) at the same live heap.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+            // SAFETY: mallopt has no preconditions; called before any thread exists.
+            unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
+        }
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            // SAFETY: as above.
+            unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+        }
+    }
+}
+
+/// Hands the allocator's free pages back to the kernel.
+///
+/// glibc's malloc returns memory on its own only from the top of its heaps; after a burst of
+/// sessions ends, the free pages in the middle of its arenas would stay resident.
+/// `malloc_trim` releases them (madvise).
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions; it only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// The allocator's view of the heap: bytes in live allocations, and bytes it holds free.
+/// `None` where the allocator does not tell (not glibc).
+pub fn heap_usage() -> Option<(u64, u64)> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 has no preconditions and only reads the allocator's statistics.
+        let info = unsafe { libc::mallinfo2() };
+        Some(((info.uordblks + info.hblkhd) as u64, info.fordblks as u64))
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    None
+}

@@ -1024,7 +1024,12 @@ impl Topology {
         }
         args.extend_from_slice(extra_args);
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.gw_ns()]).args(&args);
+        cmd.args(["netns", "exec", &self.gw_ns()]);
+        // A profiler around the gateway, e.g. `WEBNIC_GATEWAY_WRAPPER="heaptrack -o /tmp/gw"`.
+        if let Ok(wrapper) = std::env::var("WEBNIC_GATEWAY_WRAPPER") {
+            cmd.args(wrapper.split_whitespace());
+        }
+        cmd.args(&args);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
