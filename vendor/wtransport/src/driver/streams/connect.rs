@@ -15,11 +15,16 @@ use std::future::pending;
 
 pub struct ConnectStream {
     stream: Option<StreamSession>,
+    // webnic patch 1: bytes of a frame not yet complete, kept across cancelled reads.
+    pending: Vec<u8>,
 }
 
 impl ConnectStream {
     pub fn empty() -> Self {
-        Self { stream: None }
+        Self {
+            stream: None,
+            pending: Vec::new(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -37,7 +42,7 @@ impl ConnectStream {
         };
 
         loop {
-            return match stream.read_frame().await {
+            return match stream.read_frame_buffered(&mut self.pending).await {
                 Ok(frame) => {
                     if !matches!(frame.kind(), FrameKind::Data) {
                         debug!("Skipping non-data frame of kind {:?}", frame.kind());

@@ -21,6 +21,45 @@ use wtransport_proto::stream_header::StreamHeader;
 use wtransport_proto::stream_header::StreamKind;
 
 pub type ProtoReadError = wtransport_proto::stream::IoReadError;
+
+// webnic patch 1 (vendor/wtransport/WEBNIC-PATCHES.md): cancel-safe frame reads. The driver reads
+// the control and CONNECT streams in a `select!` branch that is dropped whenever another branch
+// fires; `read_frame_async` keeps the bytes of a partly read frame in its future, so dropping it
+// lost them. These reads keep them in a buffer owned by the caller instead.
+
+/// Reads more of `recv` into `pending`. Cancel-safe: tokio's `read` takes nothing from the stream
+/// unless it completes.
+async fn read_more(recv: &mut QuicRecvStream, pending: &mut Vec<u8>) -> Result<(), ProtoReadError> {
+    let mut chunk = [0u8; 4096];
+    let n = tokio::io::AsyncReadExt::read(recv, &mut chunk)
+        .await
+        .map_err(|error| ProtoReadError::IO(error.into()))?;
+    if n == 0 {
+        return Err(ProtoReadError::IO(if pending.is_empty() {
+            wtransport_proto::bytes::IoReadError::ImmediateFin
+        } else {
+            wtransport_proto::bytes::IoReadError::UnexpectedFin
+        }));
+    }
+    pending.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+/// A frame that owns its payload, so the buffer it was parsed from can be drained.
+fn owned_frame(frame: Frame<'_>) -> Frame<'static> {
+    use std::borrow::Cow;
+    use wtransport_proto::frame::FrameKind;
+    let payload = Cow::Owned(frame.payload().to_vec());
+    match frame.kind() {
+        FrameKind::Data => Frame::new_data(payload),
+        FrameKind::Headers => Frame::new_headers(payload),
+        FrameKind::Settings => Frame::new_settings(payload),
+        FrameKind::WebTransport => {
+            Frame::new_webtransport(frame.session_id().expect("WebTransport frames have one"))
+        }
+        FrameKind::Exercise(id) => Frame::new_exercise(id, payload),
+    }
+}
 pub type ProtoWriteError = wtransport_proto::stream::IoWriteError;
 
 #[derive(Debug)]
@@ -414,8 +453,26 @@ pub mod uniremote {
     }
 
     impl StreamUniRemoteH3 {
-        pub async fn read_frame<'a>(&mut self) -> Result<Frame<'a>, ProtoReadError> {
-            self.proto.read_frame_async(&mut self.stream).await
+        /// Like `read_frame_async`, but cancel-safe: a partly received frame waits in `pending`
+        /// (which must be kept with the stream).
+        pub async fn read_frame_buffered(
+            &mut self,
+            pending: &mut Vec<u8>,
+        ) -> Result<Frame<'static>, ProtoReadError> {
+            loop {
+                let mut reader: &[u8] = pending;
+                let frame = self
+                    .proto
+                    .read_frame(&mut reader)
+                    .map_err(ProtoReadError::H3)?
+                    .map(owned_frame);
+                if let Some(frame) = frame {
+                    let consumed = pending.len() - reader.len();
+                    pending.drain(..consumed);
+                    return Ok(frame);
+                }
+                read_more(&mut self.stream, pending).await?;
+            }
         }
 
         pub fn kind(&self) -> StreamKind {
@@ -524,6 +581,28 @@ pub mod session {
     impl StreamSession {
         pub async fn read_frame<'a>(&mut self) -> Result<Frame<'a>, ProtoReadError> {
             self.proto.read_frame_async(&mut self.stream.1).await
+        }
+
+        /// Like `read_frame`, but cancel-safe: a partly received frame waits in `pending`
+        /// (which must be kept with the stream).
+        pub async fn read_frame_buffered(
+            &mut self,
+            pending: &mut Vec<u8>,
+        ) -> Result<Frame<'static>, ProtoReadError> {
+            loop {
+                let mut reader: &[u8] = pending;
+                let frame = self
+                    .proto
+                    .read_frame(&mut reader)
+                    .map_err(ProtoReadError::H3)?
+                    .map(owned_frame);
+                if let Some(frame) = frame {
+                    let consumed = pending.len() - reader.len();
+                    pending.drain(..consumed);
+                    return Ok(frame);
+                }
+                read_more(&mut self.stream.1, pending).await?;
+            }
         }
 
         pub async fn write_frame(&mut self, frame: Frame<'_>) -> Result<(), ProtoWriteError> {

@@ -77,6 +77,8 @@ impl LocalSettingsStream {
 
 pub struct RemoteSettingsStream {
     stream: Option<StreamUniRemoteH3>,
+    // webnic patch 1: bytes of a frame not yet complete, kept across cancelled reads.
+    pending: Vec<u8>,
     settings: watch::Sender<Option<Settings>>,
 }
 
@@ -84,6 +86,7 @@ impl RemoteSettingsStream {
     pub fn empty() -> Self {
         Self {
             stream: None,
+            pending: Vec::new(),
             settings: watch::channel(None).0,
         }
     }
@@ -130,7 +133,7 @@ impl RemoteSettingsStream {
             return pending().await;
         };
 
-        match stream.read_frame().await {
+        match stream.read_frame_buffered(&mut self.pending).await {
             Ok(frame) => Ok(frame),
             Err(ProtoReadError::H3(error_code)) => Err(DriverError::Proto(error_code)),
             Err(ProtoReadError::IO(io_error)) => match io_error {
