@@ -125,9 +125,10 @@ async fn churn_sessions_return_every_resource() {
                             {
                                 Ok(client) => client,
                                 Err(first) => {
-                                    // Known, rare (see docs/RELIABILITY.md): a handshake closed by
-                                    // the gateway's HTTP/3 layer with H3_FRAME_UNEXPECTED (261).
-                                    // Counted, reported, bounded below; one retry.
+                                    // Once 1 in 500-2,000 handshakes under load was closed by the
+                                    // gateway's HTTP/3 layer (261/263, vendor/wtransport patch 1).
+                                    // Retried so the run goes on and reports them all; none may
+                                    // happen.
                                     eprintln!(
                                         "cycle {cycle}: connect failed, retrying once: {first}"
                                     );
@@ -236,8 +237,8 @@ async fn churn_sessions_return_every_resource() {
     println!("{report}");
     assert_eq!(gateway.metric("webnic_sessions_active"), 0.0, "{report}");
     assert!(
-        failed_connects.load(Ordering::Relaxed) * 200 <= total,
-        "more than 0.5% of connects failed: {report}"
+        failed_connects.load(Ordering::Relaxed) == 0,
+        "connects failed: {report}"
     );
     assert_eq!(pool_free(&gateway), free_at_start, "{report}");
     assert_eq!(fds_end, fds_at_start, "{report}");
