@@ -216,6 +216,53 @@ fn run_in_page_for(
     }
 }
 
+/// Starts page function `name` in the background (for tests that act while it runs); returns
+/// the process and the file its stdout goes to.
+fn spawn_page(
+    topology: &Topology,
+    server: &PageServer,
+    name: &str,
+    arg: &str,
+) -> (common::Process, PathBuf) {
+    let mut cmd = Command::new(find_command("node").expect("node"));
+    cmd.arg(repo().join("tests/browser/run.mjs"))
+        .arg(server.url("/page.html"))
+        .arg(name)
+        .arg(arg)
+        .arg(PAGE_TIMEOUT.as_millis().to_string());
+    let page = topology.spawn_root(&format!("browser-{name}"), &mut cmd);
+    (page, topology.tmp().join(format!("browser-{name}.out")))
+}
+
+/// Waits (at most 60 s) for the page's first `WEBNIC_READY <detail>` line; returns the detail.
+fn wait_page_ready(page: &common::Process, out_path: &Path, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = fs::read_to_string(out_path).unwrap_or_default();
+        if let Some(line) = out.lines().find_map(|l| l.strip_prefix("WEBNIC_READY ")) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline && page.exit_status().is_none(),
+            "the page never reported {what}\n{}",
+            page.logs()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits for a page started by [`spawn_page`] to finish; returns its result.
+fn page_result(page: &common::Process, out_path: &Path) -> String {
+    let status = wait_exit(page, PAGE_TIMEOUT + Duration::from_secs(30));
+    let stdout = fs::read_to_string(out_path).unwrap_or_default();
+    eprintln!("{}", page.stderr());
+    stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("RESULT "))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("page function failed ({status})\n{}", page.logs()))
+}
+
 /// The value of `"key":` in a flat JSON object, as its raw text (strings without quotes).
 fn json_field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
     let start = json.find(&format!("\"{key}\":"))? + key.len() + 3;
@@ -330,6 +377,82 @@ fn browser_tcp_echo_16_mib() {
         json_field(&result, "receivedSha256"),
         Some(sent),
         "the echo differs from what the page sent: {result}"
+    );
+}
+
+/// A page's TCP connection survives a gateway restart: the page echoes 8 MiB through socat; once
+/// 1 MiB came back the gateway gets SIGTERM (it tells the page, parks the session's lease and
+/// writes it to its lease file) and a new gateway process starts with the same certificate and
+/// lease file. The page resumes its session with the gateway's ticket and the same address, and
+/// the echo completes byte-exact.
+#[test]
+fn browser_tcp_survives_a_gateway_restart() {
+    require_prerequisites();
+    require_browser();
+    let topology = Topology::new();
+    let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
+    let (cert, key) = common::p256_certificate(topology.tmp());
+    let leases = topology.tmp().join("leases.txt");
+    let leases_arg = leases.to_str().unwrap().to_owned();
+    let args = [
+        "--cert",
+        cert.as_str(),
+        "--key",
+        key.as_str(),
+        "--lease-file",
+        leases_arg.as_str(),
+    ];
+    let gateway = topology.start_gateway(&args);
+    let server = PageServer::start();
+    let bytes = 8 << 20;
+    let arg = format!(
+        r#"{{"gateway":"{}","certHash":"{}","host":"{}","port":{TCP_ECHO_PORT},"bytes":{bytes},"pings":0,"announceAfter":{}}}"#,
+        gateway.url(),
+        gateway.cert_hash(),
+        topology.srv_ipv4(),
+        1 << 20
+    );
+    let (page, out_path) = spawn_page(&topology, &server, "tcpEcho", &arg);
+    wait_page_ready(&page, &out_path, "its echo under way");
+
+    gateway.process.kill();
+    assert!(
+        wait_exit(&gateway.process, Duration::from_secs(15)).contains("exit"),
+        "{}",
+        gateway.process.logs()
+    );
+    let saved = fs::read_to_string(&leases).expect("lease file written on shutdown");
+    assert!(
+        saved.contains("10.77.0."),
+        "no lease in the lease file: {saved}"
+    );
+    let restarted = topology.start_gateway(&args);
+    assert_eq!(
+        restarted.cert_hash(),
+        gateway.cert_hash(),
+        "the certificate changed"
+    );
+
+    let result = page_result(&page, &out_path);
+    println!("page result: {result}");
+    assert_eq!(
+        json_field(&result, "receivedLength"),
+        Some(bytes.to_string().as_str()),
+        "{result}\n{}",
+        restarted.process.logs()
+    );
+    let sent = json_field(&result, "sentSha256").expect("sentSha256");
+    assert_eq!(sent.len(), 64, "{result}");
+    assert_eq!(
+        json_field(&result, "receivedSha256"),
+        Some(sent),
+        "the echo differs from what the page sent: {result}"
+    );
+    assert_eq!(json_field(&result, "reconnects"), Some("1"), "{result}");
+    assert!(
+        restarted.process.logs().contains("restored session leases"),
+        "{}",
+        restarted.process.logs()
     );
 }
 
@@ -463,34 +586,9 @@ fn browser_tcp_server_socket_1_mib() {
         gateway.url(),
         gateway.cert_hash(),
     );
-    let name = "tcpServerSha256";
-    let mut cmd = Command::new(find_command("node").expect("node"));
-    cmd.arg(repo().join("tests/browser/run.mjs"))
-        .arg(server.url("/page.html"))
-        .arg(name)
-        .arg(&arg)
-        .arg(PAGE_TIMEOUT.as_millis().to_string());
-    let page = topology.spawn_root(&format!("browser-{name}"), &mut cmd);
-    let out_path = topology.tmp().join(format!("browser-{name}.out"));
-
+    let (page, out_path) = spawn_page(&topology, &server, "tcpServerSha256", &arg);
     // The page prints its listener once it is open.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let ready = loop {
-        let out = fs::read_to_string(&out_path).unwrap_or_default();
-        if let Some(line) = out
-            .lines()
-            .find_map(|l| l.strip_prefix("WEBNIC_READY "))
-            .map(str::to_owned)
-        {
-            break line;
-        }
-        assert!(
-            Instant::now() < deadline && page.exit_status().is_none(),
-            "the page never reported its listener\n{}",
-            page.logs()
-        );
-        thread::sleep(Duration::from_millis(50));
-    };
+    let ready = wait_page_ready(&page, &out_path, "its listener");
     let address = json_field(&ready, "address").expect("address").to_owned();
     assert!(address.starts_with("10.77.0."), "{ready}");
     assert_eq!(json_field(&ready, "localAddress"), Some(address.as_str()));
@@ -535,13 +633,7 @@ fn browser_tcp_server_socket_1_mib() {
     let status = wait_exit(&done, Duration::from_secs(30));
     assert_eq!(status, "exit code 0", "{}", done.logs());
 
-    let status = wait_exit(&page, PAGE_TIMEOUT + Duration::from_secs(30));
-    let stdout = fs::read_to_string(&out_path).unwrap_or_default();
-    eprintln!("{}", page.stderr());
-    let result = stdout
-        .lines()
-        .find_map(|line| line.strip_prefix("RESULT "))
-        .unwrap_or_else(|| panic!("page function {name} failed ({status})\n{}", page.logs()));
+    let result = &page_result(&page, &out_path);
     println!("page result: {result}");
     assert_eq!(status, "exit code 0", "{}", page.logs());
 

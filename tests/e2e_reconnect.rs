@@ -12,38 +12,13 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
-    TCP_ECHO_PORT, Topology, assert_same_bytes, seeded_bytes, start_relay, tcp_exchange, wait_exit,
-    within,
+    TCP_ECHO_PORT, Topology, assert_same_bytes, p256_certificate, seeded_bytes, start_relay,
+    tcp_exchange, wait_exit, within,
 };
 use webnic_impair::Relay;
-
-/// A P-256 certificate and key (what browsers accept for pinning), so a restarted gateway keeps
-/// the certificate hash the client pinned.
-fn make_certificate(dir: &Path) -> (String, String) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let output = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "10"])
-        .args(["-subj", "/CN=webnic-test", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("run openssl");
-    assert!(
-        output.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (
-        cert.to_str().unwrap().to_owned(),
-        key.to_str().unwrap().to_owned(),
-    )
-}
 
 /// Starts an echo of `len` seeded bytes through the socat echo in the background and returns once
 /// `relay` has carried 200 packets of it to the client: the transfer is under way, not finished.
@@ -118,7 +93,7 @@ async fn tcp_survives_the_connection_timing_out() {
 async fn tcp_survives_a_gateway_restart() {
     let topology = Topology::new();
     let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
-    let (cert, key) = make_certificate(topology.tmp());
+    let (cert, key) = p256_certificate(topology.tmp());
     let leases = topology.tmp().join("leases.txt");
     let leases_arg = leases.to_str().unwrap().to_owned();
     let args = [
@@ -191,7 +166,7 @@ async fn tcp_survives_a_gateway_restart() {
 async fn restart_after_sigkill_cleans_up_and_resumes() {
     let topology = Topology::new();
     let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
-    let (cert, key) = make_certificate(topology.tmp());
+    let (cert, key) = p256_certificate(topology.tmp());
     let leases = topology.tmp().join("leases.txt");
     let leases_arg = leases.to_str().unwrap().to_owned();
     let args = [

@@ -1409,3 +1409,27 @@ pub(crate) fn assert_same_bytes(received: &[u8], sent: &[u8], what: &str) {
         "{what}: sha256 differs"
     );
 }
+
+/// A P-256 certificate and key (what browsers accept for pinning), so a restarted gateway keeps
+/// the certificate hash the client pinned (browsers pin certificates valid for at most 14 days).
+pub(crate) fn p256_certificate(dir: &Path) -> (String, String) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let output = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "10"])
+        .args(["-subj", "/CN=webnic-test", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl");
+    assert!(
+        output.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (
+        cert.to_str().unwrap().to_owned(),
+        key.to_str().unwrap().to_owned(),
+    )
+}

@@ -4,6 +4,12 @@ export interface WebNicConnectOptions {
   /** Passed to `new WebTransport()` unchanged, e.g. [{ algorithm: 'sha-256', value: bytes }]. */
   serverCertificateHashes?: { algorithm: string; value: BufferSource }[];
   /**
+   * How long (ms) a session whose connection is lost (network change, gateway restart) keeps
+   * trying to resume on a new one with the gateway's ticket; its TCP connections carry on when
+   * it does. Default 60000 (the gateway's default grace period); 0 turns resumption off.
+   */
+  reconnectFor?: number;
+  /**
    * The wasm file or its URL (default: next to pkg/webnic_wasm.js). With `worker: true`, a URL
    * or a WebAssembly.Module (what can be posted to the worker).
    */
@@ -128,6 +134,8 @@ export interface WebNicStats {
   bytesSent: number;
   bytesReceived: number;
   drops: number;
+  /** Connections the session resumed on after losing one. */
+  reconnects: number;
 }
 
 export declare class WebNic {

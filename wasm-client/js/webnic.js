@@ -19,6 +19,18 @@ import init, { connect as connectWasm } from '../pkg/webnic_wasm.js';
 // medians) at +0.3 ms echo RTT, and it keeps the page's main thread free.
 const DEFAULT_WORKER = true;
 
+// How long a lost session keeps trying to resume on a new connection (ms): the gateway's
+// default grace period. `options.reconnectFor: 0` turns resumption off.
+const DEFAULT_RECONNECT_FOR_MS = 60_000;
+
+function reconnectFor(options) {
+  const ms = options.reconnectFor ?? DEFAULT_RECONNECT_FOR_MS;
+  if (typeof ms !== 'number' || !(ms >= 0)) {
+    throw new TypeError(`reconnectFor must be a number of milliseconds >= 0, not ${ms}`);
+  }
+  return ms;
+}
+
 let ready = null;
 
 /** Loads the wasm module once (its URL defaults to next to webnic_wasm.js). */
@@ -86,7 +98,7 @@ class WorkerNic {
     // The worker resolves relative URLs against its own location: make them absolute here.
     if (typeof wasm === 'string' || wasm instanceof URL) wasm = new URL(wasm, location.href).href;
     try {
-      const info = await nic.#call('connect', [url, options.serverCertificateHashes, wasm]);
+      const info = await nic.#call('connect', [url, options.serverCertificateHashes, wasm, reconnectFor(options)]);
       Object.assign(nic, { address: info.address, addressV6: info.addressV6, mtu: info.mtu });
       nic.#stats = info.stats;
     } catch (error) {
@@ -515,7 +527,7 @@ export class WebNic {
     try {
       if (worker) return new WebNic(await WorkerNic.start(url, options), true);
       await load(options.wasm);
-      return new WebNic(await connectWasm(url, options.serverCertificateHashes), false);
+      return new WebNic(await connectWasm(url, options.serverCertificateHashes, reconnectFor(options)), false);
     } catch (error) {
       throw domError(error);
     }
@@ -549,8 +561,9 @@ export class WebNic {
   /** Resolves with the reason when the session ends. */
   get closed() { return this.#closed; }
   /**
-   * Counters: { packetsSent, packetsReceived, bytesSent, bytesReceived, drops } (with a
-   * worker, a snapshot at most 100 ms old).
+   * Counters: { packetsSent, packetsReceived, bytesSent, bytesReceived, drops, reconnects }
+   * (`reconnects`: connections the session resumed on after losing one; with a worker, a
+   * snapshot at most 100 ms old).
    */
   stats() { return this.#nic.stats(); }
   /** Ends the session; every socket fails. */

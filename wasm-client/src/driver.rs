@@ -12,11 +12,11 @@ use js_sys::Uint8Array;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{ReadableStreamDefaultReader, WebTransport, WritableStreamDefaultWriter};
-use webnic_stack::protocol::{CapsuleDecoder, ControlMessage};
+use webnic_stack::protocol::{CloseCode, ControlMessage};
 use webnic_stack::waiters::Waiters;
 use webnic_stack::{Instant, Stack};
 
-use crate::session::{SessionError, close_reason, js_message, read_chunk};
+use crate::session::{Opened, SessionError, close_reason, read_chunk};
 
 #[wasm_bindgen]
 extern "C" {
@@ -95,8 +95,12 @@ impl Shared {
 #[derive(Debug)]
 pub(crate) struct Core {
     pub(crate) shared: RefCell<Shared>,
-    pub(crate) transport: WebTransport,
-    datagram_writer: WritableStreamDefaultWriter,
+    /// The current WebTransport session and its datagram writer; both replaced when the session
+    /// resumes on a new connection.
+    transport: RefCell<WebTransport>,
+    datagram_writer: RefCell<WritableStreamDefaultWriter>,
+    /// Connections the session resumed on after losing one.
+    pub(crate) reconnects: std::cell::Cell<u32>,
     /// `performance.now()` at stack creation, in ms.
     epoch: f64,
     /// Fires the driver's timer; holds only a weak reference, so the session can be dropped.
@@ -124,8 +128,9 @@ impl Core {
                     poked: false,
                     timer: None,
                 }),
-                transport,
-                datagram_writer,
+                transport: RefCell::new(transport),
+                datagram_writer: RefCell::new(datagram_writer),
+                reconnects: std::cell::Cell::new(0),
                 epoch,
                 on_timer: Closure::new(move || {
                     if let Some(core) = weak.upgrade() {
@@ -136,6 +141,24 @@ impl Core {
                 ignore_rejection: Closure::new(|_: JsValue| {}),
             }
         })
+    }
+
+    /// The current WebTransport session.
+    pub(crate) fn transport(&self) -> WebTransport {
+        self.transport.borrow().clone()
+    }
+
+    /// Moves the session onto a new WebTransport session after a resumption.
+    fn replace_transport(&self, transport: WebTransport, writer: WritableStreamDefaultWriter) {
+        *self.transport.borrow_mut() = transport;
+        *self.datagram_writer.borrow_mut() = writer;
+        self.reconnects.set(self.reconnects.get() + 1);
+        self.poke();
+    }
+
+    /// Whether the session is over (not merely between two connections).
+    fn is_closed(&self) -> bool {
+        self.shared.borrow().closed.is_some()
     }
 
     /// Stack time: ms since the session started, from `performance.now()`.
@@ -189,25 +212,14 @@ impl Core {
     }
 }
 
-/// Feeds the gateway's datagrams into the stack until the session ends. It never pauses for
-/// the page: a stalled reader makes Chromium drop datagrams.
+/// Feeds one connection's datagrams into the stack until that connection ends (the supervisor
+/// decides whether the session ends with it). It never pauses for the page: a stalled reader
+/// makes Chromium drop datagrams.
 pub(crate) async fn read_datagrams(core: Rc<Core>, reader: ReadableStreamDefaultReader) {
     let mut buf = vec![0u8; 65_536];
     loop {
-        let chunk = match read_chunk(&reader).await {
-            Ok(Some(chunk)) => chunk,
-            Ok(None) => {
-                core.shared
-                    .borrow_mut()
-                    .close(SessionError::Lost("datagram stream ended".into()));
-                return;
-            }
-            Err(error) => {
-                core.shared
-                    .borrow_mut()
-                    .close(SessionError::Lost(js_message(&error)));
-                return;
-            }
+        let Ok(Some(chunk)) = read_chunk(&reader).await else {
+            return;
         };
         let len = chunk.length() as usize;
         if len > buf.len() {
@@ -225,39 +237,133 @@ pub(crate) async fn read_datagrams(core: Rc<Core>, reader: ReadableStreamDefault
     }
 }
 
-/// Follows the control stream after the handshake (DNS updates, the close reason), then waits
-/// for the session's end and fails every socket with its reason.
-pub(crate) async fn read_control(
-    core: Rc<Core>,
-    reader: ReadableStreamDefaultReader,
-    mut decoder: CapsuleDecoder,
-    _writer: WritableStreamDefaultWriter,
-) {
+/// Follows one connection's control stream after the handshake (DNS updates, new tickets, the
+/// close reason) until the connection ends; returns why it ended.
+async fn read_control(core: &Core, opened: &mut Opened) -> SessionError {
+    let mut closing = None;
     'stream: loop {
         loop {
-            match decoder.next_message() {
+            match opened.control_decoder.next_message() {
                 Ok(Some(ControlMessage::DnsServers(servers))) => {
                     core.shared.borrow_mut().stack.set_dns_servers(&servers);
                 }
+                Ok(Some(ControlMessage::SessionTicket(ticket))) => {
+                    opened.announced.ticket = Some(ticket);
+                }
                 Ok(Some(ControlMessage::Close { code, reason })) => {
-                    core.shared
-                        .borrow_mut()
-                        .close(SessionError::Closed { code, reason });
+                    closing = Some(SessionError::Closed { code, reason });
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(_) => break 'stream,
             }
         }
-        match read_chunk(&reader).await {
-            Ok(Some(chunk)) => decoder.extend(&chunk.to_vec()),
+        match read_chunk(&opened.control_reader).await {
+            Ok(Some(chunk)) => opened.control_decoder.extend(&chunk.to_vec()),
             Ok(None) | Err(_) => break,
         }
     }
-    let reason = close_reason(&core.transport)
-        .await
-        .unwrap_or_else(|| SessionError::Lost("the WebTransport session ended".into()));
-    core.shared.borrow_mut().close(reason);
+    let reason = close_reason(&opened.transport).await;
+    closing
+        .or(reason)
+        .unwrap_or_else(|| SessionError::Lost("the WebTransport session ended".into()))
+}
+
+/// Sleeps `ms` milliseconds (a `setTimeout` promise).
+async fn sleep_ms(ms: f64) {
+    let promise = js_sys::Promise::new(&mut |resolve, _| {
+        set_timeout(&resolve, ms);
+    });
+    let _ = JsFuture::from(promise).await;
+}
+
+/// Runs the session's connections one after another: reads each one's datagrams and control
+/// stream, and when a connection is lost (not closed on purpose) resumes the session on a new
+/// one with the gateway's ticket for up to `reconnect_for_ms`, so the stack — and every TCP
+/// connection in it — carries on. Mirrors the native client's supervisor.
+pub(crate) async fn supervise(
+    core: Rc<Core>,
+    mut current: Opened,
+    url: String,
+    certificate_hashes: JsValue,
+    reconnect_for_ms: f64,
+) {
+    let (ipv4, ipv6) = (current.announced.ipv4, current.announced.ipv6);
+    loop {
+        wasm_bindgen_futures::spawn_local(read_datagrams(
+            core.clone(),
+            current.datagram_reader.clone(),
+        ));
+        let reason = read_control(&core, &mut current).await;
+        if core.is_closed() {
+            return;
+        }
+        let resumable = matches!(
+            reason,
+            SessionError::Lost(_)
+                | SessionError::Closed {
+                    code: CloseCode::GatewayShutdown,
+                    ..
+                }
+        );
+        let ticket = match current.announced.ticket.clone() {
+            Some(ticket) if resumable && reconnect_for_ms > 0.0 => ticket,
+            _ => {
+                core.shared.borrow_mut().close(reason);
+                return;
+            }
+        };
+        match reconnect(&core, &url, &certificate_hashes, &ticket, reconnect_for_ms).await {
+            Ok(next) if next.announced.ipv4 == ipv4 && next.announced.ipv6 == ipv6 => {
+                core.replace_transport(next.transport.clone(), next.datagram_writer.clone());
+                current = next;
+            }
+            Ok(next) => {
+                // The gateway no longer held our addresses (grace period over, or it restarted
+                // without its lease file): the stack's connections cannot continue.
+                next.transport.close();
+                core.shared.borrow_mut().close(SessionError::Lost(format!(
+                    "the gateway resumed the session with other addresses ({:?}, {:?}); its \
+                     lease had expired",
+                    next.announced.ipv4, next.announced.ipv6
+                )));
+                return;
+            }
+            Err(error) => {
+                core.shared.borrow_mut().close(error);
+                return;
+            }
+        }
+    }
+}
+
+/// Tries to resume with `ticket`, backing off from 100 ms to 2 s between attempts, for
+/// `reconnect_for_ms`.
+async fn reconnect(
+    core: &Core,
+    url: &str,
+    certificate_hashes: &JsValue,
+    ticket: &[u8],
+    reconnect_for_ms: f64,
+) -> Result<Opened, SessionError> {
+    let deadline = performance_now() + reconnect_for_ms;
+    let resume_url = crate::session::resume_url(url, ticket);
+    let mut backoff_ms = 100.0;
+    let mut last = SessionError::Lost("no resumption attempt finished".into());
+    while performance_now() < deadline {
+        if core.is_closed() {
+            return Err(SessionError::ClosedLocally);
+        }
+        match crate::session::open(&resume_url, certificate_hashes).await {
+            Ok(next) => return Ok(next),
+            // A refusal with a reason (pool exhausted, token expired, ...) is final.
+            Err(error @ SessionError::Closed { .. }) => return Err(error),
+            Err(error) => last = error,
+        }
+        sleep_ms(backoff_ms).await;
+        backoff_ms = (backoff_ms * 2.0).min(2000.0);
+    }
+    Err(last)
 }
 
 /// Polls the stack, writes its packets as datagrams, and sleeps until the next packet, socket
@@ -286,19 +392,18 @@ pub(crate) async fn drive(core: Rc<Core>) {
         };
         let sent_any = !outgoing.is_empty();
         for packet in outgoing.drain(..) {
+            let writer = core.datagram_writer.borrow().clone();
             // Waiting for room (instead of letting the browser drop datagrams past its high
-            // water mark) turns a full datagram queue into TCP backpressure.
-            if matches!(core.datagram_writer.desired_size(), Ok(Some(room)) if room <= 0.0)
-                && let Err(error) = JsFuture::from(core.datagram_writer.ready()).await
+            // water mark) turns a full datagram queue into TCP backpressure. A writer that fails
+            // belongs to a lost connection: the packet is dropped (TCP resends it) and the
+            // supervisor resumes the session or ends it.
+            if matches!(writer.desired_size(), Ok(Some(room)) if room <= 0.0)
+                && JsFuture::from(writer.ready()).await.is_err()
             {
-                core.shared
-                    .borrow_mut()
-                    .close(SessionError::Lost(js_message(&error)));
-                return;
+                core.shared.borrow_mut().stack.recycle(packet);
+                continue;
             }
-            let written = core
-                .datagram_writer
-                .write_with_chunk(&Uint8Array::from(&packet[..]));
+            let written = writer.write_with_chunk(&Uint8Array::from(&packet[..]));
             let _ = written.catch(&core.ignore_rejection);
             core.shared.borrow_mut().stack.recycle(packet);
         }

@@ -44,12 +44,18 @@ const KEEP_ALIVE_PROBES: u32 = 9;
 /// Opens a session with the gateway at `url` (`https://host:port/webnic`).
 ///
 /// `server_certificate_hashes` goes to `new WebTransport` unchanged (`undefined` for a
-/// certificate the browser trusts).
+/// certificate the browser trusts). When the connection is lost (network change, idle timeout,
+/// gateway restart) the session resumes on a new one with the gateway's ticket, trying for
+/// `reconnect_for_ms` (0: never), and its TCP connections carry on.
 ///
 /// # Errors
 /// The session's error, as a JS `Error` whose message names the cause.
 #[wasm_bindgen]
-pub async fn connect(url: String, server_certificate_hashes: JsValue) -> Result<Nic, JsError> {
+pub async fn connect(
+    url: String,
+    server_certificate_hashes: JsValue,
+    reconnect_for_ms: f64,
+) -> Result<Nic, JsError> {
     let opened = session::open(&url, &server_certificate_hashes)
         .await
         .map_err(|e| JsError::new(&e.to_string()))?;
@@ -75,24 +81,22 @@ pub async fn connect(url: String, server_certificate_hashes: JsValue) -> Result<
         opened.datagram_writer.clone(),
         epoch,
     );
-    spawn_local(driver::read_datagrams(
-        core.clone(),
-        opened.datagram_reader.clone(),
-    ));
-    spawn_local(driver::read_control(
-        core.clone(),
-        opened.control_reader.clone(),
-        opened.control_decoder,
-        opened.control_writer.clone(),
-    ));
-    spawn_local(driver::drive(core.clone()));
-    Ok(Nic {
-        core,
+    let nic = Nic {
+        core: core.clone(),
         address: address.map(|a| a.to_string()).unwrap_or_default(),
         address_v6: announced.ipv6.map(|a| a.to_string()),
         mtu,
         handles: Rc::new(Handles::default()),
-    })
+    };
+    spawn_local(driver::supervise(
+        core.clone(),
+        opened,
+        url,
+        server_certificate_hashes,
+        reconnect_for_ms,
+    ));
+    spawn_local(driver::drive(core));
+    Ok(nic)
 }
 
 /// Socket handles as the page sees them (small integers, one sequence for every kind), mapped
@@ -247,7 +251,8 @@ impl Nic {
         self.mtu
     }
 
-    /// Traffic counters: `{ packetsSent, packetsReceived, bytesSent, bytesReceived, drops }`.
+    /// Traffic counters: `{ packetsSent, packetsReceived, bytesSent, bytesReceived, drops,
+    /// reconnects }` (`reconnects`: connections the session resumed on after losing one).
     pub fn stats(&self) -> Object {
         let stats = self.core.shared.borrow().stack.stats();
         let out = Object::new();
@@ -257,6 +262,7 @@ impl Nic {
             ("bytesSent", stats.bytes_sent),
             ("bytesReceived", stats.bytes_received),
             ("drops", stats.dropped_queue_full),
+            ("reconnects", u64::from(self.core.reconnects.get())),
         ] {
             let _ = Reflect::set(&out, &key.into(), &JsValue::from_f64(value as f64));
         }
@@ -686,7 +692,7 @@ impl Nic {
             .shared
             .borrow_mut()
             .close(SessionError::ClosedLocally);
-        self.core.transport.close();
+        self.core.transport().close();
     }
 
     /// Resolves with the reason once the session has ended.

@@ -58,6 +58,8 @@ pub(crate) struct Announced {
     pub(crate) dns: Vec<IpAddr>,
     pub(crate) ipv4: Option<Ipv4Addr>,
     pub(crate) ipv6: Option<Ipv6Addr>,
+    /// The gateway's resumption ticket, if it offers resumption.
+    pub(crate) ticket: Option<Vec<u8>>,
 }
 
 /// An open session, configured.
@@ -86,6 +88,14 @@ pub(crate) fn js_message(error: &JsValue) -> String {
         })
         .or_else(|| error.as_string())
         .unwrap_or_else(|| format!("{error:?}"))
+}
+
+/// `url` with `resume=<ticket in hex>` added to its query (the gateway gives a lost session's
+/// addresses back to the holder of its ticket).
+pub(crate) fn resume_url(url: &str, ticket: &[u8]) -> String {
+    let hex: String = ticket.iter().map(|b| format!("{b:02x}")).collect();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}resume={hex}")
 }
 
 /// Opens the WebTransport session to `url` and runs the handshake up to `ADDRESS_ASSIGN`.
@@ -220,10 +230,9 @@ async fn read_configuration(
                 ControlMessage::Close { code, reason } => {
                     return Err(SessionError::Closed { code, reason });
                 }
-                // Pages do not resume sessions yet (the native client does).
+                ControlMessage::SessionTicket(ticket) => announced.ticket = Some(ticket),
                 ControlMessage::RouteAdvertisement(_)
                 | ControlMessage::ClientHello { .. }
-                | ControlMessage::SessionTicket(_)
                 | ControlMessage::Draining { .. }
                 | ControlMessage::Unknown { .. } => {}
             }
