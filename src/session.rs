@@ -54,6 +54,19 @@ pub enum SessionError {
 }
 
 impl SessionError {
+    /// Whether a session that ended this way may come back on a new connection with its ticket:
+    /// the connection was lost, or the gateway shut down (a restart gives the addresses back).
+    fn is_resumable(&self) -> bool {
+        matches!(
+            self,
+            Self::Lost(_)
+                | Self::Closed {
+                    code: CloseCode::GatewayShutdown,
+                    ..
+                }
+        )
+    }
+
     pub(crate) fn to_io(&self) -> io::Error {
         let kind = match self {
             Self::InvalidCertHash(_) => io::ErrorKind::InvalidInput,
@@ -758,15 +771,7 @@ async fn supervise(core: Arc<Core>, mut current: Handshake, mut resume: Resumpti
         if core.lock().is_closed() {
             return;
         }
-        let resumable = matches!(
-            reason,
-            SessionError::Lost(_)
-                | SessionError::Closed {
-                    code: CloseCode::GatewayShutdown,
-                    ..
-                }
-        );
-        let Some(ticket) = resume.ticket.clone().filter(|_| resumable) else {
+        let Some(ticket) = resume.ticket.clone().filter(|_| reason.is_resumable()) else {
             core.end(reason);
             return;
         };

@@ -193,27 +193,8 @@ fn run_in_page_for(
     arg: &str,
     timeout: Duration,
 ) -> String {
-    let mut cmd = Command::new(find_command("node").expect("node"));
-    cmd.arg(repo().join("tests/browser/run.mjs"))
-        .arg(server.url("/page.html"))
-        .arg(name)
-        .arg(arg)
-        .arg(timeout.as_millis().to_string());
-    let process = topology.spawn_root(&format!("browser-{name}"), &mut cmd);
-    // run.mjs enforces the timeout itself and closes Chromium; this bound is the backstop.
-    let status = wait_exit(&process, timeout + Duration::from_secs(30));
-    let stdout =
-        fs::read_to_string(topology.tmp().join(format!("browser-{name}.out"))).unwrap_or_default();
-    // The page's console (and the profile with WEBNIC_PROFILE=1), shown with --nocapture.
-    eprintln!("{}", process.stderr());
-    let result = stdout
-        .lines()
-        .find_map(|line| line.strip_prefix("RESULT "))
-        .map(str::to_owned);
-    match result {
-        Some(json) if status == "exit code 0" => json,
-        _ => panic!("page function {name} failed ({status})\n{}", process.logs()),
-    }
+    let (page, out_path) = spawn_page_for(topology, server, name, arg, timeout);
+    page_result_for(&page, &out_path, timeout)
 }
 
 /// Starts page function `name` in the background (for tests that act while it runs); returns
@@ -224,12 +205,23 @@ fn spawn_page(
     name: &str,
     arg: &str,
 ) -> (common::Process, PathBuf) {
+    spawn_page_for(topology, server, name, arg, PAGE_TIMEOUT)
+}
+
+/// [`spawn_page`] with its own time limit (run.mjs enforces it and closes Chromium).
+fn spawn_page_for(
+    topology: &Topology,
+    server: &PageServer,
+    name: &str,
+    arg: &str,
+    timeout: Duration,
+) -> (common::Process, PathBuf) {
     let mut cmd = Command::new(find_command("node").expect("node"));
     cmd.arg(repo().join("tests/browser/run.mjs"))
         .arg(server.url("/page.html"))
         .arg(name)
         .arg(arg)
-        .arg(PAGE_TIMEOUT.as_millis().to_string());
+        .arg(timeout.as_millis().to_string());
     let page = topology.spawn_root(&format!("browser-{name}"), &mut cmd);
     (page, topology.tmp().join(format!("browser-{name}.out")))
 }
@@ -253,14 +245,24 @@ fn wait_page_ready(page: &common::Process, out_path: &Path, what: &str) -> Strin
 
 /// Waits for a page started by [`spawn_page`] to finish; returns its result.
 fn page_result(page: &common::Process, out_path: &Path) -> String {
-    let status = wait_exit(page, PAGE_TIMEOUT + Duration::from_secs(30));
+    page_result_for(page, out_path, PAGE_TIMEOUT)
+}
+
+/// [`page_result`] for a page started with its own time limit.
+fn page_result_for(page: &common::Process, out_path: &Path, timeout: Duration) -> String {
+    // run.mjs enforces the timeout itself and closes Chromium; this bound is the backstop.
+    let status = wait_exit(page, timeout + Duration::from_secs(30));
     let stdout = fs::read_to_string(out_path).unwrap_or_default();
+    // The page's console (and the profile with WEBNIC_PROFILE=1), shown with --nocapture.
     eprintln!("{}", page.stderr());
-    stdout
+    let result = stdout
         .lines()
         .find_map(|line| line.strip_prefix("RESULT "))
-        .map(str::to_owned)
-        .unwrap_or_else(|| panic!("page function failed ({status})\n{}", page.logs()))
+        .map(str::to_owned);
+    match result {
+        Some(json) if status == "exit code 0" => json,
+        _ => panic!("page function failed ({status})\n{}", page.logs()),
+    }
 }
 
 /// The value of `"key":` in a flat JSON object, as its raw text (strings without quotes).
@@ -365,18 +367,23 @@ fn browser_tcp_echo_16_mib() {
     );
     let result = run_in_page(&topology, &server, "tcpEcho", &arg);
     println!("page result: {result}");
+    assert_echo_byte_exact(&result, bytes, "");
+}
 
+/// Asserts that the `tcpEcho` page function got back all `bytes` it sent, byte-exact (the
+/// sha256 of what it sent equals that of what came back); `context` goes into the failure.
+fn assert_echo_byte_exact(result: &str, bytes: usize, context: &str) {
     assert_eq!(
-        json_field(&result, "receivedLength"),
+        json_field(result, "receivedLength"),
         Some(bytes.to_string().as_str()),
-        "{result}"
+        "{result}\n{context}"
     );
-    let sent = json_field(&result, "sentSha256").expect("sentSha256");
+    let sent = json_field(result, "sentSha256").expect("sentSha256");
     assert_eq!(sent.len(), 64, "{result}");
     assert_eq!(
-        json_field(&result, "receivedSha256"),
+        json_field(result, "receivedSha256"),
         Some(sent),
-        "the echo differs from what the page sent: {result}"
+        "the echo differs from what the page sent: {result}\n{context}"
     );
 }
 
@@ -391,17 +398,8 @@ fn browser_tcp_survives_a_gateway_restart() {
     require_browser();
     let topology = Topology::new();
     let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
-    let (cert, key) = common::p256_certificate(topology.tmp());
-    let leases = topology.tmp().join("leases.txt");
-    let leases_arg = leases.to_str().unwrap().to_owned();
-    let args = [
-        "--cert",
-        cert.as_str(),
-        "--key",
-        key.as_str(),
-        "--lease-file",
-        leases_arg.as_str(),
-    ];
+    let (args, leases) = common::restartable_gateway_args(topology.tmp());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let gateway = topology.start_gateway(&args);
     let server = PageServer::start();
     let bytes = 8 << 20;
@@ -435,19 +433,7 @@ fn browser_tcp_survives_a_gateway_restart() {
 
     let result = page_result(&page, &out_path);
     println!("page result: {result}");
-    assert_eq!(
-        json_field(&result, "receivedLength"),
-        Some(bytes.to_string().as_str()),
-        "{result}\n{}",
-        restarted.process.logs()
-    );
-    let sent = json_field(&result, "sentSha256").expect("sentSha256");
-    assert_eq!(sent.len(), 64, "{result}");
-    assert_eq!(
-        json_field(&result, "receivedSha256"),
-        Some(sent),
-        "the echo differs from what the page sent: {result}"
-    );
+    assert_echo_byte_exact(&result, bytes, &restarted.process.logs());
     assert_eq!(json_field(&result, "reconnects"), Some("1"), "{result}");
     assert!(
         restarted.process.logs().contains("restored session leases"),

@@ -15,8 +15,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::{
-    TCP_ECHO_PORT, Topology, assert_same_bytes, p256_certificate, seeded_bytes, start_relay,
-    tcp_exchange, wait_exit, within,
+    TCP_ECHO_PORT, Topology, assert_same_bytes, restartable_gateway_args, seeded_bytes,
+    start_relay, tcp_exchange, wait_exit, within,
 };
 use webnic_impair::Relay;
 
@@ -93,17 +93,8 @@ async fn tcp_survives_the_connection_timing_out() {
 async fn tcp_survives_a_gateway_restart() {
     let topology = Topology::new();
     let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
-    let (cert, key) = p256_certificate(topology.tmp());
-    let leases = topology.tmp().join("leases.txt");
-    let leases_arg = leases.to_str().unwrap().to_owned();
-    let args = [
-        "--cert",
-        cert.as_str(),
-        "--key",
-        key.as_str(),
-        "--lease-file",
-        leases_arg.as_str(),
-    ];
+    let (args, leases) = restartable_gateway_args(topology.tmp());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let gateway = topology.start_gateway(&args);
     let (relay, url) = start_relay(&gateway, "rate=50mbit,queue=50ms", 22).await;
     let hash = gateway.cert_hash().to_owned();
@@ -166,20 +157,9 @@ async fn tcp_survives_a_gateway_restart() {
 async fn restart_after_sigkill_cleans_up_and_resumes() {
     let topology = Topology::new();
     let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
-    let (cert, key) = p256_certificate(topology.tmp());
-    let leases = topology.tmp().join("leases.txt");
-    let leases_arg = leases.to_str().unwrap().to_owned();
-    let args = [
-        "--cert",
-        cert.as_str(),
-        "--key",
-        key.as_str(),
-        "--lease-file",
-        leases_arg.as_str(),
-        "--nat",
-        "--idle-timeout",
-        "2",
-    ];
+    let (mut args, leases) = restartable_gateway_args(topology.tmp());
+    args.extend(["--nat", "--idle-timeout", "2"].map(str::to_owned));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let gateway = topology.start_gateway(&args);
     let hash = gateway.cert_hash().to_owned();
     let webnic_tables = |what: &str| {

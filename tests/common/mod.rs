@@ -1433,3 +1433,20 @@ pub(crate) fn p256_certificate(dir: &Path) -> (String, String) {
         key.to_str().unwrap().to_owned(),
     )
 }
+
+/// Gateway arguments for a gateway that can be restarted under its clients: a P-256 certificate
+/// (the same hash after the restart) and a lease file (the sessions' addresses survive it).
+/// Returns the arguments and the lease file's path.
+pub(crate) fn restartable_gateway_args(dir: &Path) -> (Vec<String>, PathBuf) {
+    let (cert, key) = p256_certificate(dir);
+    let leases = dir.join("leases.txt");
+    let args = vec![
+        "--cert".to_owned(),
+        cert,
+        "--key".to_owned(),
+        key,
+        "--lease-file".to_owned(),
+        leases.to_str().expect("UTF-8 path").to_owned(),
+    ];
+    (args, leases)
+}

@@ -12,7 +12,7 @@ use js_sys::Uint8Array;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{ReadableStreamDefaultReader, WebTransport, WritableStreamDefaultWriter};
-use webnic_stack::protocol::{CloseCode, ControlMessage};
+use webnic_stack::protocol::ControlMessage;
 use webnic_stack::waiters::Waiters;
 use webnic_stack::{Instant, Stack};
 
@@ -298,16 +298,8 @@ pub(crate) async fn supervise(
         if core.is_closed() {
             return;
         }
-        let resumable = matches!(
-            reason,
-            SessionError::Lost(_)
-                | SessionError::Closed {
-                    code: CloseCode::GatewayShutdown,
-                    ..
-                }
-        );
         let ticket = match current.announced.ticket.clone() {
-            Some(ticket) if resumable && reconnect_for_ms > 0.0 => ticket,
+            Some(ticket) if reason.is_resumable() && reconnect_for_ms > 0.0 => ticket,
             _ => {
                 core.shared.borrow_mut().close(reason);
                 return;

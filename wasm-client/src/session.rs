@@ -51,6 +51,21 @@ pub enum SessionError {
     ClosedLocally,
 }
 
+impl SessionError {
+    /// Whether a session that ended this way may come back on a new connection with its ticket:
+    /// the connection was lost, or the gateway shut down (a restart gives the addresses back).
+    pub(crate) fn is_resumable(&self) -> bool {
+        matches!(
+            self,
+            Self::Lost(_)
+                | Self::Closed {
+                    code: CloseCode::GatewayShutdown,
+                    ..
+                }
+        )
+    }
+}
+
 /// What the gateway announced on the control stream.
 #[derive(Debug, Default)]
 pub(crate) struct Announced {
