@@ -228,7 +228,10 @@ enum TcpPhase {
 struct TcpEntry {
     phase: TcpPhase,
     options: TcpOptions,
-    started: Instant,
+    /// When the connect timeout started: the first poll after the connection was created. Not
+    /// the creation itself: socket calls take no clock, and the stack's last known time can be
+    /// minutes old when an idle stack gets a connect (every connect then timed out at once).
+    started: Option<Instant>,
     established: bool,
     fin_received: bool,
     closed_locally: bool,
@@ -496,7 +499,11 @@ impl Stack {
             .filter(|e| {
                 !e.established && matches!(e.phase, TcpPhase::Socket(_)) && !e.closed_reported
             })
-            .map(|e| e.started + e.options.connect_timeout)
+            // Not started yet: the next poll starts the clock, and must come now.
+            .map(|e| {
+                e.started
+                    .map_or(self.now, |at| at + e.options.connect_timeout)
+            })
             .min();
         match (
             self.iface.poll_at(self.now, &self.sockets),
@@ -523,7 +530,7 @@ impl Stack {
         let id = self.alloc_id();
         self.tcp.insert(
             id,
-            TcpEntry::new(TcpPhase::Socket(socket), options, self.now, Some(port)),
+            TcpEntry::new(TcpPhase::Socket(socket), options, Some(port)),
         );
         Ok(TcpHandle(id))
     }
@@ -579,8 +586,7 @@ impl Stack {
             fallback: only.is_none(),
             port,
         };
-        self.tcp
-            .insert(id, TcpEntry::new(phase, options, self.now, None));
+        self.tcp.insert(id, TcpEntry::new(phase, options, None));
         Ok(TcpHandle(id))
     }
 
@@ -646,7 +652,7 @@ impl Stack {
             .remote_endpoint()
             .map(endpoint_to_socket_addr)
             .unwrap_or_else(|| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
-        let mut tcp_entry = TcpEntry::new(TcpPhase::Socket(socket), options, self.now, None);
+        let mut tcp_entry = TcpEntry::new(TcpPhase::Socket(socket), options, None);
         tcp_entry.established = true;
         let id = self.alloc_id();
         self.tcp.insert(id, tcp_entry);
@@ -668,7 +674,7 @@ impl Stack {
             self.sockets.get_mut::<tcp::Socket>(socket).abort();
             // Aborted sockets still owe an RST; give them to the orphan reaper.
             let id = self.alloc_id();
-            let mut orphan = TcpEntry::new(TcpPhase::Socket(socket), entry.options, self.now, None);
+            let mut orphan = TcpEntry::new(TcpPhase::Socket(socket), entry.options, None);
             orphan.released = true;
             orphan.closed_locally = true;
             self.tcp.insert(id, orphan);
@@ -1232,6 +1238,7 @@ impl Stack {
         let dns_socket = self.dns_socket;
         for (&id, entry) in &mut self.tcp {
             let handle = TcpHandle(id);
+            let started = *entry.started.get_or_insert(now);
             let socket_handle = match &entry.phase {
                 TcpPhase::Failed => {
                     if entry.released {
@@ -1277,7 +1284,7 @@ impl Stack {
             let socket = self.sockets.get_mut::<tcp::Socket>(socket_handle);
             if !entry.established
                 && socket.state() == tcp::State::SynSent
-                && now >= entry.started + entry.options.connect_timeout
+                && now >= started + entry.options.connect_timeout
             {
                 socket.abort();
                 entry.connect_timed_out = true;
@@ -1457,11 +1464,11 @@ impl TcpEntry {
         }
     }
 
-    fn new(phase: TcpPhase, options: TcpOptions, now: Instant, local_port: Option<u16>) -> Self {
+    fn new(phase: TcpPhase, options: TcpOptions, local_port: Option<u16>) -> Self {
         Self {
             phase,
             options,
-            started: now,
+            started: None,
             established: false,
             fin_received: false,
             closed_locally: false,
