@@ -56,6 +56,14 @@ pub struct TunConfig {
     pub link_mtu: u16,
 }
 
+/// Packets the kernel may queue for the gateway to read (the device's `txqueuelen`).
+///
+/// The default, 500, is 6 ms of a 1 Gbit/s download: with 1,000 busy sessions on 2 cores the
+/// gateway's reader is off the CPU longer than that, and every overflow (the device's TX
+/// `dropped`) is a lost packet that the server's TCP recovers by timeout. 4,096 packets are at
+/// most 5 MB of queue.
+pub const TX_QUEUE_LEN: u32 = 4096;
+
 /// The TUN device plus what the gateway changed in the system for it.
 ///
 /// Dropping it closes the device (which removes it and its routes) and restores the
@@ -152,7 +160,12 @@ impl TunDevice {
                 )?;
             }
         }
-        sys::run("ip", &["link", "set", "dev", &name, "up"], None)?;
+        let queue = TX_QUEUE_LEN.to_string();
+        sys::run(
+            "ip",
+            &["link", "set", "dev", &name, "txqueuelen", &queue, "up"],
+            None,
+        )?;
         let pool = config.pool_v4.to_string();
         let mtu = config.link_mtu.to_string();
         let src = gateway_v4.to_string();
