@@ -57,9 +57,15 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A socat TCP echo with a deep accept backlog (hundreds of sessions connect at once).
+/// A socat TCP echo with a deep accept backlog (hundreds of sessions connect at once) and a
+/// fixed 64 KiB receive buffer. Not the kernel's autotuned one: that accepted megabytes from a
+/// session's bulk writer faster than the echo could send them back through the loaded tunnel,
+/// so the unechoed backlog grew with the run's length (1 MB per connection after 3 minutes) and
+/// the drain at the end took minutes. An echo server that reads only as fast as it answers
+/// keeps the writer flow-controlled by the echo, as a real one would.
 fn serve_tcp_echo(topology: &Topology) -> Process {
-    let listen = format!("TCP6-LISTEN:{TCP_ECHO_PORT},ipv6only=0,fork,reuseaddr,backlog=4096");
+    let listen =
+        format!("TCP6-LISTEN:{TCP_ECHO_PORT},ipv6only=0,fork,reuseaddr,backlog=4096,rcvbuf=65536");
     let process = topology.spawn_in(
         &topology.srv_ns(),
         "socat-tcp-echo",

@@ -20,7 +20,7 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
@@ -191,6 +191,9 @@ fn pattern(seed: u64) -> Vec<u8> {
 struct Progress {
     origin: Instant,
     last_ms: AtomicU64,
+    /// The flow ended (either way): it can no longer be stuck, while the session's other flows
+    /// may still drain.
+    finished: AtomicBool,
 }
 
 impl Progress {
@@ -198,7 +201,12 @@ impl Progress {
         Arc::new(Self {
             origin,
             last_ms: AtomicU64::new(origin.elapsed().as_millis() as u64),
+            finished: AtomicBool::new(false),
         })
+    }
+
+    fn finish(&self) {
+        self.finished.store(true, Ordering::Relaxed);
     }
 
     fn tick(&self) {
@@ -207,6 +215,9 @@ impl Progress {
     }
 
     fn idle(&self) -> Duration {
+        if self.finished.load(Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
         let now = self.origin.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
     }
@@ -415,8 +426,8 @@ async fn run_session(
     let flows = async {
         let bulk_flow = async {
             match (has(Kind::Bulk), args.tcp_echo) {
-                (true, Some(echo)) => Some(
-                    bulk(
+                (true, Some(echo)) => {
+                    let result = bulk(
                         &client,
                         echo,
                         options,
@@ -424,15 +435,17 @@ async fn run_session(
                         end,
                         Arc::clone(&bulk_progress),
                     )
-                    .await,
-                ),
+                    .await;
+                    bulk_progress.finish();
+                    Some(result)
+                }
                 _ => None,
             }
         };
         let rr_flow = async {
             match (has(Kind::Rr), args.tcp_echo) {
-                (true, Some(echo)) => Some(
-                    request_response(
+                (true, Some(echo)) => {
+                    let result = request_response(
                         &client,
                         echo,
                         seed,
@@ -440,8 +453,12 @@ async fn run_session(
                         end,
                         Arc::clone(&rr_progress),
                     )
-                    .await,
-                ),
+                    .await;
+                    // Done (its FIN came back): the bulk flow's drain may take longer, and this
+                    // flow's last step must not then read as a stall.
+                    rr_progress.finish();
+                    Some(result)
+                }
                 _ => None,
             }
         };
