@@ -2,12 +2,12 @@
 //! (`WEBNIC_SESSIONS` to change it) opened by `webnic-load --mix idle` from several processes.
 //!
 //! Baseline in the same run: the same number of idle WebTransport sessions, with the same
-//! wtransport/quinn layers, transport settings (datagram buffers, keep-alive, idle timeout) and
-//! client keep-alive, held by a bare WebTransport server that accepts sessions and does nothing
-//! else (this binary re-executed as `__bare-server`, clients as `__raw-clients`). That is what any
-//! WebTransport tunnel pays per session for its transport; the ratio says how much the gateway's
-//! own per-session state (address lease, session task, queues, control stream, NAT/policy
-//! entries) adds on top. Plain TCP connections to nginx would mostly measure the kernel instead.
+//! wtransport/quinn layers, transport settings (datagram buffers, keep-alive, idle timeout,
+//! stream limits) and client keep-alive, held by a bare WebTransport server that accepts
+//! sessions and does nothing else (this binary re-executed as `__bare-server`, clients as
+//! `__raw-clients`). That is what any WebTransport tunnel pays per session for its transport;
+//! the ratio says how much the gateway's own per-session state (address lease, session task,
+//! queues, control stream, NAT/policy entries) adds on top. Plain TCP connections to nginx would mostly measure the kernel instead.
 //!
 //! Per session: (RSS with the sessions open − RSS before they opened) ÷ sessions, taken after a
 //! settle time; CPU (user + system, from `/proc/<pid>/stat`) over an idle window, as CPU
@@ -51,6 +51,10 @@ const DEFAULT_IDLE_SECS: u64 = 30;
 const SERVER_DATAGRAM_BUFFER: usize = 1 << 20;
 const SERVER_KEEP_ALIVE: Duration = Duration::from_secs(10);
 const SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The gateway's stream limits (a session needs 2 bidirectional and 3 unidirectional streams):
+/// quinn's default of 100 each costs every connection ~8 KiB of stream state.
+const SERVER_MAX_BIDI_STREAMS: u32 = 4;
+const SERVER_MAX_UNI_STREAMS: u32 = 8;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -360,7 +364,9 @@ fn bare_server(listen: SocketAddr, hash_file: &Path) {
             .datagram_receive_buffer_size(Some(SERVER_DATAGRAM_BUFFER))
             .datagram_send_buffer_size(SERVER_DATAGRAM_BUFFER)
             .max_idle_timeout(wtransport::quinn::IdleTimeout::try_from(SERVER_IDLE_TIMEOUT).ok())
-            .keep_alive_interval(Some(SERVER_KEEP_ALIVE));
+            .keep_alive_interval(Some(SERVER_KEEP_ALIVE))
+            .max_concurrent_bidi_streams(SERVER_MAX_BIDI_STREAMS.into())
+            .max_concurrent_uni_streams(SERVER_MAX_UNI_STREAMS.into());
         let config = wtransport::ServerConfig::builder()
             .with_bind_address(listen)
             .with_custom_transport(identity, transport)

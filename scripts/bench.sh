@@ -113,7 +113,7 @@ cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo "  idle\` from 4 processes): RSS growth per session and CPU (user + system) per session per"
     echo "  minute of idling, against a bare wtransport server (the bench binary re-executed) holding as"
     echo "  many idle WebTransport sessions with the gateway's transport settings (datagram buffers,"
-    echo "  keep-alive, idle timeout) and the client's keep-alive: what any WebTransport tunnel pays per"
+    echo "  keep-alive, idle timeout, stream limits) and the client's keep-alive: what any WebTransport tunnel pays per"
     echo "  session for its transport, so the ratio is what the gateway's own session state adds."
     echo "  Target: ≤ 32 KiB of gateway RSS per idle session."
     echo "- \`tunnel\` and \`impaired\` downloads \`.vs_websockify\` / \`.vs_wisp\`: the relays users run"

@@ -36,6 +36,13 @@ const DATAGRAM_BUFFER: usize = 1 << 20;
 /// Keep-alive interval, well below the idle timeout, so idle sessions survive NAT rebinding
 /// timeouts and the idle timer.
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// Streams a client may have open at once, per direction. A session uses two bidirectional
+/// streams (the HTTP/3 CONNECT stream and webnic's control stream, PROTOCOL.md §2) and three
+/// unidirectional ones (HTTP/3 control and the two QPACK streams); the packets travel as
+/// datagrams. quinn's default of 100 each allocates state for all of them in every connection
+/// when it is accepted.
+const MAX_CLIENT_BIDI_STREAMS: u32 = 4;
+const MAX_CLIENT_UNI_STREAMS: u32 = 8;
 /// How long shutdown waits for sessions to send their `Close` and end.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
@@ -497,7 +504,9 @@ fn server_config(config: &Config, identity: Identity, socket: std::net::UdpSocke
         .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
         .datagram_send_buffer_size(DATAGRAM_BUFFER)
         .max_idle_timeout(wtransport::quinn::IdleTimeout::try_from(config.idle_timeout).ok())
-        .keep_alive_interval(Some(KEEP_ALIVE.min(config.idle_timeout / 2)));
+        .keep_alive_interval(Some(KEEP_ALIVE.min(config.idle_timeout / 2)))
+        .max_concurrent_bidi_streams(MAX_CLIENT_BIDI_STREAMS.into())
+        .max_concurrent_uni_streams(MAX_CLIENT_UNI_STREAMS.into());
     ServerConfig::builder()
         .with_bind_socket(socket)
         .with_custom_transport(identity, transport)
