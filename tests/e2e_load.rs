@@ -38,8 +38,11 @@ const FLOOD_PORT: u16 = 9999;
 /// Size of one flood datagram's payload (the packet fits the 1152-byte link MTU).
 const FLOOD_PAYLOAD: usize = 1100;
 
-/// Scheduling niceness of the load generators (`nice -n`).
-const LOAD_NICENESS: &str = "10";
+/// Niceness of the many-sessions test's load generators. They stand in for a thousand machines
+/// of their own; here they share the two cores with the gateway under test, and at equal
+/// priority they preempted it while its socket filled. The flood test's two sessions run at 0:
+/// session B's goodput is measured against a flooder at normal priority.
+const LOAD_NICENESS: u8 = 10;
 
 /// The two tests measure throughput: they take turns (cargo runs a binary's tests in parallel).
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -57,15 +60,19 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A socat TCP echo with a deep accept backlog (hundreds of sessions connect at once) and a
-/// fixed 64 KiB receive buffer. Not the kernel's autotuned one: that accepted megabytes from a
-/// session's bulk writer faster than the echo could send them back through the loaded tunnel,
-/// so the unechoed backlog grew with the run's length (1 MB per connection after 3 minutes) and
-/// the drain at the end took minutes. An echo server that reads only as fast as it answers
-/// keeps the writer flow-controlled by the echo, as a real one would.
-fn serve_tcp_echo(topology: &Topology) -> Process {
-    let listen =
-        format!("TCP6-LISTEN:{TCP_ECHO_PORT},ipv6only=0,fork,reuseaddr,backlog=4096,rcvbuf=65536");
+/// A socat TCP echo with a deep accept backlog (hundreds of sessions connect at once).
+///
+/// `receive_buffer` fixes the echo's socket receive buffer. The many-sessions test fixes it (64
+/// KiB): with the kernel's autotuned one the server accepted megabytes from a session's bulk
+/// writer faster than the echo could send them back through the loaded tunnel, so the unechoed
+/// backlog grew with the run's length (1 MB per connection after 3 minutes) and the drain at the
+/// end took minutes. An echo that reads only as fast as it answers keeps the writer
+/// flow-controlled by the echo. The flood test keeps the autotuned buffer it was measured with.
+fn serve_tcp_echo(topology: &Topology, receive_buffer: Option<u32>) -> Process {
+    let mut listen = format!("TCP6-LISTEN:{TCP_ECHO_PORT},ipv6only=0,fork,reuseaddr,backlog=4096");
+    if let Some(bytes) = receive_buffer {
+        listen.push_str(&format!(",rcvbuf={bytes}"));
+    }
     let process = topology.spawn_in(
         &topology.srv_ns(),
         "socat-tcp-echo",
@@ -78,17 +85,21 @@ fn serve_tcp_echo(topology: &Topology) -> Process {
 
 /// Starts `webnic-load` (root namespace) against `gateway`; its stdout (JSON lines) goes to
 /// `<topology tmp>/<name>.out`, where the harness puts every process's stdout.
+///
+/// `niceness` is its `nice -n` (`nice` execs the program: same PID).
 fn spawn_load(
     topology: &Topology,
     gateway: &GatewayProcess,
     name: &str,
+    niceness: u8,
     args: &[String],
 ) -> (Process, PathBuf) {
-    // The load generators stand in for a thousand machines of their own; here they share the
-    // two cores with the gateway under test. At nice 10 they take the CPU the gateway leaves,
-    // instead of preempting it while its socket fills (`nice` execs the program: same PID).
     let mut cmd = Command::new("nice");
-    cmd.args(["-n", LOAD_NICENESS, env!("CARGO_BIN_EXE_webnic-load")]);
+    cmd.args([
+        "-n",
+        &niceness.to_string(),
+        env!("CARGO_BIN_EXE_webnic-load"),
+    ]);
     cmd.args([
         "--gateway",
         gateway.url(),
@@ -157,7 +168,7 @@ fn load_sessions_fair_and_never_stuck() {
     // running, a request can wait several seconds behind its session's own bulk data.
     let stall_secs = env_u64("WEBNIC_LOAD_STALL_SECS", 20);
     let topology = Topology::new();
-    let _tcp_echo = serve_tcp_echo(&topology);
+    let _tcp_echo = serve_tcp_echo(&topology, Some(64 * 1024));
     let _udp_echo = topology.serve_inetd_echo();
     // All sessions come from one address: lift the per-address admission limits. The pool is a
     // /20 (4,093 addresses) so that 1,000 sessions fit. Per-session quotas stay at their
@@ -210,6 +221,7 @@ fn load_sessions_fair_and_never_stuck() {
             &topology,
             &gateway,
             &format!("webnic-load-{p}"),
+            LOAD_NICENESS,
             &args,
         ));
     }
@@ -373,7 +385,7 @@ fn bulk_goodput(topology: &Topology, gateway: &GatewayProcess, name: &str, secs:
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
-    let (process, out) = spawn_load(topology, gateway, name, &args);
+    let (process, out) = spawn_load(topology, gateway, name, 0, &args);
     let status = wait_exit(&process, Duration::from_secs(secs + 60));
     let text = fs::read_to_string(&out).unwrap_or_default();
     assert_eq!(status, "exit code 0", "{name}: {text}\n{}", process.logs());
@@ -389,7 +401,7 @@ fn flooded_session_does_not_starve_another() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     const B_SECS: u64 = 6;
     let topology = Topology::new();
-    let _tcp_echo = serve_tcp_echo(&topology);
+    let _tcp_echo = serve_tcp_echo(&topology, None);
     // Each session's share of the gateway: SHARE bytes/s each way (the per-session byte quota,
     // set explicitly). Without it a flooded session takes whatever CPU the tunnel path gets, and
     // on this 2-core machine the flooded client, the flooder and B's client all share the same
@@ -416,7 +428,7 @@ fn flooded_session_does_not_starve_another() {
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
-    let (session_a, a_out) = spawn_load(&topology, &gateway, "webnic-load-a", &args);
+    let (session_a, a_out) = spawn_load(&topology, &gateway, "webnic-load-a", 0, &args);
     let deadline = Instant::now() + Duration::from_secs(30);
     let a_address: Ipv4Addr = loop {
         let text = fs::read_to_string(&a_out).unwrap_or_default();
