@@ -37,16 +37,19 @@ pub enum DriverError {
 #[derive(Debug)]
 pub struct Driver {
     quic_connection: quinn::Connection,
-    ready_settings: Mutex<mpsc::Receiver<Settings>>,
-    ready_sessions: BiChannelEndpoint<StreamSession>,
-    ready_uni_wt_streams: Mutex<mpsc::Receiver<StreamUniRemoteWT>>,
-    ready_bi_wt_streams: Mutex<mpsc::Receiver<StreamBiRemoteWT>>,
-    ready_datagrams: Mutex<mpsc::Receiver<Datagram>>,
+    ready_settings: Mutex<mpsc::Receiver<Box<Settings>>>,
+    ready_sessions: BiChannelEndpoint<Box<StreamSession>>,
+    ready_uni_wt_streams: Mutex<mpsc::Receiver<Box<StreamUniRemoteWT>>>,
+    ready_bi_wt_streams: Mutex<mpsc::Receiver<Box<StreamBiRemoteWT>>>,
+    ready_datagrams: Mutex<mpsc::Receiver<Box<Datagram>>>,
     driver_result: SharedResultGet<DriverError>,
 }
 
 impl Driver {
     pub fn init(quic_connection: quinn::Connection) -> Self {
+        // webnic patch 2: every channel of the driver carries its values boxed. A tokio mpsc
+        // channel allocates its first block of 32 slots when it is created, whatever its
+        // capacity, so unboxed stream values cost each connection tens of KiB while idle.
         let ready_settings = mpsc::channel(1);
         let ready_sessions = bichannel(1);
         let ready_uni_wt_streams = mpsc::channel(4);
@@ -83,14 +86,14 @@ impl Driver {
         let mut lock = self.ready_settings.lock().await;
 
         match lock.recv().await {
-            Some(settings) => Ok(settings),
+            Some(settings) => Ok(*settings),
             None => Err(self.result().await),
         }
     }
 
     pub async fn accept_session(&self) -> Result<StreamSession, DriverError> {
         match self.ready_sessions.recv().await {
-            Some(session) => Ok(session),
+            Some(session) => Ok(*session),
             None => Err(self.result().await),
         }
     }
@@ -109,7 +112,7 @@ impl Driver {
     }
 
     pub async fn register_session(&self, stream_session: StreamSession) -> Result<(), DriverError> {
-        match self.ready_sessions.send(stream_session).await {
+        match self.ready_sessions.send(Box::new(stream_session)).await {
             Ok(()) => Ok(()),
             Err(SendError) => Err(self.result().await),
         }
@@ -125,6 +128,7 @@ impl Driver {
             let Some(stream) = lock.recv().await else {
                 return Err(self.result().await);
             };
+            let stream = *stream;
 
             if stream.session_id() == session_id {
                 return Ok(stream);
@@ -150,6 +154,7 @@ impl Driver {
             let Some(stream) = lock.recv().await else {
                 return Err(self.result().await);
             };
+            let stream = *stream;
 
             if stream.session_id() == session_id {
                 return Ok(stream);
@@ -176,6 +181,7 @@ impl Driver {
             let Some(datagram) = lock.recv().await else {
                 return Err(self.result().await);
             };
+            let datagram = *datagram;
 
             if datagram.session_id() == session_id {
                 return Ok(datagram);
@@ -255,11 +261,11 @@ mod worker {
 
     pub struct Worker {
         quic_connection: quinn::Connection,
-        ready_settings: mpsc::Sender<Settings>,
-        ready_sessions: BiChannelEndpoint<StreamSession>,
-        ready_uni_wt_streams: mpsc::Sender<StreamUniRemoteWT>,
-        ready_bi_wt_streams: mpsc::Sender<StreamBiRemoteWT>,
-        ready_datagrams: mpsc::Sender<Datagram>,
+        ready_settings: mpsc::Sender<Box<Settings>>,
+        ready_sessions: BiChannelEndpoint<Box<StreamSession>>,
+        ready_uni_wt_streams: mpsc::Sender<Box<StreamUniRemoteWT>>,
+        ready_bi_wt_streams: mpsc::Sender<Box<StreamBiRemoteWT>>,
+        ready_datagrams: mpsc::Sender<Box<Datagram>>,
         driver_result: SharedResultSet<DriverError>,
         local_settings_stream: LocalSettingsStream,
         remote_settings_stream: RemoteSettingsStream,
@@ -271,11 +277,11 @@ mod worker {
     impl Worker {
         pub fn new(
             quic_connection: quinn::Connection,
-            ready_settings: mpsc::Sender<Settings>,
-            ready_sessions: BiChannelEndpoint<StreamSession>,
-            ready_uni_wt_streams: mpsc::Sender<StreamUniRemoteWT>,
-            ready_bi_wt_streams: mpsc::Sender<StreamBiRemoteWT>,
-            ready_datagrams: mpsc::Sender<Datagram>,
+            ready_settings: mpsc::Sender<Box<Settings>>,
+            ready_sessions: BiChannelEndpoint<Box<StreamSession>>,
+            ready_uni_wt_streams: mpsc::Sender<Box<StreamUniRemoteWT>>,
+            ready_bi_wt_streams: mpsc::Sender<Box<StreamBiRemoteWT>>,
+            ready_datagrams: mpsc::Sender<Box<Datagram>>,
             driver_result: SharedResultSet<DriverError>,
         ) -> Self {
             Self {
@@ -348,12 +354,12 @@ mod worker {
                     }
 
                     uni_h3_stream = ready_uni_h3_streams.1.recv() => {
-                        let uni_h3_stream = uni_h3_stream.expect("Sender cannot be dropped")?;
+                        let uni_h3_stream = (*uni_h3_stream.expect("Sender cannot be dropped"))?;
                         self.handle_uni_h3_stream(uni_h3_stream)?;
                     }
 
                     bi_h3_stream = ready_bi_h3_streams.1.recv() => {
-                        let (bi_h3_stream, first_frame) = bi_h3_stream.expect("Sender cannot be dropped")?;
+                        let (bi_h3_stream, first_frame) = (*bi_h3_stream.expect("Sender cannot be dropped"))?;
                         self.handle_bi_h3_stream(bi_h3_stream, first_frame)?;
                     }
 
@@ -367,7 +373,7 @@ mod worker {
                         match stream_session {
                             Some(stream_session) => {
                                 if self.connect_stream.is_empty() {
-                                    self.connect_stream.set_stream(stream_session);
+                                    self.connect_stream.set_stream(*stream_session);
                                 }
                             }
                             None => return Err(DriverError::NotConnected),
@@ -411,8 +417,8 @@ mod worker {
 
         async fn accept_uni(
             quic_connection: &quinn::Connection,
-            ready_uni_h3_streams: &mpsc::Sender<Result<StreamUniRemoteH3, DriverError>>,
-            ready_uni_wt_streams: &mpsc::Sender<StreamUniRemoteWT>,
+            ready_uni_h3_streams: &mpsc::Sender<Box<Result<StreamUniRemoteH3, DriverError>>>,
+            ready_uni_wt_streams: &mpsc::Sender<Box<StreamUniRemoteWT>>,
         ) -> Result<(), DriverError> {
             trace!("H3 uni queue capacity: {}", ready_uni_h3_streams.capacity());
             let h3_slot = ready_uni_h3_streams
@@ -438,7 +444,7 @@ mod worker {
                     let stream_h3 = match stream_quic.upgrade().await {
                         Ok(stream_h3) => stream_h3,
                         Err(ProtoReadError::H3(error_code)) => {
-                            h3_slot.send(Err(DriverError::Proto(error_code)));
+                            h3_slot.send(Box::new(Err(DriverError::Proto(error_code))));
                             return;
                         }
                         Err(ProtoReadError::IO(_)) => {
@@ -451,9 +457,9 @@ mod worker {
 
                     if matches!(stream_kind, StreamKind::WebTransport) {
                         let stream_wt = stream_h3.upgrade();
-                        wt_slot.send(stream_wt);
+                        wt_slot.send(Box::new(stream_wt));
                     } else {
-                        h3_slot.send(Ok(stream_h3));
+                        h3_slot.send(Box::new(Ok(stream_h3)));
                     }
                 }
                 .instrument(debug_span!("Stream", "id={}", stream_id)),
@@ -465,9 +471,9 @@ mod worker {
         async fn accept_bi(
             quic_connection: &quinn::Connection,
             ready_bi_h3_streams: &mpsc::Sender<
-                Result<(StreamBiRemoteH3, Frame<'static>), DriverError>,
+                Box<Result<(StreamBiRemoteH3, Frame<'static>), DriverError>>,
             >,
-            ready_bi_wt_streams: &mpsc::Sender<StreamBiRemoteWT>,
+            ready_bi_wt_streams: &mpsc::Sender<Box<StreamBiRemoteWT>>,
         ) -> Result<(), DriverError> {
             trace!("H3 bi queue capacity: {}", ready_bi_h3_streams.capacity());
             let h3_slot = ready_bi_h3_streams
@@ -501,7 +507,7 @@ mod worker {
                                 }
                             }
                             Err(ProtoReadError::H3(error_code)) => {
-                                h3_slot.send(Err(DriverError::Proto(error_code)));
+                                h3_slot.send(Box::new(Err(DriverError::Proto(error_code))));
                                 return;
                             }
                             Err(ProtoReadError::IO(_)) => {
@@ -515,10 +521,10 @@ mod worker {
                     match frame.session_id() {
                         Some(session_id) => {
                             let stream_wt = stream_h3.upgrade(session_id);
-                            wt_slot.send(stream_wt);
+                            wt_slot.send(Box::new(stream_wt));
                         }
                         None => {
-                            h3_slot.send(Ok((stream_h3, frame)));
+                            h3_slot.send(Box::new(Ok((stream_h3, frame))));
                         }
                     }
                 }
@@ -530,7 +536,7 @@ mod worker {
 
         async fn accept_datagram(
             quic_connection: &quinn::Connection,
-            ready_datagrams: &mpsc::Sender<Datagram>,
+            ready_datagrams: &mpsc::Sender<Box<Datagram>>,
         ) -> Result<(), DriverError> {
             let slot = match ready_datagrams.reserve().await {
                 Ok(slot) => slot,
@@ -552,7 +558,7 @@ mod worker {
                 datagram.session_id()
             );
 
-            slot.send(datagram);
+            slot.send(Box::new(datagram));
 
             Ok(())
         }
@@ -622,7 +628,7 @@ mod worker {
                         }
                     };
 
-                    match self.ready_sessions.try_send(stream_session) {
+                    match self.ready_sessions.try_send(Box::new(stream_session)) {
                         Ok(()) => {}
                         Err(TrySendError::Full(mut stream)) => {
                             debug!("Discarding session request: sessions queue is full");
@@ -662,7 +668,7 @@ mod worker {
         fn handle_remote_settings(&mut self, settings: Settings) -> Result<(), DriverError> {
             debug!("Received: {:?}", settings);
 
-            match self.ready_settings.try_send(settings) {
+            match self.ready_settings.try_send(Box::new(settings)) {
                 Ok(()) => Ok(()),
                 Err(mpsc::error::TrySendError::Closed(_)) => Err(DriverError::NotConnected),
                 Err(mpsc::error::TrySendError::Full(_)) => {
