@@ -58,10 +58,10 @@ pub struct TunConfig {
 
 /// Packets the kernel may queue for the gateway to read (the device's `txqueuelen`).
 ///
-/// The default, 500, is 6 ms of a 1 Gbit/s download: with 1,000 busy sessions on 2 cores the
-/// gateway's reader is off the CPU longer than that, and every overflow (the device's TX
-/// `dropped`) is a lost packet that the server's TCP recovers by timeout. 4,096 packets are at
-/// most 5 MB of queue.
+/// The default, 500, is about 5 ms of a 1 Gbit/s download: with 1,000 busy sessions on 2
+/// cores the gateway's reader is off the CPU longer than that, and every overflow (the device's
+/// TX `dropped`) is a lost packet that the server's TCP recovers by timeout. 4,096 packets are
+/// at most 5 MB of queue.
 pub const TX_QUEUE_LEN: u32 = 4096;
 
 /// The TUN device plus what the gateway changed in the system for it.
