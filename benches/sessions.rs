@@ -7,7 +7,8 @@
 //! sessions and does nothing else (this binary re-executed as `__bare-server`, clients as
 //! `__raw-clients`). That is what any WebTransport tunnel pays per session for its transport;
 //! the ratio says how much the gateway's own per-session state (address lease, session task,
-//! queues, control stream, NAT/policy entries) adds on top. Plain TCP connections to nginx would mostly measure the kernel instead.
+//! queues, control stream, NAT/policy entries) adds on top. Plain TCP connections to nginx
+//! would mostly measure the kernel instead.
 //!
 //! Per session: (RSS with the sessions open − RSS before they opened) ÷ sessions, taken after a
 //! settle time; CPU (user + system, from `/proc/<pid>/stat`) over an idle window, as CPU
@@ -47,14 +48,10 @@ const BARE_PORT: u16 = 4480;
 const SETTLE: Duration = Duration::from_secs(5);
 /// Default idle window for the CPU figure.
 const DEFAULT_IDLE_SECS: u64 = 30;
-/// Gateway transport settings, as in `gateway/src/server.rs` and `config.rs`.
-const SERVER_DATAGRAM_BUFFER: usize = 1 << 20;
-const SERVER_KEEP_ALIVE: Duration = Duration::from_secs(10);
-const SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// The gateway's stream limits (a session needs 2 bidirectional and 3 unidirectional streams):
-/// quinn's default of 100 each costs every connection ~8 KiB of stream state.
-const SERVER_MAX_BIDI_STREAMS: u32 = 4;
-const SERVER_MAX_UNI_STREAMS: u32 = 8;
+/// The gateway's default idle timeout; its transport settings for it come from
+/// `webnic_gateway::server::transport_config`.
+const SERVER_IDLE_TIMEOUT: Duration =
+    Duration::from_secs(webnic_gateway::config::DEFAULT_IDLE_TIMEOUT_SECS);
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -359,14 +356,7 @@ fn bare_server(listen: SocketAddr, hash_file: &Path) {
             wtransport::Identity::self_signed([listen.ip().to_string()]).expect("identity");
         let hash = identity.certificate_chain().as_slice()[0].hash();
         let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        let mut transport = wtransport::quinn::TransportConfig::default();
-        transport
-            .datagram_receive_buffer_size(Some(SERVER_DATAGRAM_BUFFER))
-            .datagram_send_buffer_size(SERVER_DATAGRAM_BUFFER)
-            .max_idle_timeout(wtransport::quinn::IdleTimeout::try_from(SERVER_IDLE_TIMEOUT).ok())
-            .keep_alive_interval(Some(SERVER_KEEP_ALIVE))
-            .max_concurrent_bidi_streams(SERVER_MAX_BIDI_STREAMS.into())
-            .max_concurrent_uni_streams(SERVER_MAX_UNI_STREAMS.into());
+        let transport = webnic_gateway::server::transport_config(SERVER_IDLE_TIMEOUT);
         let config = wtransport::ServerConfig::builder()
             .with_bind_address(listen)
             .with_custom_transport(identity, transport)

@@ -498,18 +498,25 @@ async fn load_identity(config: &Config) -> Result<Identity, StartError> {
     }
 }
 
-fn server_config(config: &Config, identity: Identity, socket: std::net::UdpSocket) -> ServerConfig {
+/// The gateway's QUIC transport settings for sessions that idle out after `idle_timeout`:
+/// datagram buffers, keep-alive, idle timeout and stream limits. Public so that the `sessions`
+/// bench's bare WebTransport server uses exactly these.
+pub fn transport_config(idle_timeout: Duration) -> wtransport::quinn::TransportConfig {
     let mut transport = wtransport::quinn::TransportConfig::default();
     transport
         .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
         .datagram_send_buffer_size(DATAGRAM_BUFFER)
-        .max_idle_timeout(wtransport::quinn::IdleTimeout::try_from(config.idle_timeout).ok())
-        .keep_alive_interval(Some(KEEP_ALIVE.min(config.idle_timeout / 2)))
+        .max_idle_timeout(wtransport::quinn::IdleTimeout::try_from(idle_timeout).ok())
+        .keep_alive_interval(Some(KEEP_ALIVE.min(idle_timeout / 2)))
         .max_concurrent_bidi_streams(MAX_CLIENT_BIDI_STREAMS.into())
         .max_concurrent_uni_streams(MAX_CLIENT_UNI_STREAMS.into());
+    transport
+}
+
+fn server_config(config: &Config, identity: Identity, socket: std::net::UdpSocket) -> ServerConfig {
     ServerConfig::builder()
         .with_bind_socket(socket)
-        .with_custom_transport(identity, transport)
+        .with_custom_transport(identity, transport_config(config.idle_timeout))
         .build()
 }
 
