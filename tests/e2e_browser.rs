@@ -1198,7 +1198,7 @@ fn browser_gateway_served_demo() {
     fs::write(www.join("speed.bin"), &data).expect("write speed.bin");
     let _nginx = topology.serve_nginx(&www);
     let _tcp_echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
-    let _udp_echo = topology.serve_udp_echo(common::UDP_ECHO_PORT);
+    let _udp_echo = topology.serve_udp_echo();
     let gateway = topology.start_gateway(&[]);
     topology.wait_listening(&topology.gw_ns(), "tcp", DEMO_PORT, &gateway.process);
 
@@ -1598,7 +1598,7 @@ fn browser_gateway_served_demo_with_token() {
     fs::write(www.join("speed.bin"), &data).expect("write speed.bin");
     let _nginx = topology.serve_nginx(&www);
     let _tcp_echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
-    let _udp_echo = topology.serve_udp_echo(common::UDP_ECHO_PORT);
+    let _udp_echo = topology.serve_udp_echo();
     let key = topology.tmp().join("token.key");
     fs::write(&key, sha256_hex(&random_bytes(32))).expect("write token key");
     let gateway = topology.start_gateway(&["--token-key-file", key.to_str().expect("utf-8")]);

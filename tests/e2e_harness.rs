@@ -94,7 +94,7 @@ fn servers_answer_from_the_gateway_namespace_and_cleanup_is_complete() {
         }
 
         // UDP echo: exactly one reply per datagram, to the sender.
-        let udp_echo = topology.serve_udp_echo(UDP_ECHO_PORT);
+        let udp_echo = topology.serve_udp_echo();
         for ip in [IpAddr::V4(v4), IpAddr::V6(v6)] {
             let addr = SocketAddr::new(ip, UDP_ECHO_PORT);
             let result = in_netns(&gw_ns, move || udp_echo_roundtrip(addr, 300));

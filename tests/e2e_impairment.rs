@@ -17,8 +17,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::{
-    INETD_ECHO_PORT as UDP_ECHO_PORT, TCP_ECHO_PORT, Topology, assert_same_bytes, nft_packets,
-    seeded_bytes, start_relay, tcp_exchange, within,
+    TCP_ECHO_PORT, Topology, UDP_ECHO_PORT, assert_same_bytes, nft_packets, seeded_bytes,
+    start_relay, tcp_exchange, within,
 };
 use webnic_impair::{Impairment, Relay, RelayStats};
 
@@ -58,7 +58,7 @@ async fn impaired_cell(name: &str, spec: &str, seed: u64, time_limit: Duration) 
     let impairment: Impairment = spec.parse().expect("impairment spec");
     let topology = Topology::new();
     let _tcp_echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
-    let _udp_echo = topology.serve_inetd_echo();
+    let _udp_echo = topology.serve_udp_echo();
     count_udp_echo_in_server_namespace(&topology);
     let gateway = topology.start_gateway(&[]);
     let (relay, url) = start_relay(&gateway, spec, seed).await;

@@ -29,8 +29,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
-    GatewayProcess, INETD_ECHO_PORT as UDP_ECHO_PORT, Process, TCP_ECHO_PORT, Topology, in_netns,
-    wait_exit,
+    GatewayProcess, Process, TCP_ECHO_PORT, Topology, UDP_ECHO_PORT, in_netns, wait_exit,
 };
 
 /// The UDP port session A binds and its server floods.
@@ -169,7 +168,7 @@ fn load_sessions_fair_and_never_stuck() {
     let stall_secs = env_u64("WEBNIC_LOAD_STALL_SECS", 20);
     let topology = Topology::new();
     let _tcp_echo = serve_tcp_echo(&topology, Some(64 * 1024));
-    let _udp_echo = topology.serve_inetd_echo();
+    let _udp_echo = topology.serve_udp_echo();
     // All sessions come from one address: lift the per-address admission limits. The pool is a
     // /20 (4,093 addresses) so that 1,000 sessions fit. Per-session quotas stay at their
     // defaults: 3 flows per session, far below 200 new flows/s, 200,000 packets/s, 250 MB/s.

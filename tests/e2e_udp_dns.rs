@@ -20,7 +20,7 @@ const WINDOW: usize = 32;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_echo_1000_datagrams() {
     let topology = Topology::new();
-    let _echo = topology.serve_udp_echo(UDP_ECHO_PORT);
+    let _echo = topology.serve_udp_echo();
     let gateway = topology.start_gateway(&[]);
     within(TEST_TIMEOUT, "UDP echo", async {
         let client = connect_client(&gateway).await;
@@ -53,9 +53,23 @@ async fn udp_echo_1000_datagrams() {
                 Ok(result) => result.expect("recv_from"),
                 Err(_) => {
                     let missing: Vec<_> = outstanding.iter().collect();
+                    let metrics: String = gateway
+                        .metrics_text()
+                        .lines()
+                        .filter(|line| !line.starts_with('#') && !line.ends_with(" 0"))
+                        .map(|line| format!("{line}\n"))
+                        .collect();
+                    let sockets = topology.srv_exec(&["ss", "-uanpm"]);
+                    let processes = topology.srv_exec(&["ps", "-eo", "pid,ppid,stat,etimes,args"]);
+                    let nstat = topology.srv_exec(&["nstat", "-az", "Udp*"]);
                     panic!(
                         "no echo within 5 s after {done} datagrams; outstanding (lost, never retransmitted): \
-                         {missing:?}\n{}",
+                         {missing:?}\nclient stats: {:?}\ngateway metrics (non-zero):\n{metrics}\n\
+                         server sockets:\n{}\nserver processes:\n{}\nserver UDP counters:\n{}\n{}",
+                        client.stats(),
+                        String::from_utf8_lossy(&sockets.stdout),
+                        String::from_utf8_lossy(&processes.stdout),
+                        String::from_utf8_lossy(&nstat.stdout),
                         gateway.process.logs()
                     );
                 }
