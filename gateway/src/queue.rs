@@ -12,6 +12,9 @@ use tokio::sync::Notify;
 /// the rates one session reaches.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
 
+/// Slots an emptied queue keeps allocated (32 bytes each); more are freed.
+const SLOTS_KEPT: usize = 64;
+
 /// A bounded queue of datagrams for one session; when full, the oldest is dropped.
 ///
 /// Dropping the oldest (not the newest) keeps latency bounded: TCP retransmits what was lost
@@ -30,7 +33,8 @@ impl SessionQueue {
     /// (the HTTP/3 datagram header, see [`webnic_stack::protocol::datagram_header`]).
     pub fn new(capacity: usize, header: ([u8; 8], usize)) -> Self {
         Self {
-            packets: Mutex::new(VecDeque::with_capacity(capacity.min(64))),
+            // Allocated by the first packet: most sessions idle most of the time.
+            packets: Mutex::new(VecDeque::new()),
             capacity: capacity.max(1),
             notify: Notify::new(),
             header,
@@ -61,10 +65,13 @@ impl SessionQueue {
 
     /// The oldest queued datagram, without waiting.
     pub fn try_pop(&self) -> Option<Bytes> {
-        self.packets
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop_front()
+        let mut packets = self.packets.lock().unwrap_or_else(PoisonError::into_inner);
+        let datagram = packets.pop_front();
+        // A burst's worth of slots (up to 32 KiB) is not kept for a session gone idle.
+        if packets.is_empty() && packets.capacity() > SLOTS_KEPT {
+            *packets = VecDeque::new();
+        }
+        datagram
     }
 
     /// The oldest queued datagram, waiting for one if the queue is empty.
@@ -162,6 +169,26 @@ mod tests {
         let got: Vec<u8> = std::iter::from_fn(|| q.try_pop()).map(|b| b[0]).collect();
         assert_eq!(got, [2, 3, 4]);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn an_emptied_queue_frees_a_burst() {
+        let q = SessionQueue::new(1024, ([0; 8], 1));
+        assert_eq!(
+            q.packets.lock().unwrap().capacity(),
+            0,
+            "allocated before any packet"
+        );
+        for i in 0..1000u32 {
+            q.push(Bytes::from(i.to_le_bytes().to_vec()));
+        }
+        assert!(q.packets.lock().unwrap().capacity() >= 1000);
+        let mut popped = 0;
+        while q.try_pop().is_some() {
+            popped += 1;
+        }
+        assert_eq!(popped, 1000);
+        assert!(q.packets.lock().unwrap().capacity() <= SLOTS_KEPT);
     }
 
     #[tokio::test]
