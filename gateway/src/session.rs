@@ -363,7 +363,9 @@ async fn run(
     shared: Arc<Shared>,
 ) {
     let remote = connection.remote_address();
-    let (mut send, mut recv, mut decoder) = match hello(&connection).await {
+    // Boxed: the hello's read buffer is freed once it is done instead of sizing this future,
+    // which every idle session holds.
+    let (mut send, mut recv, mut decoder) = match Box::pin(hello(&connection)).await {
         Ok(Hello::Ok {
             send,
             recv,
@@ -855,7 +857,9 @@ async fn serve(
 
 /// Reads the client's capsules after the hello.
 async fn control(recv: &mut RecvStream, decoder: &mut CapsuleDecoder) -> End {
-    let mut buf = [0u8; 2048];
+    // Small: it lives in every idle session's task, and capsules are short (a larger one takes
+    // several reads).
+    let mut buf = [0u8; 256];
     loop {
         loop {
             match decoder.next_message() {
