@@ -147,7 +147,9 @@ mod tests {
 
     fn code(event: Poll<Option<ConnectionEvent>>) -> Option<u64> {
         match event {
-            Poll::Ready(Some(ConnectionEvent::Close { error_code, .. })) => Some(error_code.into_inner()),
+            Poll::Ready(Some(ConnectionEvent::Close { error_code, .. })) => {
+                Some(error_code.into_inner())
+            }
             _ => None,
         }
     }
@@ -162,14 +164,26 @@ mod tests {
         for n in 0..3 {
             send.send(close(n)).unwrap();
         }
-        assert_eq!(counter.0.load(Ordering::Relaxed), 1, "woken once, by the first send");
+        assert_eq!(
+            counter.0.load(Ordering::Relaxed),
+            1,
+            "woken once, by the first send"
+        );
         for n in 0..3 {
             assert_eq!(code(recv.poll_recv(&mut cx)), Some(n));
         }
         assert!(recv.poll_recv(&mut cx).is_pending());
-        assert_eq!(lock(&recv.shared).events.capacity(), 0, "slots kept after draining");
+        assert_eq!(
+            lock(&recv.shared).events.capacity(),
+            0,
+            "slots kept after draining"
+        );
         drop(send);
-        assert_eq!(counter.0.load(Ordering::Relaxed), 2, "not woken when the sender went");
+        assert_eq!(
+            counter.0.load(Ordering::Relaxed),
+            2,
+            "not woken when the sender went"
+        );
         assert!(matches!(recv.poll_recv(&mut cx), Poll::Ready(None)));
     }
 
@@ -186,8 +200,15 @@ mod tests {
             assert_eq!(code(recv.poll_recv(&mut cx)), Some(u64::from(n)));
         }
         let before = counter.0.load(Ordering::Relaxed);
-        assert!(recv.poll_recv(&mut cx).is_pending(), "did not yield after its budget");
-        assert_eq!(counter.0.load(Ordering::Relaxed), before + 1, "yielded without a wake-up");
+        assert!(
+            recv.poll_recv(&mut cx).is_pending(),
+            "did not yield after its budget"
+        );
+        assert_eq!(
+            counter.0.load(Ordering::Relaxed),
+            before + 1,
+            "yielded without a wake-up"
+        );
         assert_eq!(code(recv.poll_recv(&mut cx)), Some(u64::from(BUDGET)));
         drop(recv);
         assert!(send.send(close(0)).is_err());
