@@ -1040,7 +1040,16 @@ impl State {
                             };
                             t
                         }
-                        None => break,
+                        None => {
+                            // webnic patch 2: nothing left to send after at most one packet
+                            // (an ACK, a keep-alive: not a bulk transfer), so the buffer goes
+                            // back to the allocator instead of staying with a connection that
+                            // may now idle for hours. A bulk sender keeps it across batches.
+                            if transmits <= 1 {
+                                self.send_buffer = Vec::new();
+                            }
+                            break;
+                        }
                     }
                 }
             };
