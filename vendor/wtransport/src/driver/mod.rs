@@ -14,7 +14,7 @@ use crate::error::SendDatagramError;
 use crate::stream::OpeningBiStream;
 use crate::stream::OpeningUniStream;
 use crate::SessionId;
-use tokio::sync::mpsc;
+use crate::driver::small_mpsc as mpsc;
 use tokio::sync::Mutex;
 use tracing::debug;
 use tracing::debug_span;
@@ -679,5 +679,6 @@ mod worker {
     }
 }
 
+pub(crate) mod small_mpsc;
 pub(crate) mod streams;
 pub(crate) mod utils;
