@@ -60,7 +60,11 @@ async fn udp_echo_1000_datagrams() {
                         .map(|line| format!("{line}\n"))
                         .collect();
                     let sockets = topology.srv_exec(&["ss", "-uanpm"]);
-                    let processes = topology.srv_exec(&["ps", "-eo", "pid,ppid,stat,etimes,args"]);
+                    // The servers this test started (not the whole host's process list).
+                    let parent = std::process::id().to_string();
+                    let processes = topology.srv_exec(&[
+                        "ps", "-o", "pid,ppid,stat,etimes,args", "--ppid", &parent,
+                    ]);
                     let nstat = topology.srv_exec(&["nstat", "-az", "Udp*"]);
                     panic!(
                         "no echo within 5 s after {done} datagrams; outstanding (lost, never retransmitted): \
