@@ -1170,8 +1170,14 @@ fn browser_tcp_socket_options() {
         // 3.5 s idle at one probe per second: three, at least two.
         assert!(delta[0] >= 2, "keep-alive probes: {delta:?}");
         assert_eq!(delta[1], 0, "probes without keepAliveDelay: {delta:?}");
-        assert_eq!(delta[2], 1, "SYNs with window 8192: {delta:?}");
-        assert_eq!(delta[3], 2, "SYNs to the plain port: {delta:?}");
+        // Counted per SYN, not per connection: a SYN the page retransmits (its initial RTO is
+        // 1 s, which a loaded CI machine can exceed) counts again, so these are lower bounds.
+        // The receiveBufferSize socket's SYN carried window 8192, and the other socket's did not.
+        assert!(delta[2] >= 1, "SYNs with window 8192: {delta:?}");
+        assert!(
+            delta[3] - delta[2] >= 1,
+            "SYNs to the plain port without window 8192: {delta:?}"
+        );
     }
     // dnsmasq answered web.test's AAAA and echo.test's A query, and never the other type.
     let log = dnsmasq.logs();
