@@ -29,7 +29,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Topology, connect_client, find_command, nft_packets, run, seeded_bytes, try_run};
+use common::{
+    Topology, connect_client, connect_client_with, find_command, nft_packets, run, seeded_bytes,
+    try_run,
+};
 use relays::{Received, Relay, Relays, read_all, serve_download};
 use support::report;
 
@@ -213,6 +216,11 @@ fn gateway_drops(gateway: &common::GatewayProcess) -> f64 {
         .sum()
 }
 
+/// One of the gateway's metrics, 0 when absent.
+fn gateway_metric(gateway: &common::GatewayProcess, name: &str) -> f64 {
+    gateway.metrics().get(name).copied().unwrap_or(0.0)
+}
+
 /// How long into a transfer the sender's TCP state is sampled.
 const SAMPLE_AFTER: Duration = Duration::from_millis(300);
 
@@ -373,6 +381,8 @@ fn main() {
     let loss_rules = Loss::new(&topology, &root_device, &gw_device);
     runtime.block_on(async {
         let client = connect_client(&gateway).await;
+        // The same stack without link repair, measured in the same run: what repair buys.
+        let unrepaired = connect_client_with(&gateway, |options| options.link_repair(false)).await;
         for loss in LOSSES {
             loss_rules.set(loss);
             for flows in [1, FLOWS] {
@@ -388,6 +398,9 @@ fn main() {
                 let tcp_before = tcp_counters(&topology, &topology.srv_ns());
                 let drops_before = gateway_drops(&gateway);
                 let client_drops_before = client.stats().packets_dropped;
+                let link_before = client.stats().link;
+                let resent_before = gateway_metric(&gateway, "webnic_link_resent_packets_total");
+                let missed_before = gateway_metric(&gateway, "webnic_link_resend_missed_total");
                 let tun_before = tun_tx_dropped(&topology);
                 let udp_before = [
                     nstat(&topology, None, &UDP_COUNTERS),
@@ -418,6 +431,45 @@ fn main() {
                 for flow in &received {
                     flow.check(expected, cut, &format!("{name} webnic"));
                 }
+                let link = client.stats().link;
+                let resent =
+                    gateway_metric(&gateway, "webnic_link_resent_packets_total") - resent_before;
+                let missed =
+                    gateway_metric(&gateway, "webnic_link_resend_missed_total") - missed_before;
+                println!(
+                    "NOTE {name} webnic link repair: sequenced {}, repaired {}, gave up {}, \
+                     late {}, nacked {}, gateway resent {resent}, no longer kept {missed}",
+                    link.sequenced - link_before.sequenced,
+                    link.repaired - link_before.repaired,
+                    link.gave_up - link_before.gave_up,
+                    link.late - link_before.late,
+                    link.nacked - link_before.nacked,
+                );
+                let tcp_before_unrepaired = tcp_counters(&topology, &topology.srv_ns());
+                let (unrepaired_mbit, unrepaired_received, unrepaired_cut) =
+                    webnic_download_flows(&unrepaired, server, port, flows).await;
+                for flow in &unrepaired_received {
+                    flow.check(
+                        expected,
+                        unrepaired_cut,
+                        &format!("{name} webnic without link repair"),
+                    );
+                }
+                println!(
+                    "NOTE {name} webnic without link repair: {unrepaired_mbit:.1} Mbit/s; server TCP: {}",
+                    counter_deltas(
+                        &TCP_COUNTERS,
+                        &tcp_before_unrepaired,
+                        &tcp_counters(&topology, &topology.srv_ns()),
+                    )
+                );
+                report(
+                    &format!("{name}.link_repair_vs_without"),
+                    webnic_mbit,
+                    "Mbit/s",
+                    "webnic_without_link_repair",
+                    unrepaired_mbit,
+                );
                 println!(
                     "NOTE {name} webnic: {webnic_mbit:.1} Mbit/s, {} bytes{}; server TCP: {tcp}; \
                      gateway drops: {drops}; client stack drops: {client_drops}; TUN queue drops: {tun_drops}; \
@@ -494,5 +546,6 @@ fn main() {
             }
         }
         client.close().await;
+        unrepaired.close().await;
     });
 }

@@ -111,6 +111,8 @@ impl Core {
             .connection
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = connection;
+        // The new connection's gateway task numbers its datagrams afresh.
+        self.lock().stack.reset_link();
         self.reconnects
             .fetch_add(1, std::sync::atomic::Ordering::Release);
         self.poke.notify_one();
@@ -216,7 +218,7 @@ fn deliver(stack: &mut Stack, now: Instant, quarter_id: u64, datagram: &Incoming
             }
         },
     };
-    if let Err(error) = stack.handle_packet(now, &packet) {
+    if let Err(error) = stack.handle_datagram(now, &packet) {
         tracing::debug!(%error, "dropped a packet from the gateway");
     }
 }

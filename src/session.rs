@@ -94,6 +94,10 @@ pub struct ConnectOptions {
     /// (idle timeout, network change, gateway restart); zero: never [default: 60 s, the
     /// gateway's default grace period].
     pub reconnect_for: Duration,
+    /// Ask the gateway for link repair: it numbers its datagrams and resends the ones this
+    /// client reports missing, so loss on the QUIC hop reaches the TCP inside as a short delay
+    /// instead of a loss (PROTOCOL.md §3.1) [default: on].
+    pub link_repair: bool,
 }
 
 impl ConnectOptions {
@@ -104,7 +108,15 @@ impl ConnectOptions {
             cert_hash: None,
             token: None,
             reconnect_for: DEFAULT_RECONNECT_FOR,
+            link_repair: true,
         }
+    }
+
+    /// Whether to ask for link repair ([`ConnectOptions::link_repair`]).
+    #[must_use]
+    pub fn link_repair(mut self, on: bool) -> Self {
+        self.link_repair = on;
+        self
     }
 
     /// How long to try resuming a lost session ([`ConnectOptions::reconnect_for`]).
@@ -162,6 +174,9 @@ pub struct ClientStats {
     pub packets_dropped: u64,
     /// Times the session resumed on a new connection after losing one.
     pub reconnects: u64,
+    /// Link repair: datagrams the gateway sequenced, packets repaired by a resend, packets
+    /// given up on (TCP repaired those), and sequence numbers asked for.
+    pub link: webnic_stack::link_repair::LinkStats,
 }
 
 /// A session with a webnic gateway: a virtual NIC with its own addresses.
@@ -309,8 +324,12 @@ impl Client {
 
     /// Traffic counters.
     pub fn stats(&self) -> ClientStats {
-        let stats = self.core.lock().stack.stats();
+        let (stats, link) = {
+            let shared = self.core.lock();
+            (shared.stack.stats(), shared.stack.link_stats())
+        };
         ClientStats {
+            link,
             packets_sent: stats.packets_sent,
             packets_received: stats.packets_received,
             bytes_sent: stats.bytes_sent,
@@ -589,6 +608,9 @@ pub(crate) async fn handshake(
         version: PROTOCOL_VERSION,
     }
     .emit(&mut hello);
+    if options.link_repair {
+        ControlMessage::LinkRepair.emit(&mut hello);
+    }
     send.write_all(&hello)
         .await
         .map_err(|e| SessionError::Connect(e.to_string()))?;
@@ -718,6 +740,7 @@ async fn read_configuration(
                 ControlMessage::SessionTicket(ticket) => announced.ticket = Some(ticket),
                 ControlMessage::RouteAdvertisement(_)
                 | ControlMessage::ClientHello { .. }
+                | ControlMessage::LinkRepair
                 | ControlMessage::Draining { .. }
                 | ControlMessage::Unknown { .. } => {}
             }

@@ -98,6 +98,22 @@ async fn impaired_cell(name: &str, spec: &str, seed: u64, time_limit: Duration) 
             );
         }
 
+        // Link repair is on by default: loss on the way down was repaired on the QUIC hop.
+        let link = client.stats().link;
+        let resent = gateway
+            .metrics()
+            .get("webnic_link_resent_packets_total")
+            .copied()
+            .unwrap_or(0.0);
+        println!("[{name}] link repair: {link:?}, gateway resent {resent}");
+        assert!(link.sequenced > 0, "[{name}] datagrams were not sequenced");
+        if impairment.loss_percent > 0.0 {
+            assert!(
+                link.repaired > 0 && resent > 0.0,
+                "[{name}] loss but no link repair: {link:?}, gateway resent {resent}"
+            );
+        }
+
         udp_accounting(name, &topology, &gateway, &relay, &client, &impairment).await;
         client.close().await;
     })

@@ -130,6 +130,10 @@ pub struct Cli {
     /// Do not serve the demo.
     #[arg(long)]
     pub no_demo: bool,
+    /// Refuse clients' requests for link repair (sequenced datagrams, NACKs and resends that
+    /// repair loss on the QUIC hop; PROTOCOL.md §3.1): their datagrams go unsequenced.
+    #[arg(long)]
+    pub no_link_repair: bool,
     /// Require a session token signed with the key in this file (text: trailing whitespace
     /// ignored; at least 16 bytes). Mint tokens with `webnic-gateway token`.
     #[arg(long, value_name = "FILE")]
@@ -278,6 +282,9 @@ pub struct FileConfig {
     /// See [`Cli::no_demo`].
     #[serde(default)]
     pub no_demo: bool,
+    /// See [`Cli::no_link_repair`].
+    #[serde(default)]
+    pub no_link_repair: bool,
     /// See [`Cli::token_key_file`].
     pub token_key_file: Option<PathBuf>,
     /// See [`Cli::max_sessions_per_address`].
@@ -387,6 +394,8 @@ pub struct Config {
     pub admission: AdmissionLimits,
     /// Maximum session lifetime; `None`: unlimited.
     pub max_lifetime: Option<Duration>,
+    /// Whether clients may have link repair.
+    pub link_repair: bool,
     /// Per-session quotas.
     pub quota: QuotaLimits,
     /// The abuse log file.
@@ -611,6 +620,7 @@ impl Config {
         }
         Ok(Self {
             demo,
+            link_repair: !(cli.no_link_repair || file.no_link_repair),
             token_key,
             admission,
             max_lifetime: (!max_lifetime.is_zero()).then_some(max_lifetime),

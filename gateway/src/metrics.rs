@@ -135,6 +135,10 @@ pub struct Metrics {
     abuse_log_dropped: std::sync::OnceLock<Arc<AtomicU64>>,
     conntrack: std::sync::OnceLock<Arc<crate::conntrack::ConntrackCounters>>,
     quic_connections: AtomicU64,
+    link_repair_sessions: AtomicU64,
+    link_resent: AtomicU64,
+    link_resend_missed: AtomicU64,
+    link_nack_malformed: AtomicU64,
 }
 
 impl Metrics {
@@ -185,6 +189,27 @@ impl Metrics {
     pub fn policy_refused(&self, class: DenyClass) {
         self.dropped(DropReason::Policy);
         self.policy_refused[class.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A session asked for link repair.
+    pub fn link_repair_enabled(&self) {
+        self.link_repair_sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Packets resent for a NACK, and NACKed packets no longer kept (too old, or never sent).
+    pub fn link_resent(&self, resent: u64, missed: u64) {
+        self.link_resent.fetch_add(resent, Ordering::Relaxed);
+        self.link_resend_missed.fetch_add(missed, Ordering::Relaxed);
+    }
+
+    /// A NACK datagram that did not parse (it is dropped; the session goes on).
+    pub fn link_nack_malformed(&self) {
+        self.link_nack_malformed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Packets resent for NACKs so far.
+    pub fn link_resent_count(&self) -> u64 {
+        self.link_resent.load(Ordering::Relaxed)
     }
 
     /// One ICMP administratively-prohibited reply queued to a client.
@@ -327,6 +352,25 @@ impl Metrics {
              # TYPE webnic_icmp_prohibited_sent_total counter\n\
              webnic_icmp_prohibited_sent_total {}",
             load(&self.icmp_prohibited_sent)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP webnic_link_repair_sessions_total Sessions that asked for link repair (sequenced datagrams, NACKs, resends).\n\
+             # TYPE webnic_link_repair_sessions_total counter\n\
+             webnic_link_repair_sessions_total {}\n\
+             # HELP webnic_link_resent_packets_total Packets resent to clients that reported them missing.\n\
+             # TYPE webnic_link_resent_packets_total counter\n\
+             webnic_link_resent_packets_total {}\n\
+             # HELP webnic_link_resend_missed_total Packets clients reported missing that the gateway no longer kept.\n\
+             # TYPE webnic_link_resend_missed_total counter\n\
+             webnic_link_resend_missed_total {}\n\
+             # HELP webnic_link_nack_malformed_total NACK datagrams from clients that did not parse (dropped).\n\
+             # TYPE webnic_link_nack_malformed_total counter\n\
+             webnic_link_nack_malformed_total {}",
+            load(&self.link_repair_sessions),
+            load(&self.link_resent),
+            load(&self.link_resend_missed),
+            load(&self.link_nack_malformed),
         );
         let _ = writeln!(
             out,
@@ -578,6 +622,14 @@ mod tests {
         assert!(text.contains("webnic_policy_refused_packets_total{class=\"platform\"} 1\n"));
         assert!(text.contains("webnic_policy_refused_packets_total{class=\"port\"} 0\n"));
         assert!(text.contains("webnic_icmp_prohibited_sent_total 0\n"));
+        m.link_repair_enabled();
+        m.link_resent(3, 1);
+        m.link_nack_malformed();
+        let text = m.render();
+        assert!(text.contains("webnic_link_repair_sessions_total 1\n"));
+        assert!(text.contains("webnic_link_resent_packets_total 3\n"));
+        assert!(text.contains("webnic_link_resend_missed_total 1\n"));
+        assert!(text.contains("webnic_link_nack_malformed_total 1\n"));
         m.quota_dropped(QuotaDrop::NewFlowRate);
         m.refused(RefusalReason::TokenExpired);
         m.refused(RefusalReason::RateLimited);

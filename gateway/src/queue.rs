@@ -3,10 +3,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use bytes::Bytes;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
+use webnic_stack::link_repair::{ResendBuffer, SEQUENCED_OVERHEAD, put_sequenced_header};
 
 /// Default queue capacity in packets: about 1.2 MB of 1152-byte packets, a few milliseconds at
 /// the rates one session reaches.
@@ -14,6 +18,9 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
 
 /// Slots an emptied queue keeps allocated (32 bytes each); more are freed.
 const SLOTS_KEPT: usize = 64;
+
+/// Sent datagrams kept for resends at most: the client's reordering window.
+const RESEND_CAPACITY: usize = 2048;
 
 /// A bounded queue of datagrams for one session; when full, the oldest is dropped.
 ///
@@ -25,25 +32,118 @@ pub struct SessionQueue {
     packets: Mutex<VecDeque<Bytes>>,
     capacity: usize,
     notify: Notify,
-    header: ([u8; 8], usize),
+    /// The HTTP/3 datagram header, then room for a sequenced-frame header (link repair).
+    header: [u8; 16],
+    /// Length of the HTTP/3 datagram header.
+    header_len: usize,
+    /// Whether the session asked for link repair: datagrams then carry the sequenced-frame
+    /// header too, whose sequence number the sender fills in.
+    sequenced: AtomicBool,
+    /// What the sender sent lately, by sequence number, to answer NACKs (link repair). Empty
+    /// unless traffic flows.
+    sent: Mutex<ResendBuffer<(Instant, Bytes)>>,
 }
 
 impl SessionQueue {
     /// An empty queue of `capacity` packets for a session whose datagrams start with `header`
     /// (the HTTP/3 datagram header, see [`webnic_stack::protocol::datagram_header`]).
-    pub fn new(capacity: usize, header: ([u8; 8], usize)) -> Self {
+    pub fn new(capacity: usize, (h3, header_len): ([u8; 8], usize)) -> Self {
+        let mut header = [0u8; 16];
+        header[..header_len].copy_from_slice(&h3[..header_len]);
+        // A sequence number of 0 until the sender writes the real one.
+        put_sequenced_header(&mut header[header_len..header_len + SEQUENCED_OVERHEAD], 0);
         Self {
             // Allocated by the first packet: most sessions idle most of the time.
             packets: Mutex::new(VecDeque::new()),
             capacity: capacity.max(1),
             notify: Notify::new(),
             header,
+            header_len,
+            sequenced: AtomicBool::new(false),
+            sent: Mutex::new(ResendBuffer::new(RESEND_CAPACITY)),
         }
     }
 
-    /// The datagram header every queued datagram must start with.
+    /// Gives a sequenced datagram (one queued with the sequenced-frame header) its sequence
+    /// number and keeps it for resends; entries older than `keep` go. Returns what to send.
+    pub fn sequence(&self, datagram: Bytes, now: Instant, keep: Duration) -> Bytes {
+        let at = self.header_len;
+        let mut sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+        sent.expire(|(when, _)| now.saturating_duration_since(*when) > keep);
+        sent.push_with(|seq| {
+            // The TUN reader's copy is not shared yet, so this normally takes it without copying.
+            let mut datagram = datagram
+                .try_into_mut()
+                .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+            put_sequenced_header(&mut datagram[at..at + SEQUENCED_OVERHEAD], seq);
+            (now, datagram.freeze())
+        })
+        .1
+    }
+
+    /// The kept datagrams a NACK's `(first, count)` ranges ask for, at most `limit`, into
+    /// `out`; the asked-for sequence numbers no longer kept into `gone`.
+    pub fn resends(
+        &self,
+        ranges: impl Iterator<Item = (u32, u8)>,
+        limit: usize,
+        out: &mut Vec<Bytes>,
+        gone: &mut Vec<u32>,
+    ) {
+        let sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+        for (first, count) in ranges {
+            for seq in (0..u32::from(count)).map(|i| first.wrapping_add(i)) {
+                match sent.get(seq) {
+                    Some((_, datagram)) if out.len() < limit => out.push(datagram.clone()),
+                    Some(_) => return,
+                    None => gone.push(seq),
+                }
+            }
+        }
+    }
+
+    /// Whether datagrams are kept for resends.
+    pub fn keeps_sent(&self) -> bool {
+        !self
+            .sent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+
+    /// Frees the datagrams kept for resends (the session went quiet).
+    pub fn forget_sent(&self) {
+        self.sent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// The header every datagram queued from now on must start with: the HTTP/3 datagram
+    /// header, followed by the sequenced-frame header once link repair is on.
     pub fn header(&self) -> &[u8] {
-        &self.header.0[..self.header.1]
+        let len = if self.sequenced.load(Ordering::Relaxed) {
+            self.header_len + SEQUENCED_OVERHEAD
+        } else {
+            self.header_len
+        };
+        &self.header[..len]
+    }
+
+    /// Length of the HTTP/3 datagram header alone.
+    pub fn h3_header_len(&self) -> usize {
+        self.header_len
+    }
+
+    /// Turns link repair on: datagrams queued from now on carry a sequenced-frame header.
+    /// Returns `false` if it was on already.
+    pub fn enable_link_repair(&self) -> bool {
+        !self.sequenced.swap(true, Ordering::Relaxed)
+    }
+
+    /// Whether link repair is on.
+    pub fn link_repair(&self) -> bool {
+        self.sequenced.load(Ordering::Relaxed)
     }
 
     /// Queues `datagram` and wakes the consumer. Returns `true` if the queue was full and the

@@ -215,6 +215,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         token_key: config.token_key.clone(),
         admission: Mutex::new(crate::admission::Admission::new(config.admission)),
         max_lifetime: config.max_lifetime,
+        link_repair: config.link_repair,
         quota: config.quota,
         abuse_log,
         policy,
@@ -556,7 +557,8 @@ fn base64(bytes: &[u8]) -> String {
 /// Per packet: clamp the TCP MSS of SYNs, look up the session, enforce the link MTU, then
 /// prepend the session's datagram header and queue (one copy, into the queued `Bytes`).
 async fn tun_reader(shared: Arc<Shared>, gateway_v4: std::net::Ipv4Addr) {
-    const HEADROOM: usize = 8;
+    // The HTTP/3 datagram header (up to 8 bytes) and link repair's sequenced-frame header (5).
+    const HEADROOM: usize = 16;
     let (max_v4, max_v6) = shared.max_mss();
     let link_mtu = usize::from(shared.link_mtu);
     let mut buf = vec![0u8; HEADROOM + 65_536];

@@ -45,6 +45,10 @@ use crate::queue::{RouteTable, SessionQueue};
 use crate::quota::{QuotaDrop, QuotaLimits, SessionQuota};
 use crate::token::{Token, TokenError, TokenKey, token_from_path};
 use crate::tun_device::TunIo;
+use webnic_stack::link_repair::{
+    FRAME_GONE, FRAME_NACK, FRAME_SEQUENCED, MAX_NACK_RANGES, SEQUENCED_OVERHEAD, parse_nack,
+    put_ranges,
+};
 
 /// How long a client has to open the control stream and send its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -133,6 +137,8 @@ pub struct Shared {
     pub admission: Mutex<Admission>,
     /// Maximum session lifetime.
     pub max_lifetime: Option<Duration>,
+    /// Whether clients may have link repair (`--no-link-repair` turns it off).
+    pub link_repair: bool,
     /// Per-session quotas (a token may narrow the bandwidth).
     pub quota: QuotaLimits,
     /// The abuse log.
@@ -833,7 +839,7 @@ async fn serve(
             () = &mut lifetime => break End::MaxLifetime,
             end = &mut rx => break end.unwrap_or_else(|error| End::ControlError(format!("receiver task: {error}"))),
             end = &mut tx => break end.unwrap_or_else(|error| End::ControlError(format!("sender task: {error}"))),
-            end = control(recv, decoder) => break end,
+            end = control(recv, decoder, queue, shared) => break end,
             // (The watch guards are dropped inside these futures: they must not live across
             // the write below.)
             () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break End::Shutdown,
@@ -856,7 +862,12 @@ async fn serve(
 }
 
 /// Reads the client's capsules after the hello.
-async fn control(recv: &mut RecvStream, decoder: &mut CapsuleDecoder) -> End {
+async fn control(
+    recv: &mut RecvStream,
+    decoder: &mut CapsuleDecoder,
+    queue: &SessionQueue,
+    shared: &Shared,
+) -> End {
     // Small: it lives in every idle session's task, and capsules are short (a larger one takes
     // several reads).
     let mut buf = [0u8; 256];
@@ -865,6 +876,21 @@ async fn control(recv: &mut RecvStream, decoder: &mut CapsuleDecoder) -> End {
             match decoder.next_message() {
                 Ok(Some(ControlMessage::Close { code, reason })) => {
                     return End::ClientClose { code, reason };
+                }
+                Ok(Some(ControlMessage::LinkRepair)) if shared.link_repair => {
+                    let frame =
+                        usize::from(shared.link_mtu) + SEQUENCED_OVERHEAD + queue.h3_header_len();
+                    if frame > QUIC_BASE_DATAGRAM {
+                        // A full-size packet would no longer fit a datagram on a path that has
+                        // not grown its MTU: stay unsequenced rather than drop large packets.
+                        tracing::debug!(
+                            link_mtu = shared.link_mtu,
+                            "link repair refused: the link MTU leaves no room for its 5 bytes"
+                        );
+                    } else if queue.enable_link_repair() {
+                        shared.metrics.link_repair_enabled();
+                        tracing::debug!("client asked for link repair: datagrams sequenced");
+                    }
                 }
                 Ok(Some(message)) => {
                     tracing::debug!(?message, "ignoring control message from client");
@@ -939,6 +965,10 @@ async fn client_to_tun(
                 Err(error) => return End::Connection(error.into()),
             },
         };
+        if packet.first() == Some(&FRAME_NACK) && queue.link_repair() {
+            resend(&quic, &queue, &packet, &shared.metrics);
+            continue;
+        }
         let classified = match classify_from_client(&packet, &addresses) {
             Ok(classified) => classified,
             Err(reason) => {
@@ -1036,6 +1066,61 @@ async fn client_to_tun(
     }
 }
 
+/// Answers a client's NACK (link repair) with the datagrams it reports missing, as far as they
+/// are still kept. A malformed NACK is counted and dropped.
+fn resend(
+    quic: &wtransport::quinn::Connection,
+    queue: &SessionQueue,
+    nack: &[u8],
+    metrics: &Metrics,
+) {
+    let ranges = match parse_nack(nack) {
+        Ok(ranges) => ranges,
+        Err(error) => {
+            metrics.link_nack_malformed();
+            tracing::debug!(%error, len = nack.len(), "dropped a malformed NACK");
+            return;
+        }
+    };
+    let mut datagrams = Vec::new();
+    let mut gone = Vec::new();
+    queue.resends(ranges, RESENDS_PER_NACK, &mut datagrams, &mut gone);
+    metrics.link_resent(datagrams.len() as u64, gone.len() as u64);
+    // What is no longer kept, the client should stop waiting for: TCP will repair it.
+    gone.sort_unstable();
+    gone.dedup();
+    let mut rest = &gone[..];
+    while !rest.is_empty() {
+        let mut frame = Vec::with_capacity(16 + 5 * MAX_NACK_RANGES);
+        frame.extend_from_slice(&queue.header()[..queue.h3_header_len()]);
+        frame.push(FRAME_GONE);
+        let taken = put_ranges(&mut frame, rest);
+        rest = &rest[taken..];
+        datagrams.push(Bytes::from(frame));
+    }
+    for datagram in datagrams {
+        // Not `send_datagram_wait`: this task must keep reading the client. A full send buffer
+        // drops the oldest datagram; the client asks again or TCP repairs it.
+        if let Err(error) = quic.send_datagram(datagram) {
+            tracing::debug!(%error, "resend failed");
+            break;
+        }
+    }
+}
+
+/// quinn's largest datagram payload on a path at QUIC's initial MTU (1200), where every path
+/// starts and where black-hole detection returns it.
+const QUIC_BASE_DATAGRAM: usize = 1162;
+
+/// Resends one NACK triggers at most: the client's reordering window.
+const RESENDS_PER_NACK: usize = 2048;
+
+/// How long sent datagrams are kept for resends: a few QUIC round trips (the client gives up on
+/// a gap after about 4.5 link round trips), within these bounds.
+fn resend_keep(rtt: Duration) -> Duration {
+    (rtt * 5 + Duration::from_millis(20)).min(Duration::from_millis(150))
+}
+
 async fn tun_to_client(
     connection: Connection,
     shared: Arc<Shared>,
@@ -1043,11 +1128,27 @@ async fn tun_to_client(
     queue: Arc<SessionQueue>,
     stats: Arc<SessionStats>,
 ) -> End {
-    let header_len = queue.header().len();
+    let h3_len = queue.h3_header_len();
     let quic = connection.quic_connection();
     let mut bytes = limits.byte_bucket(Instant::now());
+    let mut keep = resend_keep(quic.rtt());
+    let mut until_rtt = 0u32;
     loop {
-        let datagram = queue.pop().await;
+        let datagram = match queue.try_pop() {
+            Some(datagram) => datagram,
+            // Quiet: what was kept for resends is freed once it is too old to be asked for,
+            // so an idle session holds none of it.
+            None if queue.keeps_sent() => match tokio::time::timeout(keep, queue.pop()).await {
+                Ok(datagram) => datagram,
+                Err(_) => {
+                    queue.forget_sent();
+                    continue;
+                }
+            },
+            None => queue.pop().await,
+        };
+        let sequenced = datagram.get(h3_len) == Some(&FRAME_SEQUENCED);
+        let header_len = h3_len + if sequenced { SEQUENCED_OVERHEAD } else { 0 };
         let ip_len = datagram.len() - header_len;
         if let Some(bucket) = &mut bytes
             && !bucket.try_take(Instant::now(), ip_len as f64)
@@ -1067,6 +1168,17 @@ async fn tun_to_client(
                 continue;
             }
         }
+        let datagram = if sequenced {
+            // The RTT takes quinn's connection lock: read it now and then, not per packet.
+            if until_rtt == 0 {
+                keep = resend_keep(quic.rtt());
+                until_rtt = 256;
+            }
+            until_rtt -= 1;
+            queue.sequence(datagram, Instant::now(), keep)
+        } else {
+            datagram
+        };
         match quic.send_datagram_wait(datagram).await {
             Ok(()) => {
                 shared.metrics.forwarded(Direction::ToClient, ip_len);

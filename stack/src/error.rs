@@ -19,6 +19,9 @@ pub enum PacketError {
     /// Zero-length packet.
     #[error("empty packet")]
     Empty,
+    /// A link-repair frame (PROTOCOL.md §3.1) that does not parse.
+    #[error("bad link-repair frame: {0}")]
+    Frame(#[from] crate::link_repair::FrameError),
 }
 
 /// Why a TCP connection could not be started or did not get established.

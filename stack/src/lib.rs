@@ -8,6 +8,7 @@
 //! - [`Stack`]: a TCP/UDP/DNS stack over smoltcp with a quinn-proto-style polling contract —
 //!   the caller feeds packets and time in and takes packets and events out;
 //! - [`protocol`]: the control-capsule codec and the datagram header of the webnic protocol;
+//! - [`link_repair`]: sequence numbers, NACKs and resends that repair loss on the QUIC hop;
 //! - [`ethernet`]: the Ethernet adapter that gives an emulated guest a NIC on a session (ARP,
 //!   DHCPv4, IPv6 router advertisements).
 //!
@@ -19,6 +20,7 @@ mod device;
 mod dhcp;
 mod error;
 pub mod ethernet;
+pub mod link_repair;
 pub mod protocol;
 mod stack;
 pub mod waiters;

@@ -43,6 +43,8 @@ pub mod capsule_type {
     pub const SESSION_TICKET: u64 = 0x1a77_6e05;
     /// webnic: the gateway is draining; the session will be closed within a deadline.
     pub const DRAINING: u64 = 0x1a77_6e06;
+    /// LINK_REPAIR: client → gateway asks for sequenced datagrams and resends (PROTOCOL.md §3.1).
+    pub const LINK_REPAIR: u64 = 0x1a77_6e07;
 }
 
 /// Bounds of a session ticket's length in bytes.
@@ -236,6 +238,9 @@ pub enum ControlMessage {
         /// Seconds until the gateway closes the session at the latest.
         seconds: u32,
     },
+    /// Link repair (PROTOCOL.md §3.1), client → gateway: "sequence your datagrams to me and
+    /// resend the ones I report missing".
+    LinkRepair,
     /// Sent just before the session closes, saying why.
     Close {
         /// Why.
@@ -325,6 +330,7 @@ impl ControlMessage {
             capsule_type::DRAINING => Self::Draining {
                 seconds: r.varint_u32("drain seconds")?,
             },
+            capsule_type::LINK_REPAIR => Self::LinkRepair,
             capsule_type::CLOSE => {
                 let code = CloseCode::from_u32(r.varint_u32("close code")?);
                 let reason = std::str::from_utf8(r.rest())
@@ -356,6 +362,7 @@ impl ControlMessage {
             Self::Close { .. } => capsule_type::CLOSE,
             Self::SessionTicket(_) => capsule_type::SESSION_TICKET,
             Self::Draining { .. } => capsule_type::DRAINING,
+            Self::LinkRepair => capsule_type::LINK_REPAIR,
             Self::Unknown { capsule_type } => *capsule_type,
         }
     }
@@ -393,7 +400,7 @@ impl ControlMessage {
             }
             Self::SessionTicket(ticket) => value.extend_from_slice(ticket),
             Self::Draining { seconds } => put_varint(&mut value, u64::from(*seconds)),
-            Self::Unknown { .. } => {}
+            Self::LinkRepair | Self::Unknown { .. } => {}
         }
         put_varint(out, self.capsule_type());
         put_varint(out, value.len() as u64);
@@ -620,6 +627,7 @@ mod tests {
         roundtrip(ControlMessage::ServerHello { version: 70_000 });
         roundtrip(ControlMessage::SessionTicket((0..32).collect()));
         roundtrip(ControlMessage::Draining { seconds: 30 });
+        roundtrip(ControlMessage::LinkRepair);
         roundtrip(ControlMessage::AddressAssign(vec![
             AssignedAddress {
                 request_id: 0,

@@ -14,6 +14,7 @@ use smoltcp::wire::{
 
 use crate::device::QueueDevice;
 use crate::error::{ConnectError, DnsError, ListenError, PacketError, TcpError, UdpError};
+use crate::link_repair::{self, Accepted, LinkReceiver, LinkStats};
 
 /// First port of the ephemeral range (RFC 6335).
 const EPHEMERAL_FIRST: u16 = 49152;
@@ -305,6 +306,8 @@ pub struct Stack {
     udp_ports: HashSet<u16>,
     events: VecDeque<Event>,
     stats: StackStats,
+    /// Puts the gateway's sequenced datagrams back in order (link repair).
+    link: LinkReceiver,
 }
 
 impl Stack {
@@ -366,6 +369,7 @@ impl Stack {
             udp_ports: HashSet::new(),
             events: VecDeque::new(),
             stats: StackStats::default(),
+            link: LinkReceiver::new(),
         }
     }
 
@@ -377,6 +381,18 @@ impl Stack {
     /// Counters since creation.
     pub fn stats(&self) -> StackStats {
         self.stats
+    }
+
+    /// Counters of link repair (sequenced datagrams from the gateway).
+    pub fn link_stats(&self) -> LinkStats {
+        self.link.stats()
+    }
+
+    /// Forgets the link-repair sequence: the session moved to a new connection, whose sequence
+    /// starts afresh. Packets held behind a gap are handed on first.
+    pub fn reset_link(&mut self) {
+        self.link.reset();
+        self.drain_link(self.now);
     }
 
     /// Replaces the resolvers (the gateway may announce new ones at any time).
@@ -418,11 +434,48 @@ impl Stack {
         Ok(())
     }
 
+    /// Queues what one datagram from the gateway carries: an IP packet, or a sequenced frame of
+    /// link repair (PROTOCOL.md §3.1), which may release packets held behind a repaired gap.
+    /// Call [`poll`](Self::poll) afterwards.
+    ///
+    /// # Errors
+    /// As [`handle_packet`](Self::handle_packet), and [`PacketError::Frame`] for a malformed
+    /// frame.
+    pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) -> Result<(), PacketError> {
+        match datagram.first() {
+            Some(&link_repair::FRAME_SEQUENCED) => {}
+            Some(&link_repair::FRAME_GONE) => {
+                self.now = now;
+                self.link.gone(link_repair::parse_gone(datagram)?);
+                self.drain_link(now);
+                return Ok(());
+            }
+            _ => return self.handle_packet(now, datagram),
+        }
+        self.now = now;
+        let (seq, packet) = link_repair::parse_sequenced(datagram)?;
+        let result = match self.link.accept(now, seq, packet) {
+            Accepted::Deliver => self.handle_packet(now, packet),
+            Accepted::Held | Accepted::Duplicate => Ok(()),
+        };
+        self.drain_link(now);
+        result
+    }
+
+    /// Queues the packets link repair released in order.
+    fn drain_link(&mut self, now: Instant) {
+        while let Some(packet) = self.link.pop_ready() {
+            let _ = self.handle_packet(now, &packet);
+        }
+    }
+
     /// Processes received packets and timers, emits packets, and updates events.
     ///
     /// Bounded: see the type's documentation.
     pub fn poll(&mut self, now: Instant) {
         self.now = now;
+        self.link.poll(now);
+        self.drain_link(now);
         for _ in 0..self.config.ingress_budget {
             // smoltcp ignores ICMP errors for TCP: act on "prohibited" for a pending connect
             // ourselves, so it fails at once instead of timing out. The packet still goes on to
@@ -468,8 +521,11 @@ impl Stack {
         self.scan(now);
     }
 
-    /// The next packet to send to the tunnel, oldest first.
+    /// The next datagram to send to the tunnel: a link-repair NACK, else the oldest IP packet.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        if let Some(nack) = self.link.poll_nack() {
+            return Some(nack);
+        }
         let packet = self.device.tx.pop_front()?;
         self.stats.packets_sent += 1;
         self.stats.bytes_sent += packet.len() as u64;
@@ -505,13 +561,14 @@ impl Stack {
                     .map_or(self.now, |at| at + e.options.connect_timeout)
             })
             .min();
-        match (
+        [
             self.iface.poll_at(self.now, &self.sockets),
             connect_deadline,
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+            self.link.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     // ----- TCP -----

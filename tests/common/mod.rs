@@ -1318,7 +1318,16 @@ pub(crate) async fn within<F: Future>(limit: Duration, what: &str, future: F) ->
 
 /// Connects a library client to `gateway` (30 s limit), panicking with the gateway's logs on error.
 pub(crate) async fn connect_client(gateway: &GatewayProcess) -> webnic::Client {
-    let options = webnic::ConnectOptions::new(gateway.url()).cert_hash(gateway.cert_hash());
+    connect_client_with(gateway, |options| options).await
+}
+
+/// [`connect_client`] with options adjusted by `adjust` (e.g. link repair off).
+#[allow(dead_code)]
+pub(crate) async fn connect_client_with(
+    gateway: &GatewayProcess,
+    adjust: impl FnOnce(webnic::ConnectOptions) -> webnic::ConnectOptions,
+) -> webnic::Client {
+    let options = adjust(webnic::ConnectOptions::new(gateway.url()).cert_hash(gateway.cert_hash()));
     match within(
         Duration::from_secs(30),
         "Client::connect",

@@ -10,6 +10,12 @@ export interface WebNicConnectOptions {
    */
   reconnectFor?: number;
   /**
+   * Link repair (docs/PROTOCOL.md §3.1): the gateway numbers its datagrams and resends the ones
+   * the page reports missing, so loss between gateway and page reaches TCP as a short delay
+   * instead of a loss. Default true.
+   */
+  linkRepair?: boolean;
+  /**
    * The wasm file or its URL (default: next to pkg/webnic_wasm.js). With `worker: true`, a URL
    * or a WebAssembly.Module (what can be posted to the worker).
    */
@@ -136,6 +142,14 @@ export interface WebNicStats {
   drops: number;
   /** Connections the session resumed on after losing one. */
   reconnects: number;
+  /** Link repair: datagrams the gateway sequenced. */
+  linkSequenced: number;
+  /** Link repair: packets that arrived after the page reported them missing. */
+  linkRepaired: number;
+  /** Link repair: missing packets given up on (TCP repaired them end to end). */
+  linkGaveUp: number;
+  /** Link repair: sequence numbers asked for. */
+  linkNacked: number;
 }
 
 export declare class WebNic {

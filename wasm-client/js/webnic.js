@@ -31,6 +31,17 @@ function reconnectFor(options) {
   return ms;
 }
 
+// Link repair (PROTOCOL.md §3.1): the gateway numbers its datagrams and resends the ones the
+// page reports missing, so loss on the QUIC hop costs TCP a short delay instead of a loss.
+// `options.linkRepair: false` turns it off.
+function linkRepair(options) {
+  const on = options.linkRepair ?? true;
+  if (typeof on !== 'boolean') {
+    throw new TypeError(`linkRepair must be a boolean, not ${on}`);
+  }
+  return on;
+}
+
 let ready = null;
 
 /** Loads the wasm module once (its URL defaults to next to webnic_wasm.js). */
@@ -98,7 +109,7 @@ class WorkerNic {
     // The worker resolves relative URLs against its own location: make them absolute here.
     if (typeof wasm === 'string' || wasm instanceof URL) wasm = new URL(wasm, location.href).href;
     try {
-      const info = await nic.#call('connect', [url, options.serverCertificateHashes, wasm, reconnectFor(options)]);
+      const info = await nic.#call('connect', [url, options.serverCertificateHashes, wasm, reconnectFor(options), linkRepair(options)]);
       Object.assign(nic, { address: info.address, addressV6: info.addressV6, mtu: info.mtu });
       nic.#stats = info.stats;
     } catch (error) {
@@ -527,7 +538,7 @@ export class WebNic {
     try {
       if (worker) return new WebNic(await WorkerNic.start(url, options), true);
       await load(options.wasm);
-      return new WebNic(await connectWasm(url, options.serverCertificateHashes, reconnectFor(options)), false);
+      return new WebNic(await connectWasm(url, options.serverCertificateHashes, reconnectFor(options), linkRepair(options)), false);
     } catch (error) {
       throw domError(error);
     }

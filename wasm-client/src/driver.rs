@@ -152,6 +152,8 @@ impl Core {
     fn replace_transport(&self, transport: WebTransport, writer: WritableStreamDefaultWriter) {
         *self.transport.borrow_mut() = transport;
         *self.datagram_writer.borrow_mut() = writer;
+        // The new connection's gateway task numbers its datagrams afresh.
+        self.shared.borrow_mut().stack.reset_link();
         self.reconnects.set(self.reconnects.get() + 1);
         self.poke();
     }
@@ -231,7 +233,7 @@ pub(crate) async fn read_datagrams(core: Rc<Core>, reader: ReadableStreamDefault
             let now = core.now();
             // A malformed or unroutable packet is the gateway's or the peer's problem, not the
             // session's: the stack counts it and we carry on.
-            let _ = shared.stack.handle_packet(now, &buf[..len]);
+            let _ = shared.stack.handle_datagram(now, &buf[..len]);
         }
         core.poke();
     }
@@ -287,6 +289,7 @@ pub(crate) async fn supervise(
     url: String,
     certificate_hashes: JsValue,
     reconnect_for_ms: f64,
+    link_repair: bool,
 ) {
     let (ipv4, ipv6) = (current.announced.ipv4, current.announced.ipv6);
     loop {
@@ -305,7 +308,16 @@ pub(crate) async fn supervise(
                 return;
             }
         };
-        match reconnect(&core, &url, &certificate_hashes, &ticket, reconnect_for_ms).await {
+        match reconnect(
+            &core,
+            &url,
+            &certificate_hashes,
+            &ticket,
+            reconnect_for_ms,
+            link_repair,
+        )
+        .await
+        {
             Ok(next) if next.announced.ipv4 == ipv4 && next.announced.ipv6 == ipv6 => {
                 core.replace_transport(next.transport.clone(), next.datagram_writer.clone());
                 current = next;
@@ -337,6 +349,7 @@ async fn reconnect(
     certificate_hashes: &JsValue,
     ticket: &[u8],
     reconnect_for_ms: f64,
+    link_repair: bool,
 ) -> Result<Opened, SessionError> {
     let deadline = performance_now() + reconnect_for_ms;
     let resume_url = crate::session::resume_url(url, ticket);
@@ -346,7 +359,7 @@ async fn reconnect(
         if core.is_closed() {
             return Err(SessionError::ClosedLocally);
         }
-        match crate::session::open(&resume_url, certificate_hashes).await {
+        match crate::session::open(&resume_url, certificate_hashes, link_repair).await {
             Ok(next) => return Ok(next),
             // A refusal with a reason (pool exhausted, token expired, ...) is final.
             Err(error @ SessionError::Closed { .. }) => return Err(error),

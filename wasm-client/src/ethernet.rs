@@ -30,7 +30,7 @@ pub async fn connect_raw(
     url: String,
     server_certificate_hashes: JsValue,
 ) -> Result<RawNic, JsError> {
-    let opened = session::open(&url, &server_certificate_hashes)
+    let opened = session::open(&url, &server_certificate_hashes, false)
         .await
         .map_err(|e| JsError::new(&e.to_string()))?;
     let announced = &opened.announced;

@@ -46,7 +46,9 @@ const KEEP_ALIVE_PROBES: u32 = 9;
 /// `server_certificate_hashes` goes to `new WebTransport` unchanged (`undefined` for a
 /// certificate the browser trusts). When the connection is lost (network change, idle timeout,
 /// gateway restart) the session resumes on a new one with the gateway's ticket, trying for
-/// `reconnect_for_ms` (0: never), and its TCP connections carry on.
+/// `reconnect_for_ms` (0: never), and its TCP connections carry on. `link_repair` asks the
+/// gateway to sequence its datagrams and resend the ones the stack reports missing
+/// (PROTOCOL.md §3.1).
 ///
 /// # Errors
 /// The session's error, as a JS `Error` whose message names the cause.
@@ -55,8 +57,9 @@ pub async fn connect(
     url: String,
     server_certificate_hashes: JsValue,
     reconnect_for_ms: f64,
+    link_repair: bool,
 ) -> Result<Nic, JsError> {
-    let opened = session::open(&url, &server_certificate_hashes)
+    let opened = session::open(&url, &server_certificate_hashes, link_repair)
         .await
         .map_err(|e| JsError::new(&e.to_string()))?;
     let announced = &opened.announced;
@@ -94,6 +97,7 @@ pub async fn connect(
         url,
         server_certificate_hashes,
         reconnect_for_ms,
+        link_repair,
     ));
     spawn_local(driver::drive(core));
     Ok(nic)
@@ -252,9 +256,15 @@ impl Nic {
     }
 
     /// Traffic counters: `{ packetsSent, packetsReceived, bytesSent, bytesReceived, drops,
-    /// reconnects }` (`reconnects`: connections the session resumed on after losing one).
+    /// reconnects, linkSequenced, linkRepaired, linkGaveUp, linkNacked }` (`reconnects`:
+    /// connections the session resumed on after losing one; `link*`: link repair's datagrams
+    /// sequenced by the gateway, packets repaired by a resend, packets given up on, sequence
+    /// numbers asked for).
     pub fn stats(&self) -> Object {
-        let stats = self.core.shared.borrow().stack.stats();
+        let (stats, link) = {
+            let shared = self.core.shared.borrow();
+            (shared.stack.stats(), shared.stack.link_stats())
+        };
         let out = Object::new();
         for (key, value) in [
             ("packetsSent", stats.packets_sent),
@@ -263,6 +273,10 @@ impl Nic {
             ("bytesReceived", stats.bytes_received),
             ("drops", stats.dropped_queue_full),
             ("reconnects", u64::from(self.core.reconnects.get())),
+            ("linkSequenced", link.sequenced),
+            ("linkRepaired", link.repaired),
+            ("linkGaveUp", link.gave_up),
+            ("linkNacked", link.nacked),
         ] {
             let _ = Reflect::set(&out, &key.into(), &JsValue::from_f64(value as f64));
         }

@@ -117,7 +117,11 @@ pub(crate) fn resume_url(url: &str, ticket: &[u8]) -> String {
 ///
 /// `certificate_hashes` is passed to the browser unchanged as `serverCertificateHashes`
 /// (`[{ algorithm: "sha-256", value: BufferSource }]`), or ignored when `undefined`.
-pub(crate) async fn open(url: &str, certificate_hashes: &JsValue) -> Result<Opened, SessionError> {
+pub(crate) async fn open(
+    url: &str,
+    certificate_hashes: &JsValue,
+    link_repair: bool,
+) -> Result<Opened, SessionError> {
     let connect = |e: JsValue| SessionError::Connect(js_message(&e));
     let options = WebTransportOptions::new();
     if !certificate_hashes.is_undefined() && !certificate_hashes.is_null() {
@@ -152,6 +156,9 @@ pub(crate) async fn open(url: &str, certificate_hashes: &JsValue) -> Result<Open
         version: PROTOCOL_VERSION,
     }
     .emit(&mut hello);
+    if link_repair {
+        ControlMessage::LinkRepair.emit(&mut hello);
+    }
     JsFuture::from(control_writer.write_with_chunk(&Uint8Array::from(&hello[..])))
         .await
         .map_err(connect)?;
@@ -248,6 +255,7 @@ async fn read_configuration(
                 ControlMessage::SessionTicket(ticket) => announced.ticket = Some(ticket),
                 ControlMessage::RouteAdvertisement(_)
                 | ControlMessage::ClientHello { .. }
+                | ControlMessage::LinkRepair
                 | ControlMessage::Draining { .. }
                 | ControlMessage::Unknown { .. } => {}
             }
