@@ -356,7 +356,10 @@ fn bare_server(listen: SocketAddr, hash_file: &Path) {
             wtransport::Identity::self_signed([listen.ip().to_string()]).expect("identity");
         let hash = identity.certificate_chain().as_slice()[0].hash();
         let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        let transport = webnic_gateway::server::transport_config(SERVER_IDLE_TIMEOUT);
+        let transport = webnic_gateway::server::transport_config(
+            SERVER_IDLE_TIMEOUT,
+            webnic_gateway::config::Congestion::default(),
+        );
         let config = wtransport::ServerConfig::builder()
             .with_bind_address(listen)
             .with_custom_transport(identity, transport)

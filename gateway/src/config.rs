@@ -92,6 +92,11 @@ pub struct Cli {
     /// QUIC idle timeout in seconds [default: 30].
     #[arg(long, value_name = "SECS")]
     pub idle_timeout: Option<u64>,
+    /// The QUIC congestion controller of client connections [default: bbr]: `bbr` keeps its
+    /// rate under random loss (the TCP inside each tunnel already backs off for congestion);
+    /// `cubic` is quinn's default; `new-reno`. docs/PERFORMANCE.md has the measurements.
+    #[arg(long, value_name = "NAME")]
+    pub congestion: Option<Congestion>,
     /// How long a session whose connection was lost keeps its addresses for a client that
     /// reconnects with its ticket, in seconds; 0 turns resumption off [default: 60].
     #[arg(long, value_name = "SECS")]
@@ -254,6 +259,8 @@ pub struct FileConfig {
     pub cert_hash_file: Option<PathBuf>,
     /// See [`Cli::idle_timeout`].
     pub idle_timeout: Option<u64>,
+    /// See [`Cli::congestion`].
+    pub congestion: Option<Congestion>,
     /// See [`Cli::resume_grace`].
     pub resume_grace: Option<u64>,
     /// See [`Cli::lease_file`].
@@ -378,6 +385,8 @@ pub struct Config {
     pub cert_hash_file: Option<PathBuf>,
     /// QUIC idle timeout.
     pub idle_timeout: Duration,
+    /// The QUIC congestion controller.
+    pub congestion: Congestion,
     /// Grace period of a lost session's lease; zero: no resumption.
     pub resume_grace: Duration,
     /// Where leases persist across restarts.
@@ -645,6 +654,7 @@ impl Config {
             metrics: cli.metrics.or(file.metrics),
             cert_hash_file: cli.cert_hash_file.or(file.cert_hash_file),
             idle_timeout: Duration::from_secs(idle_timeout),
+            congestion: cli.congestion.or(file.congestion).unwrap_or_default(),
             resume_grace: Duration::from_secs(
                 cli.resume_grace
                     .or(file.resume_grace)
@@ -715,6 +725,21 @@ fn rate(value: Option<f64>, default: f64, option: &str) -> Result<f64, ConfigErr
 /// A repeatable option: the command line's values if any were given, else the file's.
 fn prefer_cli<T>(cli: Vec<T>, file: Vec<T>) -> Vec<T> {
     if cli.is_empty() { file } else { cli }
+}
+
+/// QUIC congestion controllers the gateway can run (`--congestion`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Congestion {
+    /// quinn's BBR: paces at the measured bottleneck rate and does not halve it for a random
+    /// loss. The default: a tunnel's datagrams carry TCP that reacts to congestion itself, and
+    /// on a lossy last hop Cubic collapsed (docs/PERFORMANCE.md).
+    #[default]
+    Bbr,
+    /// quinn's default, CUBIC (RFC 9438).
+    Cubic,
+    /// NewReno (RFC 9002 §7).
+    NewReno,
 }
 
 #[cfg(test)]

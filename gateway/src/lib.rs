@@ -32,6 +32,7 @@
 pub mod abuse_log;
 pub mod admission;
 pub mod config;
+pub mod congestion;
 pub mod conntrack;
 pub mod demo;
 pub mod lease;

@@ -462,6 +462,17 @@ impl LinkReceiver {
         self.ready.pop_front()
     }
 
+    /// Whether released packets wait to be taken.
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// Puts back a packet [`accept`](Self::accept) said to deliver but the caller could not take
+    /// yet: it goes out first, ahead of what its arrival released.
+    pub fn defer(&mut self, packet: &[u8]) {
+        self.ready.push_front(packet.to_vec());
+    }
+
     /// Packets held behind gaps right now.
     pub fn held(&self) -> usize {
         self.slots

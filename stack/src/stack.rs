@@ -455,16 +455,28 @@ impl Stack {
         self.now = now;
         let (seq, packet) = link_repair::parse_sequenced(datagram)?;
         let result = match self.link.accept(now, seq, packet) {
-            Accepted::Deliver => self.handle_packet(now, packet),
+            Accepted::Deliver if self.device.rx.len() < self.device.rx_capacity => {
+                self.handle_packet(now, packet)
+            }
+            // A repair releases a burst: what does not fit the receive queue now waits in
+            // order instead of being dropped.
+            Accepted::Deliver => {
+                self.link.defer(packet);
+                Ok(())
+            }
             Accepted::Held | Accepted::Duplicate => Ok(()),
         };
         self.drain_link(now);
         result
     }
 
-    /// Queues the packets link repair released in order.
+    /// Queues the packets link repair released in order, as far as the receive queue has room
+    /// (the rest stays in order for the next poll).
     fn drain_link(&mut self, now: Instant) {
-        while let Some(packet) = self.link.pop_ready() {
+        while self.device.rx.len() < self.device.rx_capacity {
+            let Some(packet) = self.link.pop_ready() else {
+                break;
+            };
             let _ = self.handle_packet(now, &packet);
         }
     }
@@ -503,6 +515,7 @@ impl Stack {
             }
         }
         self.iface.poll_maintenance(now);
+        self.drain_link(now);
         self.scan(now);
         // Each egress pass lets every socket emit one packet; repeat until quiet or the
         // transmit queue is full.
@@ -546,7 +559,7 @@ impl Stack {
     /// When [`poll`](Self::poll) must be called next at the latest, `None` if only a packet or a
     /// socket call can create work. A time at or before `now` means "poll again right away".
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        if !self.device.rx.is_empty() {
+        if !self.device.rx.is_empty() || self.link.has_ready() {
             return Some(self.now);
         }
         let connect_deadline = self
