@@ -62,6 +62,8 @@ for bench in "${BENCHES[@]}"; do
         grep -E '^NOTE (bare_wtransport_server|gateway|sessions): ' "$log" | sed "s/^NOTE /$bench run $run: /" >>"$notes" || true
         # The impaired bench: packets seen and dropped per loss setting (the loss really applied).
         grep '^NOTE impaired loss ' "$log" | sed "s/^NOTE /$bench run $run: /" >>"$notes" || true
+        # ... and what link repair did in each cell.
+        grep -E '^NOTE impaired\.download_\S+ webnic link repair: ' "$log" | sed "s/^NOTE /$bench run $run: /" >>"$notes" || true
     done
 done
 
@@ -127,6 +129,8 @@ cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo "  where they are received (webnic's QUIC datagrams and the relays' TCP alike); 16 MiB per"
     echo "  cell or 10 s, whichever comes first. Targets at 1% loss: one flow ≥ the best relay; 8 flows"
     echo "  ≥ 2 × the 8 Wisp streams (ratio ≥ 2 in \`download_8flows_loss1pct.vs_wisp\`)."
+    echo "  \`.link_repair_vs_without\`: the same download by a second client of the same gateway that"
+    echo "  did not ask for link repair (PROTOCOL.md §3.1), right after: what repair buys."
     if [[ -s "$notes" ]]; then
         echo
         echo "#### Notes per run: raw QUIC baseline loss, the echo RTT the tunnel adds, idle-session RSS and CPU"

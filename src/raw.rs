@@ -62,9 +62,13 @@ impl Drop for Inner {
 impl RawSession {
     /// Opens a session and returns once the gateway has assigned its addresses.
     ///
+    /// Link repair (PROTOCOL.md §3.1) is never asked for: its frames would reach the packet
+    /// consumer (a TAP device, an emulator) as garbage, so `options.link_repair` is ignored.
+    ///
     /// # Errors
     /// As [`Client::connect`](crate::Client::connect).
     pub async fn connect(options: ConnectOptions) -> io::Result<Self> {
+        let options = options.link_repair(false);
         let Handshake {
             endpoint,
             connection,

@@ -431,7 +431,8 @@ async fn token_scope_narrows_destinations() {
             io::ErrorKind::PermissionDenied,
             "refused by scope, not reset by the server: {error}"
         );
-        assert!(started.elapsed() < Duration::from_secs(3));
+        // Refused by ICMP at once, not at the connect timeout (room for a loaded machine).
+        assert!(started.elapsed() < Duration::from_secs(10));
         let ruleset = topology.srv_run(&["nft", "list", "table", "inet", "wnscope"]);
         assert_eq!(
             nft_packets(&ruleset, &format!("tcp dport {OUTSIDE_SCOPE}")),

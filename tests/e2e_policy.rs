@@ -428,8 +428,10 @@ async fn forbidden_destinations_are_never_reached() {
                 io::ErrorKind::PermissionDenied,
                 "{remote}: {error}"
             );
+            // At once rather than at the connect timeout; the bound leaves room for a loaded
+            // machine (the error kind above already says the ICMP refusal ended it).
             assert!(
-                elapsed < Duration::from_secs(2),
+                elapsed < Duration::from_secs(10),
                 "{remote}: refused after {elapsed:?}"
             );
             println!("connect {remote}: {error} after {elapsed:?}");

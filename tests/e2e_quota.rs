@@ -198,11 +198,16 @@ async fn icmp_echo_requests_are_rate_limited() {
                 .expect("send_raw_packet");
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        // The quota lets at most a burst plus the rate over the sending time through; the rest
+        // must be counted as dropped (the sending time grows on a loaded machine, and so does
+        // what may pass).
+        let sending = started.elapsed().as_secs_f64();
+        let may_pass = ECHO_RATE * (2.0 + sending) + 1.0;
         tokio::task::block_in_place(|| {
             gateway.wait_metric(
                 "webnic_quota_dropped_packets_total{reason=\"icmp_echo\"}",
                 Duration::from_secs(10),
-                |v| v >= f64::from(SENT) - ECHO_RATE * 4.0,
+                |v| v >= f64::from(SENT) - may_pass,
             )
         });
         let elapsed = started.elapsed();

@@ -80,9 +80,15 @@ async fn tcp_survives_the_connection_timing_out() {
             stats.reconnects,
             relay.stats()
         );
-        assert_eq!(stats.reconnects, 1, "{}", gateway.process.logs());
+        // One reconnect for the blackout; a loaded machine may stall a 1 s idle timeout into
+        // another, which must resume the same way: one gateway session per connection, and
+        // the address kept throughout.
+        assert!(stats.reconnects >= 1, "{}", gateway.process.logs());
         assert_eq!(client.ipv4(), address);
-        assert_eq!(gateway.metric("webnic_sessions_total"), 2.0);
+        assert_eq!(
+            gateway.metric("webnic_sessions_total"),
+            1.0 + stats.reconnects as f64
+        );
         // The resumed session is a normal one: it closes and frees its address.
         client.close().await;
     })
@@ -231,7 +237,7 @@ async fn drain_refuses_new_sessions_and_lets_existing_ones_finish() {
     let topology = Topology::new();
     let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
     let gateway = topology.start_gateway(&["--drain-timeout", "30", "--resume-grace", "0"]);
-    let (relay, url) = start_relay(&gateway, "rate=20mbit,queue=50ms", 24).await;
+    let (relay, url) = start_relay(&gateway, "rate=8mbit,queue=50ms", 24).await;
     within(Duration::from_secs(90), "drain", async {
         let options = webnic::ConnectOptions::new(url).cert_hash(gateway.cert_hash());
         let client = webnic::Client::connect(options.clone())

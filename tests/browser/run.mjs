@@ -40,7 +40,7 @@ try {
   });
   page.on('pageerror', (err) => consoleLines.push(`[pageerror] ${err}`));
   await page.goto(pageUrl);
-  await page.waitForFunction(() => window.webnicTestsReady === true, null, { timeout: 10000 });
+  await page.waitForFunction(() => window.webnicTestsReady === true, null, { timeout: 60000 });
   // WEBNIC_PROFILE=1: CPU-profile the page during the test and print where its time went.
   const cdp = process.env.WEBNIC_PROFILE ? await browser.newCDPSession(page) : null;
   if (cdp) {
