@@ -139,6 +139,7 @@ pub struct Metrics {
     link_resent: AtomicU64,
     link_resend_missed: AtomicU64,
     link_nack_malformed: AtomicU64,
+    link_resend_limited: AtomicU64,
 }
 
 impl Metrics {
@@ -200,6 +201,12 @@ impl Metrics {
     pub fn link_resent(&self, resent: u64, missed: u64) {
         self.link_resent.fetch_add(resent, Ordering::Relaxed);
         self.link_resend_missed.fetch_add(missed, Ordering::Relaxed);
+    }
+
+    /// NACKed packets not queued for a resend: resent as often as allowed already, queued
+    /// already, or too many requests pending.
+    pub fn link_resend_limited(&self, count: u64) {
+        self.link_resend_limited.fetch_add(count, Ordering::Relaxed);
     }
 
     /// A NACK datagram that did not parse (it is dropped; the session goes on).
@@ -366,11 +373,15 @@ impl Metrics {
              webnic_link_resend_missed_total {}\n\
              # HELP webnic_link_nack_malformed_total NACK datagrams from clients that did not parse (dropped).\n\
              # TYPE webnic_link_nack_malformed_total counter\n\
-             webnic_link_nack_malformed_total {}",
+             webnic_link_nack_malformed_total {}\n\
+             # HELP webnic_link_resend_limited_total Packets clients NACKed that were not resent again (each is resent at most twice).\n\
+             # TYPE webnic_link_resend_limited_total counter\n\
+             webnic_link_resend_limited_total {}",
             load(&self.link_repair_sessions),
             load(&self.link_resent),
             load(&self.link_resend_missed),
             load(&self.link_nack_malformed),
+            load(&self.link_resend_limited),
         );
         let _ = writeln!(
             out,

@@ -22,6 +22,16 @@ const SLOTS_KEPT: usize = 64;
 /// Sent datagrams kept for resends at most: the client's reordering window.
 const RESEND_CAPACITY: usize = 2048;
 
+/// How often one datagram is resent at most (the client asks up to three times; a third copy
+/// would rarely be the one that arrives).
+pub const MAX_RESENDS: u8 = 2;
+
+/// Numbers of one NACK looked at, at most (a NACK can name 64 × 255).
+pub const MAX_NACKED_PER_NACK: usize = 2048;
+
+/// Resend requests waiting for the sender, at most.
+const MAX_PENDING_REQUESTS: usize = 4096;
+
 /// A bounded queue of datagrams for one session; when full, the oldest is dropped.
 ///
 /// Dropping the oldest (not the newest) keeps latency bounded: TCP retransmits what was lost
@@ -41,7 +51,54 @@ pub struct SessionQueue {
     sequenced: AtomicBool,
     /// What the sender sent lately, by sequence number, to answer NACKs (link repair). Empty
     /// unless traffic flows.
-    sent: Mutex<ResendBuffer<(Instant, Bytes)>>,
+    sent: Mutex<SentLog>,
+    /// Whether `sent` holds resend requests (checked without the lock per packet).
+    has_requests: AtomicBool,
+}
+
+/// What the sender should do next.
+#[derive(Debug)]
+pub enum Next {
+    /// Resend what clients asked for ([`SessionQueue::take_requests`]).
+    Resends,
+    /// Send this datagram.
+    Datagram(Bytes),
+}
+
+/// What became of one NACK's numbers.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ResendRequests {
+    /// Queued for a resend.
+    pub queued: u64,
+    /// Kept, but resent as often as allowed already or queued already (or too many requests
+    /// are pending).
+    pub limited: u64,
+    /// No longer kept: answered with GONE.
+    pub gone: u64,
+}
+
+/// A sequenced datagram kept for resends.
+#[derive(Debug, Clone)]
+struct Kept {
+    /// When it left the gateway.
+    at: Instant,
+    datagram: Bytes,
+    resends: u8,
+    /// Queued for a resend right now.
+    requested: bool,
+}
+
+#[derive(Debug)]
+enum Request {
+    Resend(u32),
+    Gone(u32),
+}
+
+/// The sent datagrams and the resends clients asked for.
+#[derive(Debug)]
+struct SentLog {
+    kept: ResendBuffer<Kept>,
+    requests: VecDeque<Request>,
 }
 
 impl SessionQueue {
@@ -60,45 +117,112 @@ impl SessionQueue {
             header,
             header_len,
             sequenced: AtomicBool::new(false),
-            sent: Mutex::new(ResendBuffer::new(RESEND_CAPACITY)),
+            sent: Mutex::new(SentLog {
+                kept: ResendBuffer::new(RESEND_CAPACITY),
+                requests: VecDeque::new(),
+            }),
+            has_requests: AtomicBool::new(false),
         }
     }
 
     /// Gives a sequenced datagram (one queued with the sequenced-frame header) its sequence
-    /// number and keeps it for resends; entries older than `keep` go. Returns what to send.
-    pub fn sequence(&self, datagram: Bytes, now: Instant, keep: Duration) -> Bytes {
+    /// number and keeps it for resends; entries older than `keep` go. Returns the number and
+    /// what to send.
+    pub fn sequence(&self, datagram: Bytes, now: Instant, keep: Duration) -> (u32, Bytes) {
         let at = self.header_len;
-        let mut sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
-        sent.expire(|(when, _)| now.saturating_duration_since(*when) > keep);
-        sent.push_with(|seq| {
+        let mut log = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+        log.kept
+            .expire(|kept| now.saturating_duration_since(kept.at) > keep);
+        let mut seq = 0;
+        let kept = log.kept.push_with(|number| {
+            seq = number;
             // The TUN reader's copy is not shared yet, so this normally takes it without copying.
             let mut datagram = datagram
                 .try_into_mut()
                 .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-            put_sequenced_header(&mut datagram[at..at + SEQUENCED_OVERHEAD], seq);
-            (now, datagram.freeze())
-        })
-        .1
+            put_sequenced_header(&mut datagram[at..at + SEQUENCED_OVERHEAD], number);
+            Kept {
+                at: now,
+                datagram: datagram.freeze(),
+                resends: 0,
+                requested: false,
+            }
+        });
+        (seq, kept.datagram)
     }
 
-    /// The kept datagrams a NACK's `(first, count)` ranges ask for, at most `limit`, into
-    /// `out`; the asked-for sequence numbers no longer kept into `gone`.
-    pub fn resends(
-        &self,
-        ranges: impl Iterator<Item = (u32, u8)>,
-        limit: usize,
-        out: &mut Vec<Bytes>,
-        gone: &mut Vec<u32>,
-    ) {
-        let sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
-        for (first, count) in ranges {
-            for seq in (0..u32::from(count)).map(|i| first.wrapping_add(i)) {
-                match sent.get(seq) {
-                    Some((_, datagram)) if out.len() < limit => out.push(datagram.clone()),
-                    Some(_) => return,
-                    None => gone.push(seq),
+    /// Restarts the keep time of datagram `seq`: it left the gateway only now (sending waited
+    /// for room in QUIC's buffer).
+    pub fn mark_sent(&self, seq: u32, now: Instant) {
+        let mut log = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(kept) = log.kept.get_mut(seq) {
+            kept.at = now;
+        }
+    }
+
+    /// Takes a client's NACK: queues the kept datagrams its `(first, count)` ranges ask for,
+    /// for the sender to resend, and the numbers no longer kept, for a GONE. Each datagram is
+    /// resent at most [`MAX_RESENDS`] times and queued once at a time, and one NACK is looked
+    /// at for at most [`MAX_NACKED_PER_NACK`] numbers, so NACKs cannot make the gateway send
+    /// more than a small multiple of what the session received anyway.
+    pub fn request_resends(&self, ranges: impl Iterator<Item = (u32, u8)>) -> ResendRequests {
+        let mut outcome = ResendRequests::default();
+        {
+            let mut log = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+            let seqs = ranges
+                .flat_map(|(first, count)| {
+                    (0..u32::from(count)).map(move |i| first.wrapping_add(i))
+                })
+                .take(MAX_NACKED_PER_NACK);
+            for seq in seqs {
+                if log.requests.len() >= MAX_PENDING_REQUESTS {
+                    outcome.limited += 1;
+                    continue;
+                }
+                match log.kept.get_mut(seq) {
+                    Some(kept) if !kept.requested && kept.resends < MAX_RESENDS => {
+                        kept.requested = true;
+                        log.requests.push_back(Request::Resend(seq));
+                        outcome.queued += 1;
+                    }
+                    Some(_) => outcome.limited += 1,
+                    None => {
+                        log.requests.push_back(Request::Gone(seq));
+                        outcome.gone += 1;
+                    }
                 }
             }
+            if log.requests.is_empty() {
+                return outcome;
+            }
+            self.has_requests.store(true, Ordering::Release);
+        }
+        self.notify.notify_one();
+        outcome
+    }
+
+    /// Moves the queued resend requests out: the datagrams to resend into `resends`, the
+    /// numbers no longer kept into `gone`.
+    pub fn take_requests(&self, resends: &mut Vec<Bytes>, gone: &mut Vec<u32>) {
+        let mut log = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+        self.has_requests.store(false, Ordering::Release);
+        let SentLog { kept, requests } = &mut *log;
+        for request in requests.drain(..) {
+            match request {
+                Request::Resend(seq) => match kept.get_mut(seq) {
+                    Some(entry) => {
+                        entry.requested = false;
+                        entry.resends += 1;
+                        resends.push(entry.datagram.clone());
+                    }
+                    // Expired since it was asked for.
+                    None => gone.push(seq),
+                },
+                Request::Gone(seq) => gone.push(seq),
+            }
+        }
+        if requests.capacity() > 64 {
+            *requests = VecDeque::new();
         }
     }
 
@@ -108,15 +232,37 @@ impl SessionQueue {
             .sent
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .kept
             .is_empty()
     }
 
     /// Frees the datagrams kept for resends (the session went quiet).
     pub fn forget_sent(&self) {
-        self.sent
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        let mut log = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+        log.kept.clear();
+        log.requests = VecDeque::new();
+        self.has_requests.store(false, Ordering::Release);
+    }
+
+    /// What the sender should do next without waiting: resends first, then the oldest queued
+    /// datagram.
+    pub fn try_next(&self) -> Option<Next> {
+        if self.has_requests.load(Ordering::Acquire) {
+            return Some(Next::Resends);
+        }
+        self.try_pop().map(Next::Datagram)
+    }
+
+    /// [`try_next`](Self::try_next), waiting until there is something.
+    ///
+    /// Cancel-safe. Only one task may wait at a time.
+    pub async fn next(&self) -> Next {
+        loop {
+            if let Some(next) = self.try_next() {
+                return next;
+            }
+            self.notify.notified().await;
+        }
     }
 
     /// The header every datagram queued from now on must start with: the HTTP/3 datagram
@@ -257,6 +403,8 @@ impl RouteTable {
 mod tests {
     use super::*;
 
+    const FRAME_SEQUENCED_BYTE: u8 = webnic_stack::link_repair::FRAME_SEQUENCED;
+
     #[test]
     fn drops_oldest_when_full() {
         let q = SessionQueue::new(3, ([0; 8], 1));
@@ -301,6 +449,62 @@ mod tests {
         tokio::task::yield_now().await;
         q.push(Bytes::from_static(b"x"));
         assert_eq!(consumer.await.unwrap(), Bytes::from_static(b"x"));
+    }
+
+    /// A sequenced datagram as the TUN reader queues it once link repair is on.
+    fn sequenced(q: &SessionQueue, byte: u8) -> Bytes {
+        let mut datagram = q.header().to_vec();
+        datagram.extend_from_slice(&[0x45, byte]);
+        Bytes::from(datagram)
+    }
+
+    #[test]
+    fn nacks_are_answered_at_most_twice_per_packet_and_gone_beyond_what_is_kept() {
+        let q = SessionQueue::new(16, ([0x07; 8], 1));
+        assert!(q.enable_link_repair());
+        assert!(!q.enable_link_repair(), "on once");
+        assert_eq!(q.header(), &[0x07, FRAME_SEQUENCED_BYTE, 0, 0, 0, 0]);
+        let now = Instant::now();
+        let keep = Duration::from_secs(1);
+        for byte in 0..3 {
+            let (seq, sent) = q.sequence(sequenced(&q, byte), now, keep);
+            assert_eq!(seq, u32::from(byte));
+            assert_eq!(&sent[1..6], &[FRAME_SEQUENCED_BYTE, 0, 0, 0, byte][..]);
+        }
+        assert!(q.try_next().is_none());
+        // The same packet named 64 times in one NACK is queued once; 9 was never sent.
+        let outcome = q.request_resends(std::iter::repeat_n((1, 1), 64).chain([(9, 1)]));
+        assert_eq!(
+            outcome,
+            ResendRequests {
+                queued: 1,
+                limited: 63,
+                gone: 1
+            }
+        );
+        assert!(matches!(q.try_next(), Some(Next::Resends)));
+        let (mut resends, mut gone) = (Vec::new(), Vec::new());
+        q.take_requests(&mut resends, &mut gone);
+        assert_eq!(resends.len(), 1);
+        assert_eq!(resends[0][5], 1, "packet 1, unchanged");
+        assert_eq!(gone, vec![9]);
+        assert!(q.try_next().is_none());
+        // A second resend is allowed, a third is not.
+        assert_eq!(q.request_resends([(1, 1)].into_iter()).queued, 1);
+        q.take_requests(&mut resends, &mut gone);
+        assert_eq!(q.request_resends([(1, 1)].into_iter()).limited, 1);
+        assert!(q.try_next().is_none());
+        // A huge NACK is looked at only so far.
+        let outcome = q.request_resends(std::iter::repeat_n((100, 255), 64));
+        assert_eq!(
+            outcome.queued + outcome.limited + outcome.gone,
+            MAX_NACKED_PER_NACK as u64
+        );
+        // Quiet: everything kept is freed, requests too.
+        q.forget_sent();
+        assert!(!q.keeps_sent());
+        assert!(q.try_next().is_none());
+        assert_eq!(q.request_resends([(0, 1)].into_iter()).gone, 1);
     }
 
     #[test]

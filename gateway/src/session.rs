@@ -41,8 +41,8 @@ use crate::packet::{
 };
 use crate::policy::{EgressPolicy, TokenBucket};
 use crate::pool::AddressPool;
-use crate::queue::{RouteTable, SessionQueue};
-use crate::quota::{QuotaDrop, QuotaLimits, SessionQuota};
+use crate::queue::{Next, RouteTable, SessionQueue};
+use crate::quota::{Bucket, QuotaDrop, QuotaLimits, SessionQuota};
 use crate::token::{Token, TokenError, TokenKey, token_from_path};
 use crate::tun_device::TunIo;
 use webnic_stack::link_repair::{
@@ -966,7 +966,7 @@ async fn client_to_tun(
             },
         };
         if packet.first() == Some(&FRAME_NACK) && queue.link_repair() {
-            resend(&quic, &queue, &packet, &shared.metrics);
+            take_nack(&queue, &packet, &shared.metrics);
             continue;
         }
         let classified = match classify_from_client(&packet, &addresses) {
@@ -1066,27 +1066,62 @@ async fn client_to_tun(
     }
 }
 
-/// Answers a client's NACK (link repair) with the datagrams it reports missing, as far as they
-/// are still kept. A malformed NACK is counted and dropped.
-fn resend(
-    quic: &wtransport::quinn::Connection,
-    queue: &SessionQueue,
-    nack: &[u8],
-    metrics: &Metrics,
-) {
-    let ranges = match parse_nack(nack) {
-        Ok(ranges) => ranges,
+/// Takes a client's NACK (link repair): the sender resends what is still kept and answers GONE
+/// for the rest. A malformed NACK is counted and dropped.
+fn take_nack(queue: &SessionQueue, nack: &[u8], metrics: &Metrics) {
+    match parse_nack(nack) {
+        Ok(ranges) => {
+            let outcome = queue.request_resends(ranges);
+            metrics.link_resend_limited(outcome.limited);
+        }
         Err(error) => {
             metrics.link_nack_malformed();
             tracing::debug!(%error, len = nack.len(), "dropped a malformed NACK");
-            return;
         }
-    };
-    let mut datagrams = Vec::new();
+    }
+}
+
+/// quinn's largest datagram payload on a path at QUIC's initial MTU (1200), where every path
+/// starts and where black-hole detection returns it.
+const QUIC_BASE_DATAGRAM: usize = 1162;
+
+/// How long sent datagrams are kept for resends after they left the gateway: a few QUIC round
+/// trips (the client gives up on a gap after about 4.5 link round trips) plus what may wait in
+/// QUIC's send buffer, within these bounds.
+fn resend_keep(rtt: Duration) -> Duration {
+    (rtt * 5 + Duration::from_millis(50)).min(Duration::from_millis(250))
+}
+
+/// Sends what clients asked to have resent, then a GONE for what is no longer kept. Resends
+/// pass the session's byte quota like any datagram. `Err` when the connection is gone.
+async fn send_resends(
+    quic: &wtransport::quinn::Connection,
+    queue: &SessionQueue,
+    bytes: &mut Option<Bucket>,
+    metrics: &Metrics,
+) -> Result<(), End> {
+    let mut resends = Vec::new();
     let mut gone = Vec::new();
-    queue.resends(ranges, RESENDS_PER_NACK, &mut datagrams, &mut gone);
-    metrics.link_resent(datagrams.len() as u64, gone.len() as u64);
-    // What is no longer kept, the client should stop waiting for: TCP will repair it.
+    queue.take_requests(&mut resends, &mut gone);
+    let mut resent = 0;
+    for datagram in resends {
+        let ip_len = datagram.len() - queue.h3_header_len() - SEQUENCED_OVERHEAD;
+        if let Some(bucket) = bytes
+            && !bucket.try_take(Instant::now(), ip_len as f64)
+        {
+            metrics.quota_dropped(QuotaDrop::BytesToClient);
+            continue;
+        }
+        match quic.send_datagram_wait(datagram).await {
+            Ok(()) => resent += 1,
+            Err(wtransport::quinn::SendDatagramError::ConnectionLost(error)) => {
+                return Err(End::Connection(error.into()));
+            }
+            Err(error) => tracing::debug!(%error, "resend failed"),
+        }
+    }
+    metrics.link_resent(resent, gone.len() as u64);
+    // The client should stop waiting for what is no longer kept: TCP will repair it.
     gone.sort_unstable();
     gone.dedup();
     let mut rest = &gone[..];
@@ -1096,29 +1131,13 @@ fn resend(
         frame.push(FRAME_GONE);
         let taken = put_ranges(&mut frame, rest);
         rest = &rest[taken..];
-        datagrams.push(Bytes::from(frame));
-    }
-    for datagram in datagrams {
-        // Not `send_datagram_wait`: this task must keep reading the client. A full send buffer
-        // drops the oldest datagram; the client asks again or TCP repairs it.
-        if let Err(error) = quic.send_datagram(datagram) {
-            tracing::debug!(%error, "resend failed");
-            break;
+        if let Err(wtransport::quinn::SendDatagramError::ConnectionLost(error)) =
+            quic.send_datagram_wait(Bytes::from(frame)).await
+        {
+            return Err(End::Connection(error.into()));
         }
     }
-}
-
-/// quinn's largest datagram payload on a path at QUIC's initial MTU (1200), where every path
-/// starts and where black-hole detection returns it.
-const QUIC_BASE_DATAGRAM: usize = 1162;
-
-/// Resends one NACK triggers at most: the client's reordering window.
-const RESENDS_PER_NACK: usize = 2048;
-
-/// How long sent datagrams are kept for resends: a few QUIC round trips (the client gives up on
-/// a gap after about 4.5 link round trips), within these bounds.
-fn resend_keep(rtt: Duration) -> Duration {
-    (rtt * 5 + Duration::from_millis(20)).min(Duration::from_millis(150))
+    Ok(())
 }
 
 async fn tun_to_client(
@@ -1134,18 +1153,28 @@ async fn tun_to_client(
     let mut keep = resend_keep(quic.rtt());
     let mut until_rtt = 0u32;
     loop {
-        let datagram = match queue.try_pop() {
-            Some(datagram) => datagram,
+        let next = match queue.try_next() {
+            Some(next) => next,
             // Quiet: what was kept for resends is freed once it is too old to be asked for,
             // so an idle session holds none of it.
-            None if queue.keeps_sent() => match tokio::time::timeout(keep, queue.pop()).await {
-                Ok(datagram) => datagram,
+            None if queue.keeps_sent() => match tokio::time::timeout(keep, queue.next()).await {
+                Ok(next) => next,
                 Err(_) => {
                     queue.forget_sent();
                     continue;
                 }
             },
-            None => queue.pop().await,
+            None => queue.next().await,
+        };
+        let datagram = match next {
+            // Resends go first: the client holds everything behind them.
+            Next::Resends => {
+                if let Err(end) = send_resends(quic, &queue, &mut bytes, &shared.metrics).await {
+                    return end;
+                }
+                continue;
+            }
+            Next::Datagram(datagram) => datagram,
         };
         let sequenced = datagram.get(h3_len) == Some(&FRAME_SEQUENCED);
         let header_len = h3_len + if sequenced { SEQUENCED_OVERHEAD } else { 0 };
@@ -1168,19 +1197,23 @@ async fn tun_to_client(
                 continue;
             }
         }
-        let datagram = if sequenced {
+        let (seq, datagram) = if sequenced {
             // The RTT takes quinn's connection lock: read it now and then, not per packet.
             if until_rtt == 0 {
                 keep = resend_keep(quic.rtt());
                 until_rtt = 256;
             }
             until_rtt -= 1;
-            queue.sequence(datagram, Instant::now(), keep)
+            let (seq, datagram) = queue.sequence(datagram, Instant::now(), keep);
+            (Some(seq), datagram)
         } else {
-            datagram
+            (None, datagram)
         };
         match quic.send_datagram_wait(datagram).await {
             Ok(()) => {
+                if let Some(seq) = seq {
+                    queue.mark_sent(seq, Instant::now());
+                }
                 shared.metrics.forwarded(Direction::ToClient, ip_len);
                 stats.tx_packets.fetch_add(1, Ordering::Relaxed);
                 stats.tx_bytes.fetch_add(ip_len as u64, Ordering::Relaxed);

@@ -50,6 +50,8 @@ const MAX_NACKS: u8 = 3;
 const GONE: u8 = u8::MAX;
 /// The link round trip assumed before the first repair measured one.
 const INITIAL_RTT: Duration = Duration::from_millis(20);
+/// The smallest round-trip sample taken.
+const MIN_RTT_SAMPLE: Duration = Duration::from_micros(500);
 /// The longest the receiver holds packets behind a gap. Well below the 200 ms minimum RTO of
 /// Linux's TCP, so the sender never times out waiting for a repair.
 const MAX_HOLD: Duration = Duration::from_millis(100);
@@ -187,9 +189,12 @@ enum Slot {
     Missing {
         /// When the gap was seen.
         since: Instant,
-        /// When it was last asked for, and how often.
+        /// When it was last asked for, and how often (counted when the NACK is queued).
         nacked_at: Instant,
         nacks: u8,
+        /// Whether a NACK for it actually went out (one queued may not have been sent before
+        /// the packet arrived anyway, which says nothing about the link's round trip).
+        sent: bool,
     },
     Held(Vec<u8>),
 }
@@ -213,6 +218,10 @@ pub struct LinkReceiver {
     to_nack: Vec<u32>,
     /// Smoothed link round trip, from NACK to repair.
     srtt: Duration,
+    /// Whether `srtt` is measured rather than the initial guess.
+    sampled: bool,
+    /// The latest time the caller passed in.
+    now: Instant,
     stats: LinkStats,
 }
 
@@ -226,12 +235,16 @@ impl LinkReceiver {
     /// A receiver that has seen nothing yet.
     pub fn new() -> Self {
         Self {
-            next: None,
+            // Every connection's sequence starts at 0, so a loss of the very first packet is
+            // noticed too.
+            next: Some(0),
             slots: VecDeque::new(),
             ready: VecDeque::new(),
             delivered: Box::new([0; HISTORY as usize / 64]),
             to_nack: Vec::new(),
             srtt: INITIAL_RTT,
+            sampled: false,
+            now: Instant::from_micros(0),
             stats: LinkStats::default(),
         }
     }
@@ -250,7 +263,7 @@ impl LinkReceiver {
     /// counts from 0 again). Held packets are released in order first.
     pub fn reset(&mut self) {
         self.release_all();
-        self.next = None;
+        self.next = Some(0);
         self.to_nack.clear();
         *self.delivered = [0; HISTORY as usize / 64];
     }
@@ -273,6 +286,7 @@ impl LinkReceiver {
     /// Takes sequenced packet `seq` (its IP packet is `packet`) received at `now`.
     pub fn accept(&mut self, now: Instant, seq: u32, packet: &[u8]) -> Accepted {
         self.stats.sequenced += 1;
+        self.now = self.now.max(now);
         // Packets released earlier and not yet taken go first: queue this one behind them (and
         // ahead of what it releases itself).
         let pending = self.ready.len();
@@ -342,6 +356,7 @@ impl LinkReceiver {
                 since: now,
                 nacked_at: now,
                 nacks: u8::from(missing != seq),
+                sent: false,
             });
         }
         match &self.slots[ahead] {
@@ -350,11 +365,14 @@ impl LinkReceiver {
                 Accepted::Duplicate
             }
             Slot::Missing {
-                nacks, nacked_at, ..
+                nacks,
+                nacked_at,
+                sent,
+                ..
             } => {
                 if *nacks > 0 {
                     self.stats.repaired += 1;
-                    if *nacks == 1 {
+                    if *nacks == 1 && *sent {
                         self.sample_rtt(now - *nacked_at);
                     }
                 }
@@ -368,12 +386,15 @@ impl LinkReceiver {
     /// `seq` is `next`: deliver it, then release everything held behind it up to the next gap.
     fn accept_in_order(&mut self, now: Instant, seq: u32) -> Accepted {
         if let Some(Slot::Missing {
-            nacks, nacked_at, ..
+            nacks,
+            nacked_at,
+            sent,
+            ..
         }) = self.slots.pop_front()
             && nacks > 0
         {
             self.stats.repaired += 1;
-            if nacks == 1 {
+            if nacks == 1 && sent {
                 self.sample_rtt(now - nacked_at);
             }
         }
@@ -384,11 +405,15 @@ impl LinkReceiver {
     }
 
     fn sample_rtt(&mut self, sample: Duration) {
-        if self.stats.repaired == 1 {
-            self.srtt = sample;
-        } else {
+        // Below this a sample is scheduling noise, and an estimate near 0 would make every
+        // later repair look late.
+        let sample = sample.max(MIN_RTT_SAMPLE);
+        if self.sampled {
             // 7/8 old + 1/8 new, as TCP's SRTT (RFC 6298).
             self.srtt = (self.srtt * 7 + sample) / 8;
+        } else {
+            self.sampled = true;
+            self.srtt = sample;
         }
     }
 
@@ -467,6 +492,11 @@ impl LinkReceiver {
         !self.ready.is_empty()
     }
 
+    /// Released packets waiting to be taken.
+    pub fn ready_len(&self) -> usize {
+        self.ready.len()
+    }
+
     /// Puts back a packet [`accept`](Self::accept) said to deliver but the caller could not take
     /// yet: it goes out first, ahead of what its arrival released.
     pub fn defer(&mut self, packet: &[u8]) {
@@ -497,18 +527,29 @@ impl LinkReceiver {
     /// Gives up on gaps older than the hold limit and schedules NACKs again for packets still
     /// missing after a round trip.
     pub fn poll(&mut self, now: Instant) {
+        self.now = self.now.max(now);
         let hold = self.hold_limit();
+        let mut timed_out = false;
         while let Some(Slot::Missing { since, .. }) = self.slots.front() {
             if now < *since + hold {
                 break;
             }
             self.give_up_front();
+            timed_out = true;
+        }
+        if timed_out {
+            // Repairs take longer than the estimate says (or the link is losing them): wait
+            // longer next time, as TCP backs off its RTO. Repairs measured later bring it down.
+            self.srtt = (self.srtt * 2).min(MAX_HOLD);
         }
         let renack = self.renack_after();
         let next = self.next.unwrap_or(0);
         for (i, slot) in self.slots.iter_mut().enumerate() {
             if let Slot::Missing {
-                nacked_at, nacks, ..
+                nacked_at,
+                nacks,
+                sent: true,
+                ..
             } = slot
                 && *nacks > 0
                 && *nacks < MAX_NACKS
@@ -531,10 +572,12 @@ impl LinkReceiver {
                 since,
                 nacked_at,
                 nacks,
+                sent,
             } = slot
             {
                 let mut t = *since + hold;
-                if *nacks > 0 && *nacks < MAX_NACKS {
+                // (A NACK queued but not sent yet goes out with the caller's next transmit.)
+                if *sent && *nacks > 0 && *nacks < MAX_NACKS {
                     t = t.min(*nacked_at + renack);
                 }
                 at = Some(at.map_or(t, |a| a.min(t)));
@@ -545,16 +588,33 @@ impl LinkReceiver {
 
     /// The next NACK datagram to send, if packets are to be asked for.
     pub fn poll_nack(&mut self) -> Option<Vec<u8>> {
+        let next = self.next.unwrap_or(0);
+        // Only what is still missing: a packet may have arrived (or been given up on) since
+        // its NACK was queued.
+        let slots = &self.slots;
+        self.to_nack.retain(|seq| {
+            matches!(
+                slots.get(seq.wrapping_sub(next) as usize),
+                Some(Slot::Missing { nacks, .. }) if *nacks != GONE
+            )
+        });
         if self.to_nack.is_empty() {
             return None;
         }
-        self.to_nack.sort_unstable_by_key(|seq| {
-            seq.wrapping_sub(self.next.unwrap_or(0).wrapping_sub(HISTORY))
-        });
+        self.to_nack
+            .sort_unstable_by_key(|seq| seq.wrapping_sub(next));
         self.to_nack.dedup();
         let mut frame = vec![FRAME_NACK];
         let taken = put_ranges(&mut frame, &self.to_nack);
-        self.to_nack.drain(..taken);
+        for seq in self.to_nack.drain(..taken) {
+            if let Some(Slot::Missing {
+                nacked_at, sent, ..
+            }) = self.slots.get_mut(seq.wrapping_sub(next) as usize)
+            {
+                *nacked_at = self.now;
+                *sent = true;
+            }
+        }
         self.stats.nacked += taken as u64;
         Some(frame)
     }
@@ -606,6 +666,12 @@ impl<T: Clone> ResendBuffer<T> {
     pub fn get(&self, seq: u32) -> Option<&T> {
         let index = seq.wrapping_sub(self.first) as usize;
         self.items.get(index)
+    }
+
+    /// The packet sent as `seq`, if still kept, to update.
+    pub fn get_mut(&mut self, seq: u32) -> Option<&mut T> {
+        let index = seq.wrapping_sub(self.first) as usize;
+        self.items.get_mut(index)
     }
 
     /// Drops the oldest entries while `stale` says so.
@@ -663,7 +729,7 @@ mod tests {
     #[test]
     fn in_order_packets_pass_straight_through() {
         let mut rx = LinkReceiver::new();
-        for seq in 100..110 {
+        for seq in 0..10 {
             assert_eq!(feed(&mut rx, at(0), seq), vec![seq as u8]);
         }
         assert_eq!(rx.poll_nack(), None);
@@ -739,6 +805,27 @@ mod tests {
     }
 
     #[test]
+    fn only_repairs_of_sent_nacks_measure_the_link_and_timeouts_back_off() {
+        let mut rx = LinkReceiver::new();
+        feed(&mut rx, at(0), 0);
+        feed(&mut rx, at(0), 2);
+        // 1 was only reordered within a burst: it arrives before the NACK went out.
+        assert_eq!(feed(&mut rx, at(0), 1), vec![1, 2]);
+        assert_eq!(rx.poll_nack(), None, "nothing left to ask for");
+        assert_eq!(rx.srtt(), INITIAL_RTT, "no sample from an unsent NACK");
+        // A real repair 4 ms after its NACK went out.
+        feed(&mut rx, at(10), 4);
+        assert_eq!(nack_ranges(&mut rx), vec![(3, 1)]);
+        assert_eq!(feed(&mut rx, at(14), 3), vec![3, 4]);
+        assert_eq!(rx.srtt(), Duration::from_millis(4));
+        // A gap given up on for time doubles the estimate.
+        feed(&mut rx, at(20), 6);
+        rx.poll_nack();
+        rx.poll(at(1000));
+        assert_eq!(rx.srtt(), Duration::from_millis(8));
+    }
+
+    #[test]
     fn gaps_the_gateway_calls_gone_are_given_up_at_once() {
         let mut rx = LinkReceiver::new();
         feed(&mut rx, at(0), 0);
@@ -792,6 +879,7 @@ mod tests {
     #[test]
     fn sequence_numbers_wrap_and_a_restarted_counter_resyncs() {
         let mut rx = LinkReceiver::new();
+        rx.next = Some(u32::MAX - 1);
         let start = u32::MAX - 1;
         assert_eq!(feed(&mut rx, at(0), start), vec![start as u8]);
         assert_eq!(feed(&mut rx, at(0), 1), Vec::<u8>::new());

@@ -273,6 +273,10 @@ enum DnsEntry {
     Done(Result<Vec<IpAddr>, DnsError>),
 }
 
+/// Packets link repair may hold ready beyond a full receive queue (what one repair releases at
+/// most, twice over) before new ones are dropped.
+const MAX_DEFERRED: usize = 4096;
+
 /// A userspace TCP/IP stack with no I/O of its own.
 ///
 /// # The polling contract
@@ -460,9 +464,14 @@ impl Stack {
             }
             // A repair releases a burst: what does not fit the receive queue now waits in
             // order instead of being dropped.
-            Accepted::Deliver => {
+            Accepted::Deliver if self.link.ready_len() < MAX_DEFERRED => {
                 self.link.defer(packet);
                 Ok(())
+            }
+            Accepted::Deliver => {
+                // Fed faster than polled for that long: drop, as a full receive queue does.
+                self.stats.dropped_queue_full += 1;
+                Err(PacketError::QueueFull)
             }
             Accepted::Held | Accepted::Duplicate => Ok(()),
         };
