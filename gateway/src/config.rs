@@ -23,10 +23,14 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
 pub const DEFAULT_POOL_V4: &str = "10.77.0.0/24";
 /// Default TUN device name.
 pub const DEFAULT_TUN: &str = "webnic0";
+/// quinn's largest datagram payload on a path at QUIC's initial MTU (1200 minus QUIC overhead),
+/// where every path starts and where black-hole detection returns it.
+pub const QUIC_BASE_DATAGRAM: usize = 1162;
+
 /// Default link MTU: the largest IP packet carried in one datagram.
 ///
-/// 1152 fits both limits a session meets on a fresh path: quinn's initial maximum datagram of
-/// 1162 bytes (initial MTU 1200 minus QUIC overhead) less the HTTP/3 datagram header, and
+/// 1152 fits both limits a session meets on a fresh path: quinn's initial maximum datagram
+/// ([`QUIC_BASE_DATAGRAM`]) less the HTTP/3 datagram header, and
 /// Chromium's 1211-byte browser→server datagram limit. PMTU discovery may raise quinn's limit
 /// later, and black-hole detection can drop it back, so the link MTU stays at the floor.
 pub const DEFAULT_MTU: u16 = 1152;

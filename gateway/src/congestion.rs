@@ -138,8 +138,12 @@ mod tests {
         assert_eq!(controller.metrics().congestion_window, high);
         assert_eq!(controller.clone_box().window(), high);
         assert_eq!(controller.initial_window(), high);
-        // The factory's floor is the documented one.
+        // The factory wraps BBR with the documented floor.
         let built = Arc::new(FlooredBbrConfig::default()).build(now, 1200);
-        assert!(built.window() >= WINDOW_FLOOR_PACKETS * 1200);
+        let built = built
+            .into_any()
+            .downcast::<FlooredBbr>()
+            .expect("the factory builds a FlooredBbr");
+        assert_eq!(built.floor, WINDOW_FLOOR_PACKETS * 1200);
     }
 }

@@ -214,11 +214,6 @@ impl Metrics {
         self.link_nack_malformed.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Packets resent for NACKs so far.
-    pub fn link_resent_count(&self) -> u64 {
-        self.link_resent.load(Ordering::Relaxed)
-    }
-
     /// One ICMP administratively-prohibited reply queued to a client.
     pub fn icmp_prohibited_sent(&self) {
         self.icmp_prohibited_sent.fetch_add(1, Ordering::Relaxed);

@@ -78,7 +78,7 @@ pub struct ResendRequests {
 }
 
 /// A sequenced datagram kept for resends.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Kept {
     /// When it left the gateway.
     at: Instant,
@@ -133,14 +133,12 @@ impl SessionQueue {
         let mut log = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
         log.kept
             .expire(|kept| now.saturating_duration_since(kept.at) > keep);
-        let mut seq = 0;
-        let kept = log.kept.push_with(|number| {
-            seq = number;
+        let (seq, kept) = log.kept.push_with(|seq| {
             // The TUN reader's copy is not shared yet, so this normally takes it without copying.
             let mut datagram = datagram
                 .try_into_mut()
                 .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-            put_sequenced_header(&mut datagram[at..at + SEQUENCED_OVERHEAD], number);
+            put_sequenced_header(&mut datagram[at..at + SEQUENCED_OVERHEAD], seq);
             Kept {
                 at: now,
                 datagram: datagram.freeze(),
@@ -148,7 +146,7 @@ impl SessionQueue {
                 requested: false,
             }
         });
-        (seq, kept.datagram)
+        (seq, kept.datagram.clone())
     }
 
     /// Restarts the keep time of datagram `seq`: it left the gateway only now (sending waited
@@ -261,6 +259,8 @@ impl SessionQueue {
             if let Some(next) = self.try_next() {
                 return next;
             }
+            // notify_one stores a permit when nobody waits, so a push between try_next and
+            // here is not lost.
             self.notify.notified().await;
         }
     }
@@ -318,20 +318,6 @@ impl SessionQueue {
             *packets = VecDeque::new();
         }
         datagram
-    }
-
-    /// The oldest queued datagram, waiting for one if the queue is empty.
-    ///
-    /// Cancel-safe. Only one task may wait at a time.
-    pub async fn pop(&self) -> Bytes {
-        loop {
-            if let Some(datagram) = self.try_pop() {
-                return datagram;
-            }
-            // notify_one stores a permit when nobody waits, so a push between try_pop and here
-            // is not lost.
-            self.notify.notified().await;
-        }
     }
 
     /// Datagrams currently queued.
@@ -440,11 +426,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn pop_wakes_on_push() {
+    async fn next_wakes_on_push() {
         let q = Arc::new(SessionQueue::new(4, ([0; 8], 1)));
         let consumer = {
             let q = Arc::clone(&q);
-            tokio::spawn(async move { q.pop().await })
+            tokio::spawn(async move {
+                match q.next().await {
+                    Next::Datagram(datagram) => datagram,
+                    Next::Resends => panic!("no resend was asked for"),
+                }
+            })
         };
         tokio::task::yield_now().await;
         q.push(Bytes::from_static(b"x"));

@@ -880,7 +880,7 @@ async fn control(
                 Ok(Some(ControlMessage::LinkRepair)) if shared.link_repair => {
                     let frame =
                         usize::from(shared.link_mtu) + SEQUENCED_OVERHEAD + queue.h3_header_len();
-                    if frame > QUIC_BASE_DATAGRAM {
+                    if frame > crate::config::QUIC_BASE_DATAGRAM {
                         // A full-size packet would no longer fit a datagram on a path that has
                         // not grown its MTU: stay unsequenced rather than drop large packets.
                         tracing::debug!(
@@ -1080,10 +1080,6 @@ fn take_nack(queue: &SessionQueue, nack: &[u8], metrics: &Metrics) {
         }
     }
 }
-
-/// quinn's largest datagram payload on a path at QUIC's initial MTU (1200), where every path
-/// starts and where black-hole detection returns it.
-const QUIC_BASE_DATAGRAM: usize = 1162;
 
 /// How long sent datagrams are kept for resends after they left the gateway: a few QUIC round
 /// trips (the client gives up on a gap after about 4.5 link round trips) plus what may wait in

@@ -207,7 +207,7 @@ enum Slot {
 #[derive(Debug)]
 pub struct LinkReceiver {
     /// The oldest sequence number not yet delivered or given up; `None` before the first frame.
-    next: Option<u32>,
+    next: u32,
     /// `slots[i]` is sequence `next + i`; empty unless there is a gap (slot 0 is then missing).
     slots: VecDeque<Slot>,
     /// Packets released in order, waiting for the caller.
@@ -237,7 +237,7 @@ impl LinkReceiver {
         Self {
             // Every connection's sequence starts at 0, so a loss of the very first packet is
             // noticed too.
-            next: Some(0),
+            next: 0,
             slots: VecDeque::new(),
             ready: VecDeque::new(),
             delivered: Box::new([0; HISTORY as usize / 64]),
@@ -263,7 +263,7 @@ impl LinkReceiver {
     /// counts from 0 again). Held packets are released in order first.
     pub fn reset(&mut self) {
         self.release_all();
-        self.next = Some(0);
+        self.next = 0;
         self.to_nack.clear();
         *self.delivered = [0; HISTORY as usize / 64];
     }
@@ -299,13 +299,13 @@ impl LinkReceiver {
     }
 
     fn accept_sequenced(&mut self, now: Instant, seq: u32, packet: &[u8]) -> Accepted {
-        let next = *self.next.get_or_insert(seq);
+        let next = self.next;
         let ahead = seq.wrapping_sub(next);
         let behind = next.wrapping_sub(seq);
         if ahead >= RESYNC_DISTANCE && behind >= RESYNC_DISTANCE {
             self.stats.resyncs += 1;
             self.reset();
-            self.next = Some(seq);
+            self.next = seq;
             return self.accept_in_order(now, seq);
         }
         if behind != 0 && behind < RESYNC_DISTANCE {
@@ -328,27 +328,23 @@ impl LinkReceiver {
         let mut ahead = ahead as usize;
         while ahead >= WINDOW && !self.slots.is_empty() {
             self.give_up_front();
-            ahead = seq.wrapping_sub(self.next.unwrap_or(seq)) as usize;
+            ahead = seq.wrapping_sub(self.next) as usize;
         }
         if ahead >= WINDOW {
             // Nothing held, and the packet is still too far ahead to wait for all in between
             // (a burst of loss longer than the window): give up on that stretch at once.
-            let next = self.next.unwrap_or(seq);
             for i in ahead.saturating_sub(HISTORY as usize)..ahead {
-                self.mark(next.wrapping_add(i as u32), false);
+                self.mark(self.next.wrapping_add(i as u32), false);
             }
             self.stats.gave_up += ahead as u64;
-            self.next = Some(seq);
+            self.next = seq;
             ahead = 0;
         }
         if ahead == 0 {
             return self.accept_in_order(now, seq);
         }
         while self.slots.len() <= ahead {
-            let missing = self
-                .next
-                .unwrap_or(seq)
-                .wrapping_add(self.slots.len() as u32);
+            let missing = self.next.wrapping_add(self.slots.len() as u32);
             if missing != seq {
                 self.to_nack.push(missing);
             }
@@ -364,18 +360,13 @@ impl LinkReceiver {
                 self.stats.duplicates += 1;
                 Accepted::Duplicate
             }
-            Slot::Missing {
+            &Slot::Missing {
                 nacks,
                 nacked_at,
                 sent,
                 ..
             } => {
-                if *nacks > 0 {
-                    self.stats.repaired += 1;
-                    if *nacks == 1 && *sent {
-                        self.sample_rtt(now - *nacked_at);
-                    }
-                }
+                self.filled(now, nacks, nacked_at, sent);
                 self.slots[ahead] = Slot::Held(packet.to_vec());
                 self.stats.held += 1;
                 Accepted::Held
@@ -391,17 +382,24 @@ impl LinkReceiver {
             sent,
             ..
         }) = self.slots.pop_front()
-            && nacks > 0
         {
+            self.filled(now, nacks, nacked_at, sent);
+        }
+        self.mark(seq, true);
+        self.next = seq.wrapping_add(1);
+        self.release_held();
+        Accepted::Deliver
+    }
+
+    /// A missing packet arrived: a repair if it was asked for, and a round-trip sample if its
+    /// one NACK really went out.
+    fn filled(&mut self, now: Instant, nacks: u8, nacked_at: Instant, sent: bool) {
+        if nacks > 0 {
             self.stats.repaired += 1;
             if nacks == 1 && sent {
                 self.sample_rtt(now - nacked_at);
             }
         }
-        self.mark(seq, true);
-        self.next = Some(seq.wrapping_add(1));
-        self.release_held();
-        Accepted::Deliver
     }
 
     fn sample_rtt(&mut self, sample: Duration) {
@@ -421,7 +419,7 @@ impl LinkReceiver {
     /// (gaps the gateway said it cannot repair are given up on the way).
     fn release_held(&mut self) {
         loop {
-            let seq = self.next.unwrap_or(0);
+            let seq = self.next;
             match self.slots.front() {
                 Some(Slot::Held(_)) => {
                     let Some(Slot::Held(packet)) = self.slots.pop_front() else {
@@ -437,14 +435,14 @@ impl LinkReceiver {
                 }
                 _ => return,
             }
-            self.next = Some(seq.wrapping_add(1));
+            self.next = seq.wrapping_add(1);
         }
     }
 
     /// Takes the gateway's word that the packets of `ranges` (a GONE frame) will not be resent:
     /// stop waiting for them.
     pub fn gone(&mut self, ranges: impl Iterator<Item = (u32, u8)>) {
-        let Some(next) = self.next else { return };
+        let next = self.next;
         for (first, count) in ranges {
             for seq in (0..u32::from(count)).map(|i| first.wrapping_add(i)) {
                 let index = seq.wrapping_sub(next) as usize;
@@ -456,24 +454,13 @@ impl LinkReceiver {
         self.release_held();
     }
 
-    /// Gives up on the first missing packet and releases what is held behind it.
+    /// Gives up on the first missing packet and releases what is held behind it (as if the
+    /// gateway had said it is gone).
     fn give_up_front(&mut self) {
-        let Some(next) = self.next else { return };
-        match self.slots.pop_front() {
-            Some(Slot::Missing { .. }) => {
-                self.stats.gave_up += 1;
-                self.mark(next, false);
-                self.next = Some(next.wrapping_add(1));
-                self.release_held();
-            }
-            Some(Slot::Held(packet)) => {
-                // Not reachable through accept (a held front is released at once); harmless.
-                self.mark(next, true);
-                self.next = Some(next.wrapping_add(1));
-                self.ready.push_back(packet);
-            }
-            None => {}
+        if let Some(Slot::Missing { nacks, .. }) = self.slots.front_mut() {
+            *nacks = GONE;
         }
+        self.release_held();
     }
 
     fn release_all(&mut self) {
@@ -485,11 +472,6 @@ impl LinkReceiver {
     /// The next packet released in order, oldest first.
     pub fn pop_ready(&mut self) -> Option<Vec<u8>> {
         self.ready.pop_front()
-    }
-
-    /// Whether released packets wait to be taken.
-    pub fn has_ready(&self) -> bool {
-        !self.ready.is_empty()
     }
 
     /// Released packets waiting to be taken.
@@ -543,7 +525,7 @@ impl LinkReceiver {
             self.srtt = (self.srtt * 2).min(MAX_HOLD);
         }
         let renack = self.renack_after();
-        let next = self.next.unwrap_or(0);
+        let next = self.next;
         for (i, slot) in self.slots.iter_mut().enumerate() {
             if let Slot::Missing {
                 nacked_at,
@@ -588,7 +570,7 @@ impl LinkReceiver {
 
     /// The next NACK datagram to send, if packets are to be asked for.
     pub fn poll_nack(&mut self) -> Option<Vec<u8>> {
-        let next = self.next.unwrap_or(0);
+        let next = self.next;
         // Only what is still missing: a packet may have arrived (or been given up on) since
         // its NACK was queued.
         let slots = &self.slots;
@@ -635,7 +617,7 @@ pub struct ResendBuffer<T> {
     capacity: usize,
 }
 
-impl<T: Clone> ResendBuffer<T> {
+impl<T> ResendBuffer<T> {
     /// An empty buffer keeping at most `capacity` packets.
     pub fn new(capacity: usize) -> Self {
         Self {
@@ -646,8 +628,9 @@ impl<T: Clone> ResendBuffer<T> {
         }
     }
 
-    /// Assigns the next sequence number to `item` (which the caller then sends) and keeps it.
-    pub fn push_with(&mut self, make: impl FnOnce(u32) -> T) -> T {
+    /// Assigns the next sequence number to the item `make` builds from it (which the caller
+    /// then sends) and keeps it; returns the number and the kept item.
+    pub fn push_with(&mut self, make: impl FnOnce(u32) -> T) -> (u32, &T) {
         let seq = self.next;
         self.next = seq.wrapping_add(1);
         if self.items.is_empty() {
@@ -657,9 +640,8 @@ impl<T: Clone> ResendBuffer<T> {
             self.items.pop_front();
             self.first = self.first.wrapping_add(1);
         }
-        let item = make(seq);
-        self.items.push_back(item.clone());
-        item
+        self.items.push_back(make(seq));
+        (seq, self.items.back().expect("just pushed"))
     }
 
     /// The packet sent as `seq`, if still kept.
@@ -879,7 +861,7 @@ mod tests {
     #[test]
     fn sequence_numbers_wrap_and_a_restarted_counter_resyncs() {
         let mut rx = LinkReceiver::new();
-        rx.next = Some(u32::MAX - 1);
+        rx.next = u32::MAX - 1;
         let start = u32::MAX - 1;
         assert_eq!(feed(&mut rx, at(0), start), vec![start as u8]);
         assert_eq!(feed(&mut rx, at(0), 1), Vec::<u8>::new());
@@ -953,7 +935,7 @@ mod tests {
     #[test]
     fn resend_buffer_keeps_recent_packets_by_sequence() {
         let mut buffer = ResendBuffer::new(3);
-        let sent: Vec<u32> = (0..5).map(|_| buffer.push_with(|seq| seq)).collect();
+        let sent: Vec<u32> = (0..5).map(|_| *buffer.push_with(|seq| seq).1).collect();
         assert_eq!(sent, vec![0, 1, 2, 3, 4]);
         assert_eq!(buffer.len(), 3);
         assert_eq!(buffer.get(1), None, "evicted by capacity");
@@ -966,7 +948,11 @@ mod tests {
         buffer.clear();
         assert!(buffer.is_empty());
         assert_eq!(buffer.get(4), None);
-        assert_eq!(buffer.push_with(|seq| seq), 5, "the sequence continues");
+        assert_eq!(
+            buffer.push_with(|seq| seq),
+            (5, &5),
+            "the sequence continues"
+        );
         assert_eq!(buffer.get(5), Some(&5));
     }
 
@@ -996,8 +982,8 @@ mod tests {
         let mut now = at(0);
         for _ in 0..N {
             now += Duration::from_micros(10);
-            let packet = gateway.push_with(|seq| seq.to_be_bytes().to_vec());
-            let seq = u32::from_be_bytes(packet[..4].try_into().unwrap());
+            let (seq, packet) = gateway.push_with(|seq| seq.to_be_bytes().to_vec());
+            let packet = packet.clone();
             let copies = match random() {
                 0..50 => 0,  // 5% lost
                 50..60 => 2, // 1% duplicated

@@ -446,17 +446,16 @@ impl Stack {
     /// As [`handle_packet`](Self::handle_packet), and [`PacketError::Frame`] for a malformed
     /// frame.
     pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) -> Result<(), PacketError> {
+        self.now = now;
         match datagram.first() {
             Some(&link_repair::FRAME_SEQUENCED) => {}
             Some(&link_repair::FRAME_GONE) => {
-                self.now = now;
                 self.link.gone(link_repair::parse_gone(datagram)?);
                 self.drain_link(now);
                 return Ok(());
             }
             _ => return self.handle_packet(now, datagram),
         }
-        self.now = now;
         let (seq, packet) = link_repair::parse_sequenced(datagram)?;
         let result = match self.link.accept(now, seq, packet) {
             Accepted::Deliver if self.device.rx.len() < self.device.rx_capacity => {
@@ -568,7 +567,7 @@ impl Stack {
     /// When [`poll`](Self::poll) must be called next at the latest, `None` if only a packet or a
     /// socket call can create work. A time at or before `now` means "poll again right away".
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        if !self.device.rx.is_empty() || self.link.has_ready() {
+        if !self.device.rx.is_empty() || self.link.ready_len() > 0 {
             return Some(self.now);
         }
         let connect_deadline = self

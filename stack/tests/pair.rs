@@ -73,12 +73,15 @@ impl Pair {
         self.b.poll(self.now);
         while let Some(p) = self.a.poll_transmit() {
             let p = match &mut self.repair {
-                Some(sent) => sent.push_with(|seq| {
-                    let mut frame = vec![0; SEQUENCED_OVERHEAD];
-                    put_sequenced_header(&mut frame, seq);
-                    frame.extend_from_slice(&p);
-                    frame
-                }),
+                Some(sent) => sent
+                    .push_with(|seq| {
+                        let mut frame = vec![0; SEQUENCED_OVERHEAD];
+                        put_sequenced_header(&mut frame, seq);
+                        frame.extend_from_slice(&p);
+                        frame
+                    })
+                    .1
+                    .clone(),
                 None => p,
             };
             self.send(true, p);
