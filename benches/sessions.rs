@@ -158,6 +158,14 @@ fn measure(
     (footprint, clients)
 }
 
+/// The gateway's heap: bytes in live allocations and bytes its allocator holds free.
+fn gateway_heap(gateway: &common::GatewayProcess) -> (f64, f64) {
+    (
+        gateway.metric("webnic_heap_in_use_bytes"),
+        gateway.metric("webnic_heap_free_bytes"),
+    )
+}
+
 /// Splits `sessions` over the client processes: (count, first id) per process.
 fn shares(sessions: u64) -> Vec<(u64, u64)> {
     let procs = CLIENT_PROCESSES.min(sessions.max(1));
@@ -245,6 +253,7 @@ fn main() {
         "--pool-v4",
         "10.77.0.0/17",
     ]);
+    let heap_before = gateway_heap(&gateway);
     let (webnic, load) = measure(gateway.process.pid(), sessions, idle, "gateway", || {
         shares(sessions)
             .into_iter()
@@ -276,6 +285,14 @@ fn main() {
             })
             .collect()
     });
+    let heap_after = gateway_heap(&gateway);
+    // What the RSS figure is made of: live allocations, and what the allocator holds free in
+    // its arenas (fragmentation), per session.
+    println!(
+        "NOTE gateway: heap in use {:.2} KiB/session, allocator free {:.2} KiB/session",
+        (heap_after.0 - heap_before.0) / sessions as f64 / 1024.0,
+        (heap_after.1 - heap_before.1) / sessions as f64 / 1024.0,
+    );
     // Every session must still be open at the end of the idle window (none timed out).
     let active = gateway.metric("webnic_sessions_active");
     assert_eq!(

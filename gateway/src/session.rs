@@ -55,6 +55,8 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the gateway waits, after a final `Close` capsule, for the client to read it and
 /// close the connection itself before the gateway closes it.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
+/// Most control-stream bytes taken from quinn at once.
+const CONTROL_CHUNK: usize = 1024;
 
 /// The client address pools.
 #[derive(Debug)]
@@ -277,16 +279,66 @@ enum End {
 
 /// Handles one incoming session from handshake to cleanup. Never fails: problems are logged
 /// and counted.
-pub async fn handle(incoming: IncomingSession, shared: Arc<Shared>) {
+///
+/// Opening (handshake, hello, admission) and finishing run boxed, so the task of an idle
+/// session holds only what serving needs: with them inline its future was 3.2 KB, held by every
+/// idle session for its whole life.
+pub fn handle(incoming: IncomingSession, shared: Arc<Shared>) -> impl Future<Output = ()> + Send {
+    let open = Box::pin(open(incoming, shared));
+    async move {
+        let Some((mut session, early_end)) = open.await else {
+            return;
+        };
+        let end = match early_end {
+            Some(end) => end,
+            None => {
+                serve(
+                    &session.connection,
+                    &session.shared,
+                    &session.identity,
+                    &session.addresses,
+                    &session.queue,
+                    &session.stats,
+                    (&mut session.send, &mut session.recv),
+                    &mut session.decoder,
+                )
+                .await
+            }
+        };
+        Box::pin(session.finish(end)).await;
+    }
+}
+
+/// A session past its hello and admission: what serving it and cleaning up after need.
+struct Running {
+    id: u64,
+    connection: Connection,
+    shared: Arc<Shared>,
+    send: SendStream,
+    recv: RecvStream,
+    decoder: CapsuleDecoder,
+    identity: Arc<Identity>,
+    addresses: Vec<IpAddr>,
+    queue: Arc<SessionQueue>,
+    stats: Arc<SessionStats>,
+    ticket: lease::Ticket,
+    /// Released when the session ends.
+    admission: AdmissionGuard,
+    started: Instant,
+}
+
+/// Accepts the WebTransport session and admits it. `None` if it was refused or failed (counted
+/// and logged); else the session, and its end if sending the configuration already failed.
+async fn open(incoming: IncomingSession, shared: Arc<Shared>) -> Option<(Running, Option<End>)> {
     let request = match tokio::time::timeout(HELLO_TIMEOUT, incoming.into_future()).await {
         Ok(Ok(request)) => request,
         Ok(Err(error)) => {
             tracing::debug!(%error, "session handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::debug!("session handshake timed out");
-            return;
+            return None;
         }
     };
     let remote = request.remote_address();
@@ -296,7 +348,7 @@ pub async fn handle(incoming: IncomingSession, shared: Arc<Shared>) {
         // The path without its query: a query may carry a token, which must not reach the logs.
         tracing::info!(%remote, path, "refused session: wrong path");
         request.not_found().await;
-        return;
+        return None;
     }
     if let Some(origin) = request.origin()
         && !shared.origins.allows(origin)
@@ -304,7 +356,7 @@ pub async fn handle(incoming: IncomingSession, shared: Arc<Shared>) {
         shared.metrics.refused(RefusalReason::Origin);
         tracing::warn!(%remote, origin, "refused session: origin not allowed");
         request.forbidden().await;
-        return;
+        return None;
     }
     // The token travels in the URL (browsers cannot add headers to a WebTransport request); it
     // is checked after the hello so that a refusal reaches the client as a close code.
@@ -316,11 +368,11 @@ pub async fn handle(incoming: IncomingSession, shared: Arc<Shared>) {
         Ok(connection) => connection,
         Err(error) => {
             tracing::debug!(%remote, %error, "session accept failed");
-            return;
+            return None;
         }
     };
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
-    run(id, connection, (token, resume), shared).await;
+    run(id, connection, (token, resume), shared).await
 }
 
 /// The value of `name` in the URL's query, if present and non-empty.
@@ -362,16 +414,16 @@ async fn refuse(
     close(connection, Some(send), code, detail).await;
 }
 
+/// After the WebTransport handshake: the hello, the token, admission, addresses and the
+/// configuration sent to the client.
 async fn run(
     id: u64,
     connection: Connection,
     (token, resume): (Option<String>, Option<Option<lease::Ticket>>),
     shared: Arc<Shared>,
-) {
+) -> Option<(Running, Option<End>)> {
     let remote = connection.remote_address();
-    // Boxed: the hello's read buffer is freed once it is done instead of sizing this future,
-    // which every idle session holds.
-    let (mut send, mut recv, mut decoder) = match Box::pin(hello(&connection)).await {
+    let (mut send, recv, decoder) = match hello(&connection).await {
         Ok(Hello::Ok {
             send,
             recv,
@@ -387,13 +439,13 @@ async fn run(
                 &format!("protocol version {version} unsupported, speak {PROTOCOL_VERSION}"),
             )
             .await;
-            return;
+            return None;
         }
         Err(reason) => {
             shared.metrics.refused(RefusalReason::Protocol);
             tracing::info!(session = id, %remote, %reason, "refused session: no valid hello");
             close(&connection, None, CloseCode::ProtocolViolation, &reason).await;
-            return;
+            return None;
         }
     };
 
@@ -412,7 +464,7 @@ async fn run(
                 detail,
             )
             .await;
-            return;
+            return None;
         }
         (Some(key), Some(text)) => match key.verify(&text, unix_now()) {
             Ok(token) => Some(token),
@@ -429,7 +481,7 @@ async fn run(
                     &detail,
                 )
                 .await;
-                return;
+                return None;
             }
         },
     };
@@ -445,7 +497,7 @@ async fn run(
             detail,
         )
         .await;
-        return;
+        return None;
     }
     let identity = Identity { id, remote, token };
     let admitted = shared.admission().admit(
@@ -464,7 +516,7 @@ async fn run(
             let (reason, code) = (admission_reason(refusal), refusal.close_code());
             let detail = refusal.to_string();
             refuse(&shared, &connection, &mut send, who, reason, code, &detail).await;
-            return;
+            return None;
         }
     };
 
@@ -500,7 +552,7 @@ async fn run(
             "no free address",
         )
         .await;
-        return;
+        return None;
     };
 
     if !was_resumed && let Some(mut leases) = shared.leases() {
@@ -528,136 +580,160 @@ async fn run(
 
     let stats = Arc::new(SessionStats::default());
     let ticket_to_send = shared.leases.is_some().then_some(ticket);
-    let end = match send
+    let early_end = send
         .write_all(&configuration(&shared, &addresses, ticket_to_send))
         .await
-    {
-        Err(error) => End::ControlError(format!("sending configuration: {error}")),
-        Ok(()) => {
-            serve(
-                &connection,
-                &shared,
-                &identity,
-                &addresses,
-                &queue,
-                &stats,
-                (&mut send, &mut recv),
-                &mut decoder,
-            )
-            .await
-        }
+        .err()
+        .map(|error| End::ControlError(format!("sending configuration: {error}")));
+    let session = Running {
+        id,
+        connection,
+        shared,
+        send,
+        recv,
+        decoder,
+        identity,
+        addresses,
+        queue,
+        stats,
+        ticket,
+        admission: _ticket,
+        started,
     };
+    Some((session, early_end))
+}
 
-    // Decided before the closes below change the connection's state. A client that closed its
-    // connection on purpose, even without a Close capsule, is gone; a control stream that failed
-    // because the connection timed out or was reset is a lost connection.
-    let lost = match &end {
-        End::Shutdown => true,
-        End::Connection(error) => !matches!(error, ConnectionError::ApplicationClosed(_)),
-        End::ControlError(_) => {
-            match tokio::time::timeout(Duration::from_millis(200), connection.closed()).await {
-                Ok(error) => !matches!(
-                    error,
-                    ConnectionError::ApplicationClosed(_) | ConnectionError::LocallyClosed
-                ),
-                // The connection is still up: the client broke the protocol.
-                Err(_) => false,
+impl Running {
+    /// After serving: closes the connection the way `end` calls for, parks or ends the lease,
+    /// frees the addresses and logs the session's end.
+    async fn finish(self, end: End) {
+        let Self {
+            id,
+            connection,
+            shared,
+            mut send,
+            identity,
+            addresses,
+            stats,
+            ticket,
+            admission,
+            started,
+            ..
+        } = self;
+        let remote = identity.remote;
+        // Decided before the closes below change the connection's state. A client that closed its
+        // connection on purpose, even without a Close capsule, is gone; a control stream that failed
+        // because the connection timed out or was reset is a lost connection.
+        let lost = match &end {
+            End::Shutdown => true,
+            End::Connection(error) => !matches!(error, ConnectionError::ApplicationClosed(_)),
+            End::ControlError(_) => {
+                match tokio::time::timeout(Duration::from_millis(200), connection.closed()).await {
+                    Ok(error) => !matches!(
+                        error,
+                        ConnectionError::ApplicationClosed(_) | ConnectionError::LocallyClosed
+                    ),
+                    // The connection is still up: the client broke the protocol.
+                    Err(_) => false,
+                }
+            }
+            _ => false,
+        };
+        match &end {
+            End::Shutdown => {
+                close(
+                    &connection,
+                    Some(&mut send),
+                    CloseCode::GatewayShutdown,
+                    "gateway shutting down",
+                )
+                .await;
+            }
+            End::ControlError(reason) => {
+                close(
+                    &connection,
+                    Some(&mut send),
+                    CloseCode::ProtocolViolation,
+                    reason,
+                )
+                .await;
+            }
+            End::MaxLifetime => {
+                shared.metrics.session_max_lifetime();
+                close(
+                    &connection,
+                    Some(&mut send),
+                    CloseCode::MaxLifetime,
+                    "maximum session lifetime reached",
+                )
+                .await;
+            }
+            End::ClientClose { .. } | End::ControlFinished => {
+                connection.close(VarInt::from_u32(CloseCode::Normal.to_u32()), b"");
+            }
+            End::Connection(_) => {}
+        }
+
+        for address in &addresses {
+            shared.routes.remove(*address);
+        }
+        // A connection that was lost, or a gateway going down, parks the lease: the client may come
+        // back with its ticket. Anything else ends it and the addresses go back to the pool.
+        // A session that moved no packet left no flow in the kernel's conntrack table to delete.
+        let carried_traffic = stats.rx_packets.load(Ordering::Relaxed) > 0
+            || stats.tx_packets.load(Ordering::Relaxed) > 0;
+        let parked = lost
+            && shared
+                .leases()
+                .map(|mut leases| {
+                    if carried_traffic {
+                        leases.note_traffic(&ticket);
+                    }
+                    leases.park(&ticket, Instant::now());
+                })
+                .is_some();
+        if !parked {
+            if let Some(mut leases) = shared.leases() {
+                leases.end(&ticket);
+            }
+            if carried_traffic {
+                // Back to the pool once the kernel forgot the session's flows, off this task.
+                let (shared, addresses) = (Arc::clone(&shared), addresses.clone());
+                tokio::spawn(async move {
+                    shared.conntrack.forget(&addresses).await;
+                    shared.release(&addresses);
+                });
+            } else {
+                shared.release(&addresses);
             }
         }
-        _ => false,
-    };
-    match &end {
-        End::Shutdown => {
-            close(
-                &connection,
-                Some(&mut send),
-                CloseCode::GatewayShutdown,
-                "gateway shutting down",
-            )
-            .await;
+        shared.metrics.session_ended();
+        if let Some(log) = &shared.abuse_log {
+            log.session_ended(
+                id,
+                remote,
+                identity.subject(),
+                started.elapsed(),
+                &describe(&end),
+            );
         }
-        End::ControlError(reason) => {
-            close(
-                &connection,
-                Some(&mut send),
-                CloseCode::ProtocolViolation,
-                reason,
-            )
-            .await;
-        }
-        End::MaxLifetime => {
-            shared.metrics.session_max_lifetime();
-            close(
-                &connection,
-                Some(&mut send),
-                CloseCode::MaxLifetime,
-                "maximum session lifetime reached",
-            )
-            .await;
-        }
-        End::ClientClose { .. } | End::ControlFinished => {
-            connection.close(VarInt::from_u32(CloseCode::Normal.to_u32()), b"");
-        }
-        End::Connection(_) => {}
-    }
-
-    for address in &addresses {
-        shared.routes.remove(*address);
-    }
-    // A connection that was lost, or a gateway going down, parks the lease: the client may come
-    // back with its ticket. Anything else ends it and the addresses go back to the pool.
-    // A session that moved no packet left no flow in the kernel's conntrack table to delete.
-    let carried_traffic = stats.rx_packets.load(Ordering::Relaxed) > 0
-        || stats.tx_packets.load(Ordering::Relaxed) > 0;
-    let parked = lost
-        && shared
-            .leases()
-            .map(|mut leases| {
-                if carried_traffic {
-                    leases.note_traffic(&ticket);
-                }
-                leases.park(&ticket, Instant::now());
-            })
-            .is_some();
-    if !parked {
-        if let Some(mut leases) = shared.leases() {
-            leases.end(&ticket);
-        }
-        if carried_traffic {
-            // Back to the pool once the kernel forgot the session's flows, off this task.
-            let (shared, addresses) = (Arc::clone(&shared), addresses.clone());
-            tokio::spawn(async move {
-                shared.conntrack.forget(&addresses).await;
-                shared.release(&addresses);
-            });
-        } else {
-            shared.release(&addresses);
-        }
-    }
-    shared.metrics.session_ended();
-    if let Some(log) = &shared.abuse_log {
-        log.session_ended(
-            id,
-            remote,
-            identity.subject(),
-            started.elapsed(),
-            &describe(&end),
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        tracing::info!(
+            session = id,
+            %remote,
+            addresses = ?addresses,
+            duration = ?started.elapsed(),
+            end = %describe(&end),
+            rx_packets = load(&stats.rx_packets),
+            rx_bytes = load(&stats.rx_bytes),
+            tx_packets = load(&stats.tx_packets),
+            tx_bytes = load(&stats.tx_bytes),
+            spoofed = load(&stats.spoofed),
+            "session ended"
         );
+        // Admission is given back last, once everything above is done.
+        drop(admission);
     }
-    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    tracing::info!(
-        session = id,
-        %remote,
-        addresses = ?addresses,
-        duration = ?started.elapsed(),
-        end = %describe(&end),
-        rx_packets = load(&stats.rx_packets),
-        rx_bytes = load(&stats.rx_bytes),
-        tx_packets = load(&stats.tx_packets),
-        tx_bytes = load(&stats.tx_bytes),
-        spoofed = load(&stats.spoofed),
-        "session ended"
-    );
 }
 
 fn describe(end: &End) -> String {
@@ -827,16 +903,18 @@ async fn serve(
     let mut shutdown = shared.shutdown.clone();
     let mut draining = shared.draining.clone();
     let mut told_draining = false;
-    let lifetime = async {
-        match shared.max_lifetime {
-            Some(limit) => tokio::time::sleep(limit).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(lifetime);
+    // Boxed, and only when there is a limit: a timer entry is a few hundred bytes.
+    let mut lifetime = shared
+        .max_lifetime
+        .map(|limit| Box::pin(tokio::time::sleep(limit)));
     let end = loop {
         tokio::select! {
-            () = &mut lifetime => break End::MaxLifetime,
+            () = async {
+                match lifetime.as_mut() {
+                    Some(sleep) => sleep.await,
+                    None => std::future::pending().await,
+                }
+            } => break End::MaxLifetime,
             end = &mut rx => break end.unwrap_or_else(|error| End::ControlError(format!("receiver task: {error}"))),
             end = &mut tx => break end.unwrap_or_else(|error| End::ControlError(format!("sender task: {error}"))),
             end = control(recv, decoder, queue, shared) => break end,
@@ -868,9 +946,6 @@ async fn control(
     queue: &SessionQueue,
     shared: &Shared,
 ) -> End {
-    // Small: it lives in every idle session's task, and capsules are short (a larger one takes
-    // several reads).
-    let mut buf = [0u8; 256];
     loop {
         loop {
             match decoder.next_message() {
@@ -899,15 +974,20 @@ async fn control(
                 Err(error) => return End::ControlError(format!("bad capsule: {error}")),
             }
         }
-        match recv.read(&mut buf).await {
-            Ok(Some(n)) => decoder.extend(&buf[..n]),
+        // Chunks quinn already holds, not a read buffer that would live in every idle
+        // session's task; capsules are short (a larger one takes several chunks).
+        match recv.quic_stream_mut().read_chunk(CONTROL_CHUNK, true).await {
+            Ok(Some(chunk)) => decoder.extend(&chunk.bytes),
             Ok(None) => return End::ControlFinished,
             Err(error) => return End::ControlError(format!("reading: {error}")),
         }
     }
 }
 
-async fn client_to_tun(
+// Not an `async fn`: it would keep its by-value arguments twice in the future (argument and
+// body binding), in every session's task; an async block uses its captures in place.
+#[allow(clippy::manual_async_fn)]
+fn client_to_tun(
     connection: Connection,
     shared: Arc<Shared>,
     identity: Arc<Identity>,
@@ -915,152 +995,153 @@ async fn client_to_tun(
     addresses: Vec<IpAddr>,
     queue: Arc<SessionQueue>,
     stats: Arc<SessionStats>,
-) -> End {
-    let (max_v4, max_v6) = shared.max_mss();
-    let mut icmp_budget = TokenBucket::new(ICMP_PROHIBITED_RATE, ICMP_PROHIBITED_RATE);
-    let mut quota = SessionQuota::new(limits, Instant::now());
-    // Each quota reason is logged at warn level once per session, then at debug.
-    let mut warned = [false; QuotaDrop::ALL.len()];
-    // An ICMP "administratively prohibited" for a refused packet, rate-limited.
-    let prohibited = |packet: &[u8], source: IpAddr, budget: &mut TokenBucket| {
-        let from = shared
-            .link_addresses
-            .iter()
-            .find(|a| a.is_ipv4() == source.is_ipv4());
-        if let Some(from) = from
-            && let Some(reply) = icmp_prohibited(packet, *from, usize::from(shared.link_mtu))
-            && budget.try_take(Instant::now())
-        {
-            let mut datagram = Vec::with_capacity(queue.header().len() + reply.len());
-            datagram.extend_from_slice(queue.header());
-            datagram.extend_from_slice(&reply);
-            if queue.push(Bytes::from(datagram)) {
-                shared.metrics.dropped(DropReason::QueueFull);
+) -> impl Future<Output = End> + Send {
+    async move {
+        let (max_v4, max_v6) = shared.max_mss();
+        let mut icmp_budget = TokenBucket::new(ICMP_PROHIBITED_RATE, ICMP_PROHIBITED_RATE);
+        let mut quota = SessionQuota::new(limits, Instant::now());
+        // Each quota reason is logged at warn level once per session, then at debug.
+        let mut warned = [false; QuotaDrop::ALL.len()];
+        // An ICMP "administratively prohibited" for a refused packet, rate-limited.
+        let prohibited = |packet: &[u8], source: IpAddr, budget: &mut TokenBucket| {
+            let from = shared
+                .link_addresses
+                .iter()
+                .find(|a| a.is_ipv4() == source.is_ipv4());
+            if let Some(from) = from
+                && let Some(reply) = icmp_prohibited(packet, *from, usize::from(shared.link_mtu))
+                && budget.try_take(Instant::now())
+            {
+                let mut datagram = Vec::with_capacity(queue.header().len() + reply.len());
+                datagram.extend_from_slice(queue.header());
+                datagram.extend_from_slice(&reply);
+                if queue.push(Bytes::from(datagram)) {
+                    shared.metrics.dropped(DropReason::QueueFull);
+                }
+                shared.metrics.icmp_prohibited_sent();
             }
-            shared.metrics.icmp_prohibited_sent();
-        }
-    };
-    // Datagrams are read from quinn's queue directly: wtransport's `receive_datagram` hands each
-    // one from its worker task over a capacity-1 channel, a task switch per packet. Its worker
-    // still reads quinn's queue too and may take one now and then, so its channel is polled as
-    // well, first: what it holds is older than what is left in quinn's queue, and taking it late
-    // would reorder the flow.
-    let quic = connection.quic_connection().clone();
-    let quarter_id = connection.session_id().into_u64() / 4;
-    loop {
-        let packet = tokio::select! {
-            biased;
-            datagram = connection.receive_datagram() => match datagram {
-                Ok(datagram) => datagram.payload(),
-                Err(error) => return End::Connection(error),
-            },
-            datagram = quic.read_datagram() => match datagram {
-                Ok(datagram) => match webnic_stack::protocol::get_varint(&datagram) {
-                    Some((id, len)) if id == quarter_id => datagram.slice(len..),
-                    _ => {
-                        shared.metrics.dropped(DropReason::Malformed);
-                        continue;
-                    }
-                },
-                Err(error) => return End::Connection(error.into()),
-            },
         };
-        if packet.first() == Some(&FRAME_NACK) && queue.link_repair() {
-            take_nack(&queue, &packet, &shared.metrics);
-            continue;
-        }
-        let classified = match classify_from_client(&packet, &addresses) {
-            Ok(classified) => classified,
-            Err(reason) => {
-                shared.metrics.dropped(reason);
-                if reason == DropReason::Spoofed {
-                    let n = stats.spoofed.fetch_add(1, Ordering::Relaxed) + 1;
-                    if n == 1 || n.is_multiple_of(1000) {
+        // Datagrams are read from quinn's queue directly: wtransport's `receive_datagram` hands each
+        // one from its worker task over a capacity-1 channel, a task switch per packet. Its worker
+        // still reads quinn's queue too and may take one now and then, so its channel is polled as
+        // well, first: what it holds is older than what is left in quinn's queue, and taking it late
+        // would reorder the flow.
+        let quic = connection.quic_connection().clone();
+        let quarter_id = connection.session_id().into_u64() / 4;
+        loop {
+            let packet = tokio::select! {
+                biased;
+                datagram = connection.receive_datagram() => match datagram {
+                    Ok(datagram) => datagram.payload(),
+                    Err(error) => return End::Connection(error),
+                },
+                datagram = quic.read_datagram() => match datagram {
+                    Ok(datagram) => match webnic_stack::protocol::get_varint(&datagram) {
+                        Some((id, len)) if id == quarter_id => datagram.slice(len..),
+                        _ => {
+                            shared.metrics.dropped(DropReason::Malformed);
+                            continue;
+                        }
+                    },
+                    Err(error) => return End::Connection(error.into()),
+                },
+            };
+            if packet.first() == Some(&FRAME_NACK) && queue.link_repair() {
+                take_nack(&queue, &packet, &shared.metrics);
+                continue;
+            }
+            let classified = match classify_from_client(&packet, &addresses) {
+                Ok(classified) => classified,
+                Err(reason) => {
+                    shared.metrics.dropped(reason);
+                    if reason == DropReason::Spoofed {
+                        let n = stats.spoofed.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n == 1 || n.is_multiple_of(1000) {
+                            tracing::warn!(
+                                remote = %connection.remote_address(),
+                                spoofed_so_far = n,
+                                "dropping client packets with a source address not assigned to the session"
+                            );
+                        }
+                    } else {
+                        tracing::debug!(%reason, len = packet.len(), "dropped client packet");
+                    }
+                    continue;
+                }
+            };
+            if let Err(refusal) = shared.policy.check(
+                classified.destination,
+                classified.protocol,
+                classified.destination_port,
+            ) {
+                shared.metrics.policy_refused(refusal.class);
+                tracing::debug!(
+                    destination = %classified.destination,
+                    protocol = classified.protocol,
+                    port = ?classified.destination_port,
+                    %refusal,
+                    "refused client packet"
+                );
+                prohibited(&packet, classified.source, &mut icmp_budget);
+                continue;
+            }
+            let scope_ok = identity.token.as_ref().is_none_or(|token| {
+                token.allows(classified.destination, classified.destination_port)
+            });
+            let verdict = if scope_ok {
+                quota.check(Instant::now(), &packet, &classified)
+            } else {
+                Err(QuotaDrop::TokenScope)
+            };
+            match verdict {
+                Ok(None) => {}
+                Ok(Some(flow)) => {
+                    if let Some(log) = &shared.abuse_log {
+                        log.flow(identity.id, identity.remote, identity.subject(), &flow);
+                    }
+                }
+                Err(reason) => {
+                    shared.metrics.quota_dropped(reason);
+                    if warned[reason as usize] {
+                        tracing::debug!(session = identity.id, reason = reason.label(), destination = %classified.destination, "quota dropped client packet");
+                    } else {
+                        warned[reason as usize] = true;
                         tracing::warn!(
-                            remote = %connection.remote_address(),
-                            spoofed_so_far = n,
-                            "dropping client packets with a source address not assigned to the session"
+                            session = identity.id,
+                            remote = %identity.remote,
+                            subject = identity.subject(),
+                            reason = reason.label(),
+                            destination = %classified.destination,
+                            "session quota dropping client packets"
                         );
                     }
-                } else {
-                    tracing::debug!(%reason, len = packet.len(), "dropped client packet");
-                }
-                continue;
-            }
-        };
-        if let Err(refusal) = shared.policy.check(
-            classified.destination,
-            classified.protocol,
-            classified.destination_port,
-        ) {
-            shared.metrics.policy_refused(refusal.class);
-            tracing::debug!(
-                destination = %classified.destination,
-                protocol = classified.protocol,
-                port = ?classified.destination_port,
-                %refusal,
-                "refused client packet"
-            );
-            prohibited(&packet, classified.source, &mut icmp_budget);
-            continue;
-        }
-        let scope_ok = identity
-            .token
-            .as_ref()
-            .is_none_or(|token| token.allows(classified.destination, classified.destination_port));
-        let verdict = if scope_ok {
-            quota.check(Instant::now(), &packet, &classified)
-        } else {
-            Err(QuotaDrop::TokenScope)
-        };
-        match verdict {
-            Ok(None) => {}
-            Ok(Some(flow)) => {
-                if let Some(log) = &shared.abuse_log {
-                    log.flow(identity.id, identity.remote, identity.subject(), &flow);
+                    if reason == QuotaDrop::TokenScope {
+                        prohibited(&packet, classified.source, &mut icmp_budget);
+                    }
+                    continue;
                 }
             }
-            Err(reason) => {
-                shared.metrics.quota_dropped(reason);
-                if warned[reason as usize] {
-                    tracing::debug!(session = identity.id, reason = reason.label(), destination = %classified.destination, "quota dropped client packet");
-                } else {
-                    warned[reason as usize] = true;
-                    tracing::warn!(
-                        session = identity.id,
-                        remote = %identity.remote,
-                        subject = identity.subject(),
-                        reason = reason.label(),
-                        destination = %classified.destination,
-                        "session quota dropping client packets"
-                    );
+            let packet = if mss_clamp_needed(&packet, max_v4, max_v6) {
+                let mut copy = packet.to_vec();
+                clamp_tcp_mss(&mut copy, max_v4, max_v6);
+                Bytes::from(copy)
+            } else {
+                packet
+            };
+            match shared.tun.send(&packet).await {
+                Ok(_) => {
+                    shared
+                        .metrics
+                        .forwarded(Direction::FromClient, packet.len());
+                    stats.rx_packets.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .rx_bytes
+                        .fetch_add(packet.len() as u64, Ordering::Relaxed);
                 }
-                if reason == QuotaDrop::TokenScope {
-                    prohibited(&packet, classified.source, &mut icmp_budget);
+                Err(error) => {
+                    shared.metrics.dropped(DropReason::TunWrite);
+                    tracing::debug!(%error, "TUN write failed");
                 }
-                continue;
-            }
-        }
-        let packet = if mss_clamp_needed(&packet, max_v4, max_v6) {
-            let mut copy = packet.to_vec();
-            clamp_tcp_mss(&mut copy, max_v4, max_v6);
-            Bytes::from(copy)
-        } else {
-            packet
-        };
-        match shared.tun.send(&packet).await {
-            Ok(_) => {
-                shared
-                    .metrics
-                    .forwarded(Direction::FromClient, packet.len());
-                stats.rx_packets.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .rx_bytes
-                    .fetch_add(packet.len() as u64, Ordering::Relaxed);
-            }
-            Err(error) => {
-                shared.metrics.dropped(DropReason::TunWrite);
-                tracing::debug!(%error, "TUN write failed");
             }
         }
     }
@@ -1136,94 +1217,103 @@ async fn send_resends(
     Ok(())
 }
 
-async fn tun_to_client(
+// Not an `async fn`, for the same reason as `client_to_tun`.
+#[allow(clippy::manual_async_fn)]
+fn tun_to_client(
     connection: Connection,
     shared: Arc<Shared>,
     limits: QuotaLimits,
     queue: Arc<SessionQueue>,
     stats: Arc<SessionStats>,
-) -> End {
-    let h3_len = queue.h3_header_len();
-    let quic = connection.quic_connection();
-    let mut bytes = limits.byte_bucket(Instant::now());
-    let mut keep = resend_keep(quic.rtt());
-    let mut until_rtt = 0u32;
-    loop {
-        let next = match queue.try_next() {
-            Some(next) => next,
-            // Quiet: what was kept for resends is freed once it is too old to be asked for,
-            // so an idle session holds none of it.
-            None if queue.keeps_sent() => match tokio::time::timeout(keep, queue.next()).await {
-                Ok(next) => next,
-                Err(_) => {
-                    queue.forget_sent();
+) -> impl Future<Output = End> + Send {
+    async move {
+        let h3_len = queue.h3_header_len();
+        let quic = connection.quic_connection();
+        let mut bytes = limits.byte_bucket(Instant::now());
+        let mut keep = resend_keep(quic.rtt());
+        let mut until_rtt = 0u32;
+        loop {
+            let next = match queue.try_next() {
+                Some(next) => next,
+                // Quiet: what was kept for resends is freed once it is too old to be asked for,
+                // so an idle session holds none of it.
+                None if queue.keeps_sent() => {
+                    match tokio::time::timeout(keep, queue.next()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            queue.forget_sent();
+                            continue;
+                        }
+                    }
+                }
+                None => queue.next().await,
+            };
+            let datagram = match next {
+                // Resends go first: the client holds everything behind them.
+                // Boxed: resends are rare, and inline their state would size every idle
+                // session's task.
+                Next::Resends => {
+                    let resends = send_resends(quic, &queue, &mut bytes, &shared.metrics);
+                    if let Err(end) = Box::pin(resends).await {
+                        return end;
+                    }
                     continue;
                 }
-            },
-            None => queue.next().await,
-        };
-        let datagram = match next {
-            // Resends go first: the client holds everything behind them.
-            Next::Resends => {
-                if let Err(end) = send_resends(quic, &queue, &mut bytes, &shared.metrics).await {
-                    return end;
+                Next::Datagram(datagram) => datagram,
+            };
+            let sequenced = datagram.get(h3_len) == Some(&FRAME_SEQUENCED);
+            let header_len = h3_len + if sequenced { SEQUENCED_OVERHEAD } else { 0 };
+            let ip_len = datagram.len() - header_len;
+            if let Some(bucket) = &mut bytes
+                && !bucket.try_take(Instant::now(), ip_len as f64)
+            {
+                shared.metrics.quota_dropped(QuotaDrop::BytesToClient);
+                continue;
+            }
+            match quic.max_datagram_size() {
+                Some(max) if datagram.len() <= max => {}
+                Some(max) => {
+                    shared.metrics.dropped(DropReason::TxOversize);
+                    tracing::debug!(len = datagram.len(), max, "datagram exceeds the QUIC limit");
+                    continue;
                 }
-                continue;
-            }
-            Next::Datagram(datagram) => datagram,
-        };
-        let sequenced = datagram.get(h3_len) == Some(&FRAME_SEQUENCED);
-        let header_len = h3_len + if sequenced { SEQUENCED_OVERHEAD } else { 0 };
-        let ip_len = datagram.len() - header_len;
-        if let Some(bucket) = &mut bytes
-            && !bucket.try_take(Instant::now(), ip_len as f64)
-        {
-            shared.metrics.quota_dropped(QuotaDrop::BytesToClient);
-            continue;
-        }
-        match quic.max_datagram_size() {
-            Some(max) if datagram.len() <= max => {}
-            Some(max) => {
-                shared.metrics.dropped(DropReason::TxOversize);
-                tracing::debug!(len = datagram.len(), max, "datagram exceeds the QUIC limit");
-                continue;
-            }
-            None => {
-                shared.metrics.dropped(DropReason::SendFailed);
-                continue;
-            }
-        }
-        let (seq, datagram) = if sequenced {
-            // The RTT takes quinn's connection lock: read it now and then, not per packet.
-            if until_rtt == 0 {
-                keep = resend_keep(quic.rtt());
-                until_rtt = 256;
-            }
-            until_rtt -= 1;
-            let (seq, datagram) = queue.sequence(datagram, Instant::now(), keep);
-            (Some(seq), datagram)
-        } else {
-            (None, datagram)
-        };
-        match quic.send_datagram_wait(datagram).await {
-            Ok(()) => {
-                if let Some(seq) = seq {
-                    queue.mark_sent(seq, Instant::now());
+                None => {
+                    shared.metrics.dropped(DropReason::SendFailed);
+                    continue;
                 }
-                shared.metrics.forwarded(Direction::ToClient, ip_len);
-                stats.tx_packets.fetch_add(1, Ordering::Relaxed);
-                stats.tx_bytes.fetch_add(ip_len as u64, Ordering::Relaxed);
             }
-            Err(wtransport::quinn::SendDatagramError::TooLarge) => {
-                shared.metrics.dropped(DropReason::TxOversize);
-            }
-            Err(wtransport::quinn::SendDatagramError::ConnectionLost(error)) => {
-                shared.metrics.dropped(DropReason::SendFailed);
-                return End::Connection(error.into());
-            }
-            Err(error) => {
-                shared.metrics.dropped(DropReason::SendFailed);
-                tracing::debug!(%error, "datagram send failed");
+            let (seq, datagram) = if sequenced {
+                // The RTT takes quinn's connection lock: read it now and then, not per packet.
+                if until_rtt == 0 {
+                    keep = resend_keep(quic.rtt());
+                    until_rtt = 256;
+                }
+                until_rtt -= 1;
+                let (seq, datagram) = queue.sequence(datagram, Instant::now(), keep);
+                (Some(seq), datagram)
+            } else {
+                (None, datagram)
+            };
+            match quic.send_datagram_wait(datagram).await {
+                Ok(()) => {
+                    if let Some(seq) = seq {
+                        queue.mark_sent(seq, Instant::now());
+                    }
+                    shared.metrics.forwarded(Direction::ToClient, ip_len);
+                    stats.tx_packets.fetch_add(1, Ordering::Relaxed);
+                    stats.tx_bytes.fetch_add(ip_len as u64, Ordering::Relaxed);
+                }
+                Err(wtransport::quinn::SendDatagramError::TooLarge) => {
+                    shared.metrics.dropped(DropReason::TxOversize);
+                }
+                Err(wtransport::quinn::SendDatagramError::ConnectionLost(error)) => {
+                    shared.metrics.dropped(DropReason::SendFailed);
+                    return End::Connection(error.into());
+                }
+                Err(error) => {
+                    shared.metrics.dropped(DropReason::SendFailed);
+                    tracing::debug!(%error, "datagram send failed");
+                }
             }
         }
     }
