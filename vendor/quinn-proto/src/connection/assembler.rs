@@ -59,6 +59,14 @@ impl Assembler {
     /// Get the the next chunk
     pub(super) fn read(&mut self, max_length: usize, ordered: bool) -> Option<Chunk> {
         loop {
+            if self.data.is_empty() {
+                // webnic: a heap that was read empty gives its allocation back, so an idle
+                // connection holds none per stream it has read (crypto and control streams).
+                if self.data.capacity() > 0 {
+                    self.data = BinaryHeap::new();
+                }
+                return None;
+            }
             let mut chunk = self.data.peek_mut()?;
 
             if ordered {
