@@ -741,6 +741,7 @@ async fn read_configuration(
                 ControlMessage::RouteAdvertisement(_)
                 | ControlMessage::ClientHello { .. }
                 | ControlMessage::LinkRepair
+                | ControlMessage::LinkStream
                 | ControlMessage::Draining { .. }
                 | ControlMessage::Unknown { .. } => {}
             }

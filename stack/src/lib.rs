@@ -21,6 +21,7 @@ mod dhcp;
 mod error;
 pub mod ethernet;
 pub mod link_repair;
+pub mod link_stream;
 pub mod protocol;
 mod stack;
 pub mod waiters;

@@ -45,6 +45,9 @@ pub mod capsule_type {
     pub const DRAINING: u64 = 0x1a77_6e06;
     /// LINK_REPAIR: client → gateway asks for sequenced datagrams and resends (PROTOCOL.md §3.1).
     pub const LINK_REPAIR: u64 = 0x1a77_6e07;
+    /// LINK_STREAM: client → gateway asks for its packets on a unidirectional stream
+    /// (PROTOCOL.md §3.2).
+    pub const LINK_STREAM: u64 = 0x1a77_6e08;
 }
 
 /// Bounds of a session ticket's length in bytes.
@@ -241,6 +244,9 @@ pub enum ControlMessage {
     /// Link repair (PROTOCOL.md §3.1), client → gateway: "sequence your datagrams to me and
     /// resend the ones I report missing".
     LinkRepair,
+    /// Stream link (PROTOCOL.md §3.2), client → gateway: "send my packets on a unidirectional
+    /// stream instead of datagrams".
+    LinkStream,
     /// Sent just before the session closes, saying why.
     Close {
         /// Why.
@@ -331,6 +337,7 @@ impl ControlMessage {
                 seconds: r.varint_u32("drain seconds")?,
             },
             capsule_type::LINK_REPAIR => Self::LinkRepair,
+            capsule_type::LINK_STREAM => Self::LinkStream,
             capsule_type::CLOSE => {
                 let code = CloseCode::from_u32(r.varint_u32("close code")?);
                 let reason = std::str::from_utf8(r.rest())
@@ -363,6 +370,7 @@ impl ControlMessage {
             Self::SessionTicket(_) => capsule_type::SESSION_TICKET,
             Self::Draining { .. } => capsule_type::DRAINING,
             Self::LinkRepair => capsule_type::LINK_REPAIR,
+            Self::LinkStream => capsule_type::LINK_STREAM,
             Self::Unknown { capsule_type } => *capsule_type,
         }
     }
@@ -400,7 +408,7 @@ impl ControlMessage {
             }
             Self::SessionTicket(ticket) => value.extend_from_slice(ticket),
             Self::Draining { seconds } => put_varint(&mut value, u64::from(*seconds)),
-            Self::LinkRepair | Self::Unknown { .. } => {}
+            Self::LinkRepair | Self::LinkStream | Self::Unknown { .. } => {}
         }
         put_varint(out, self.capsule_type());
         put_varint(out, value.len() as u64);
@@ -628,6 +636,7 @@ mod tests {
         roundtrip(ControlMessage::SessionTicket((0..32).collect()));
         roundtrip(ControlMessage::Draining { seconds: 30 });
         roundtrip(ControlMessage::LinkRepair);
+        roundtrip(ControlMessage::LinkStream);
         roundtrip(ControlMessage::AddressAssign(vec![
             AssignedAddress {
                 request_id: 0,
@@ -696,6 +705,10 @@ mod tests {
             capsule_type::LINK_MTU,
             capsule_type::DNS_SERVERS,
             capsule_type::CLOSE,
+            capsule_type::SESSION_TICKET,
+            capsule_type::DRAINING,
+            capsule_type::LINK_REPAIR,
+            capsule_type::LINK_STREAM,
         ] {
             assert_ne!((t.wrapping_sub(0x17)) % 0x29, 0, "{t:#x} is a grease value");
         }

@@ -15,6 +15,7 @@ use smoltcp::wire::{
 use crate::device::QueueDevice;
 use crate::error::{ConnectError, DnsError, ListenError, PacketError, TcpError, UdpError};
 use crate::link_repair::{self, Accepted, LinkReceiver, LinkStats};
+use crate::link_stream::{Deframer, StreamFrameError};
 
 /// First port of the ephemeral range (RFC 6335).
 const EPHEMERAL_FIRST: u16 = 49152;
@@ -206,6 +207,8 @@ pub struct StackStats {
     pub syn_dropped_backlog: u64,
     /// Connects failed at once by an ICMP "administratively prohibited" for their SYN.
     pub connects_prohibited: u64,
+    /// Packets that arrived on the stream link (PROTOCOL.md §3.2).
+    pub link_stream_packets: u64,
 }
 
 #[derive(Debug)]
@@ -312,6 +315,8 @@ pub struct Stack {
     stats: StackStats,
     /// Puts the gateway's sequenced datagrams back in order (link repair).
     link: LinkReceiver,
+    /// Splits the stream link's bytes into packets.
+    link_stream: Deframer,
 }
 
 impl Stack {
@@ -374,6 +379,7 @@ impl Stack {
             events: VecDeque::new(),
             stats: StackStats::default(),
             link: LinkReceiver::new(),
+            link_stream: Deframer::new(),
         }
     }
 
@@ -475,6 +481,37 @@ impl Stack {
             Accepted::Held | Accepted::Duplicate => Ok(()),
         };
         self.drain_link(now);
+        result
+    }
+
+    /// Queues the packets in bytes read from the stream link (PROTOCOL.md §3.2), in whatever
+    /// chunks they arrive. The link is reliable, so a full receive queue is not a reason to drop:
+    /// the stack is polled to make room instead. Call [`poll`](Self::poll) afterwards.
+    ///
+    /// # Errors
+    /// The stream's framing is broken: the stream link cannot continue.
+    pub fn handle_link_stream(
+        &mut self,
+        now: Instant,
+        bytes: &[u8],
+    ) -> Result<(), StreamFrameError> {
+        self.now = now;
+        let mut deframer = std::mem::take(&mut self.link_stream);
+        deframer.extend(bytes);
+        let result = loop {
+            let packet = match deframer.next_packet() {
+                Ok(Some(packet)) => packet,
+                Ok(None) => break Ok(()),
+                Err(error) => break Err(error),
+            };
+            if self.device.rx.len() >= self.device.rx_capacity {
+                self.poll(now);
+            }
+            if self.handle_packet(now, packet).is_ok() {
+                self.stats.link_stream_packets += 1;
+            }
+        };
+        self.link_stream = deframer;
         result
     }
 

@@ -8,6 +8,7 @@ use webnic_stack::link_repair::{
     FRAME_GONE, FRAME_NACK, ResendBuffer, SEQUENCED_OVERHEAD, parse_nack, put_ranges,
     put_sequenced_header,
 };
+use webnic_stack::link_stream::put_frame;
 use webnic_stack::{
     Duration, Event, Instant, Stack, StackConfig, TcpError, TcpHandle, TcpOptions, UdpOptions,
 };
@@ -28,6 +29,9 @@ struct Pair {
     b_events: Vec<Event>,
     /// Link repair on A → B, A playing the gateway: what A sent, by sequence number.
     repair: Option<ResendBuffer<Vec<u8>>>,
+    /// Stream link on A → B (A playing the gateway): each step's packets from A framed into one
+    /// stream write, delivered to B in two chunks split inside a frame.
+    stream: bool,
 }
 
 impl Pair {
@@ -48,6 +52,7 @@ impl Pair {
             a_events: Vec::new(),
             b_events: Vec::new(),
             repair: None,
+            stream: false,
         }
     }
 
@@ -71,6 +76,20 @@ impl Pair {
     fn step(&mut self) {
         self.a.poll(self.now);
         self.b.poll(self.now);
+        if self.stream {
+            let mut write = Vec::new();
+            while let Some(p) = self.a.poll_transmit() {
+                put_frame(&mut write, &p);
+            }
+            if !write.is_empty() {
+                let split = write.len() / 2 + 1;
+                let rest = write.split_off(split.min(write.len()));
+                self.send(true, write);
+                if !rest.is_empty() {
+                    self.send(true, rest);
+                }
+            }
+        }
         while let Some(p) = self.a.poll_transmit() {
             let p = match &mut self.repair {
                 Some(sent) => sent
@@ -131,6 +150,12 @@ impl Pair {
         }
         while self.wire.front().is_some_and(|(at, _, _)| *at <= self.now) {
             let (_, to_b, p) = self.wire.pop_front().unwrap();
+            if to_b && self.stream {
+                self.b
+                    .handle_link_stream(self.now, &p)
+                    .expect("the stream's framing holds");
+                continue;
+            }
             let target = if to_b { &mut self.b } else { &mut self.a };
             let _ = target.handle_datagram(self.now, &p);
         }
@@ -276,6 +301,24 @@ fn link_repair_hides_loss_from_tcp() {
             "{repaired} with vs {unrepaired} without"
         );
     }
+}
+
+/// The stream link (PROTOCOL.md §3.2): A's packets arrive framed in chunks of many packets,
+/// split inside frames, at a receiver whose queue holds 4. The transfer is byte-exact and no
+/// packet is dropped for room: the stack makes room by polling instead.
+#[test]
+fn stream_link_delivers_every_packet_through_a_small_queue() {
+    const SIZE: usize = 2 << 20;
+    let mut pair = Pair::new(1152, 2, 0, 7);
+    let mut config = StackConfig::new(1152, 7 ^ 0x5555);
+    config.ipv4 = Some(B);
+    config.rx_queue_len = 4;
+    pair.b = Stack::new(config, pair.now);
+    pair.stream = true;
+    let (_, pair) = transfer_with(pair, SIZE);
+    let stats = pair.b.stats();
+    assert_eq!(stats.dropped_queue_full, 0, "{stats:?}");
+    assert!(stats.link_stream_packets > SIZE as u64 / 1152, "{stats:?}");
 }
 
 #[test]

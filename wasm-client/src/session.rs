@@ -256,6 +256,7 @@ async fn read_configuration(
                 ControlMessage::RouteAdvertisement(_)
                 | ControlMessage::ClientHello { .. }
                 | ControlMessage::LinkRepair
+                | ControlMessage::LinkStream
                 | ControlMessage::Draining { .. }
                 | ControlMessage::Unknown { .. } => {}
             }
