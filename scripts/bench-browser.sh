@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The browser benchmark (not part of CI): in one headless Chromium, a 16 MiB GET from nginx in the
 # server namespace, sha256 checked in the page, median of RUNS (default 3), through
-#   - webnic with the stack in the page (Window) and in a Worker,
+#   - webnic with the stack in the page (Window) and in a Worker, on datagrams and on the stream
+#     link (PROTOCOL.md §3.2),
 #   - websockify (PyPI) with a page WebSocket,
 #   - a Wisp server with the wisp-js client (npm @mercuryworkshop/wisp-js),
 #   - the page's own fetch() (no relay: the browser's network stack, routed to the namespace);
 # plus, for webnic, TCP upload goodput (16 MiB, checked by the server's sha256) and the UDPSocket
 # datagram echo rate, next to the page's raw WebTransport datagram echo rate against
-# gateway/examples/datagram_echo.rs (the ceiling: same wtransport/quinn layers, no stack, no TUN). Prints each figure and webnic's ratio to the best relay, writes them to
+# gateway/examples/datagram_echo.rs (the ceiling: same wtransport/quinn layers, no stack, no TUN),
+# and that server's raw stream download (the stream link's ceiling). Prints each figure and
+# webnic's ratio to the best relay, writes them to
 # target/browser-bench.md and replaces the browser section of docs/PERFORMANCE.md (between its markers).
 #
 #   sudo scripts/bench-browser.sh            # RUNS=5 scripts/bench-browser.sh for more runs

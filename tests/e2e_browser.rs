@@ -347,6 +347,52 @@ fn browser_tcp_get_4_mib_sha256() {
     });
 }
 
+/// The stream link (PROTOCOL.md §3.2): a page that asks for it gets its packets on a QUIC
+/// stream; a 4 MiB GET is byte-exact in a Window and in a Worker, every packet of it came on the
+/// stream (none as a sequenced datagram), and the gateway counted both sessions.
+#[test]
+fn browser_tcp_get_over_the_stream_link() {
+    require_prerequisites();
+    require_browser();
+    let topology = Topology::new();
+    let www = topology.tmp().join("www");
+    fs::create_dir_all(&www).expect("www dir");
+    let data = random_bytes(4 << 20);
+    fs::write(www.join("random.bin"), &data).expect("write random.bin");
+    let _nginx = topology.serve_nginx(&www);
+    let gateway = topology.start_gateway(&[]);
+    let server = PageServer::start();
+    for worker in [false, true] {
+        let arg = format!(
+            r#"{{"gateway":"{}","certHash":"{}","host":"{}","port":80,"path":"/random.bin","worker":{worker},"linkStream":true}}"#,
+            gateway.url(),
+            gateway.cert_hash(),
+            topology.srv_ipv4()
+        );
+        let result = run_in_page(&topology, &server, "httpGetSha256", &arg);
+        println!("worker {worker}: {result}");
+        assert_eq!(
+            json_field(&result, "sha256"),
+            Some(sha256_hex(&data).as_str()),
+            "the page received different bytes (worker {worker}): {result}"
+        );
+        let on_stream: f64 = json_field(&result, "linkStreamPackets")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0.0);
+        // 4 MiB in segments of at most the link MTU (1152) is over 3,600 packets.
+        assert!(
+            on_stream > 3600.0,
+            "only {on_stream} packets came on the stream link (worker {worker}): {result}"
+        );
+        assert_eq!(
+            json_field(&result, "linkSequenced"),
+            Some("0"),
+            "no link repair on the stream link: {result}"
+        );
+    }
+    assert_eq!(gateway.metric("webnic_link_stream_sessions_total"), 2.0);
+}
+
 /// 16 MiB through the socat TCP echo, written and read concurrently by the page: byte-exact
 /// (the sha256 of what the page sent equals that of what came back), after one-byte pings.
 #[test]
@@ -1523,6 +1569,14 @@ fn browser_bench_relays() {
     for (label, key) in [
         ("webnic GET, stack in the page (Window)", "webnicWindowGet"),
         ("webnic GET, stack in a Worker", "webnicWorkerGet"),
+        (
+            "webnic GET on the stream link, Window",
+            "webnicWindowStreamGet",
+        ),
+        (
+            "webnic GET on the stream link, Worker",
+            "webnicWorkerStreamGet",
+        ),
         ("websockify GET (page WebSocket)", "websockifyGet"),
         ("Wisp GET (wisp-js client and server)", "wispGet"),
         ("page fetch() GET, no relay", "fetchGet"),
@@ -1587,9 +1641,33 @@ fn browser_bench_relays() {
     ] {
         println!("BENCH {label}: {:.2}", figure(key) / (down * 1100.0 / 1e6));
     }
+    let stream = figure("rawStreamDownload");
+    println!(
+        "BENCH raw WebTransport stream download, 64 MiB, no stack (the stream link's ceiling): {stream:.1} MB/s"
+    );
+    for (label, key) in [
+        (
+            "ratio webnic stream-link Window GET / raw stream download",
+            "webnicWindowStreamGet",
+        ),
+        (
+            "ratio webnic stream-link Worker GET / raw stream download",
+            "webnicWorkerStreamGet",
+        ),
+    ] {
+        println!("BENCH {label}: {:.2}", figure(key) / stream);
+    }
     for (label, key) in [
         ("ratio webnic Window GET / best relay", "webnicWindowGet"),
         ("ratio webnic Worker GET / best relay", "webnicWorkerGet"),
+        (
+            "ratio webnic stream-link Window GET / best relay",
+            "webnicWindowStreamGet",
+        ),
+        (
+            "ratio webnic stream-link Worker GET / best relay",
+            "webnicWorkerStreamGet",
+        ),
     ] {
         println!("BENCH {label}: {:.2}", figure(key) / relays);
     }

@@ -7,7 +7,8 @@
 //! listens, writes the self-signed certificate's sha256 (hex) to `HASH_FILE` once ready, and echoes
 //! every datagram of every session on any path. A datagram `FLOOD <count> <size>` instead starts
 //! a one-way flood of `count` datagrams of `size` bytes to that session (the download ceiling),
-//! paced by QUIC's datagram send buffer so none is dropped here.
+//! paced by QUIC's datagram send buffer so none is dropped here; `STREAM <bytes>` writes that
+//! many bytes on a unidirectional stream to the session (the stream link's ceiling).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -51,6 +52,11 @@ async fn main() -> anyhow::Result<()> {
             };
             // One reader per session (wtransport's receive path is a capacity-1 channel).
             while let Ok(datagram) = connection.receive_datagram().await {
+                if let Some(bytes) = stream_request(&datagram.payload()) {
+                    let connection = connection.clone();
+                    tokio::spawn(async move { stream(&connection, bytes).await });
+                    continue;
+                }
                 if let Some((count, size)) = flood_request(&datagram.payload()) {
                     let connection = connection.clone();
                     tokio::spawn(async move { flood(&connection, count, size).await });
@@ -88,4 +94,30 @@ async fn flood(connection: &wtransport::Connection, count: u32, size: usize) {
             return;
         }
     }
+}
+
+/// `STREAM <bytes>` → bytes, at most 1 GiB.
+fn stream_request(payload: &[u8]) -> Option<usize> {
+    let text = std::str::from_utf8(payload).ok()?.strip_prefix("STREAM ")?;
+    text.trim().parse().ok().filter(|&n| n <= 1 << 30)
+}
+
+/// Writes `bytes` on a new unidirectional stream, 64 KiB per write, then finishes it.
+async fn stream(connection: &wtransport::Connection, bytes: usize) {
+    let Ok(opening) = connection.open_uni().await else {
+        return;
+    };
+    let Ok(mut stream) = opening.await else {
+        return;
+    };
+    let chunk = vec![0x5a; 64 << 10];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        if stream.write_all(&chunk[..n]).await.is_err() {
+            return;
+        }
+        left -= n;
+    }
+    let _ = stream.finish().await;
 }

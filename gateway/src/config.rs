@@ -143,6 +143,10 @@ pub struct Cli {
     /// repair loss on the QUIC hop; PROTOCOL.md §3.1): their datagrams go unsequenced.
     #[arg(long)]
     pub no_link_repair: bool,
+    /// Refuse clients' requests for the stream link (their packets on a QUIC stream instead of
+    /// datagrams; PROTOCOL.md §3.2): they keep getting datagrams.
+    #[arg(long)]
+    pub no_link_stream: bool,
     /// Require a session token signed with the key in this file (text: trailing whitespace
     /// ignored; at least 16 bytes). Mint tokens with `webnic-gateway token`.
     #[arg(long, value_name = "FILE")]
@@ -296,6 +300,9 @@ pub struct FileConfig {
     /// See [`Cli::no_link_repair`].
     #[serde(default)]
     pub no_link_repair: bool,
+    /// See [`Cli::no_link_stream`].
+    #[serde(default)]
+    pub no_link_stream: bool,
     /// See [`Cli::token_key_file`].
     pub token_key_file: Option<PathBuf>,
     /// See [`Cli::max_sessions_per_address`].
@@ -409,6 +416,8 @@ pub struct Config {
     pub max_lifetime: Option<Duration>,
     /// Whether clients may have link repair.
     pub link_repair: bool,
+    /// Whether clients may have the stream link.
+    pub link_stream: bool,
     /// Per-session quotas.
     pub quota: QuotaLimits,
     /// The abuse log file.
@@ -634,6 +643,7 @@ impl Config {
         Ok(Self {
             demo,
             link_repair: !(cli.no_link_repair || file.no_link_repair),
+            link_stream: !(cli.no_link_stream || file.no_link_stream),
             token_key,
             admission,
             max_lifetime: (!max_lifetime.is_zero()).then_some(max_lifetime),

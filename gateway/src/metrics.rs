@@ -136,6 +136,7 @@ pub struct Metrics {
     conntrack: std::sync::OnceLock<Arc<crate::conntrack::ConntrackCounters>>,
     quic_connections: AtomicU64,
     link_repair_sessions: AtomicU64,
+    link_stream_sessions: AtomicU64,
     link_resent: AtomicU64,
     link_resend_missed: AtomicU64,
     link_nack_malformed: AtomicU64,
@@ -195,6 +196,11 @@ impl Metrics {
     /// A session asked for link repair.
     pub fn link_repair_enabled(&self) {
         self.link_repair_sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A session moved its packets to the stream link.
+    pub fn link_stream_enabled(&self) {
+        self.link_stream_sessions.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Packets resent for a NACK, and NACKed packets no longer kept (too old, or never sent).
@@ -377,6 +383,13 @@ impl Metrics {
             load(&self.link_resend_missed),
             load(&self.link_nack_malformed),
             load(&self.link_resend_limited),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP webnic_link_stream_sessions_total Sessions that moved their packets to the stream link (PROTOCOL.md §3.2).\n\
+             # TYPE webnic_link_stream_sessions_total counter\n\
+             webnic_link_stream_sessions_total {}",
+            load(&self.link_stream_sessions),
         );
         let _ = writeln!(
             out,
@@ -629,10 +642,12 @@ mod tests {
         assert!(text.contains("webnic_policy_refused_packets_total{class=\"port\"} 0\n"));
         assert!(text.contains("webnic_icmp_prohibited_sent_total 0\n"));
         m.link_repair_enabled();
+        m.link_stream_enabled();
         m.link_resent(3, 1);
         m.link_nack_malformed();
         let text = m.render();
         assert!(text.contains("webnic_link_repair_sessions_total 1\n"));
+        assert!(text.contains("webnic_link_stream_sessions_total 1\n"));
         assert!(text.contains("webnic_link_resent_packets_total 3\n"));
         assert!(text.contains("webnic_link_resend_missed_total 1\n"));
         assert!(text.contains("webnic_link_nack_malformed_total 1\n"));

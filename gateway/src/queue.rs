@@ -54,6 +54,8 @@ pub struct SessionQueue {
     sent: Mutex<SentLog>,
     /// Whether `sent` holds resend requests (checked without the lock per packet).
     has_requests: AtomicBool,
+    /// Whether the session asked for the stream link: the sender moves to a stream.
+    stream_link: AtomicBool,
 }
 
 /// What the sender should do next.
@@ -122,6 +124,7 @@ impl SessionQueue {
                 requests: VecDeque::new(),
             }),
             has_requests: AtomicBool::new(false),
+            stream_link: AtomicBool::new(false),
         }
     }
 
@@ -284,12 +287,28 @@ impl SessionQueue {
     /// Turns link repair on: datagrams queued from now on carry a sequenced-frame header.
     /// Returns `false` if it was on already.
     pub fn enable_link_repair(&self) -> bool {
-        !self.sequenced.swap(true, Ordering::Relaxed)
+        !self.stream_link() && !self.sequenced.swap(true, Ordering::Relaxed)
     }
 
     /// Whether link repair is on.
     pub fn link_repair(&self) -> bool {
         self.sequenced.load(Ordering::Relaxed)
+    }
+
+    /// Asks the sender to move to the stream link. Returns `false` if it was asked already, or
+    /// if link repair is on (the two do not mix: a stream needs no repair).
+    pub fn enable_stream_link(&self) -> bool {
+        !self.link_repair() && !self.stream_link.swap(true, Ordering::Relaxed)
+    }
+
+    /// Whether the session asked for the stream link.
+    pub fn stream_link(&self) -> bool {
+        self.stream_link.load(Ordering::Relaxed)
+    }
+
+    /// The stream link could not be opened: the session stays on datagrams.
+    pub fn stream_link_failed(&self) {
+        self.stream_link.store(false, Ordering::Relaxed);
     }
 
     /// Queues `datagram` and wakes the consumer. Returns `true` if the queue was full and the
@@ -440,6 +459,22 @@ mod tests {
         tokio::task::yield_now().await;
         q.push(Bytes::from_static(b"x"));
         assert_eq!(consumer.await.unwrap(), Bytes::from_static(b"x"));
+    }
+
+    #[test]
+    fn stream_link_and_link_repair_exclude_each_other() {
+        let q = SessionQueue::new(16, ([0x07; 8], 1));
+        assert!(q.enable_stream_link());
+        assert!(!q.enable_stream_link(), "on once");
+        assert!(!q.enable_link_repair(), "no repair on a stream");
+        assert!(!q.link_repair() && q.stream_link());
+        q.stream_link_failed();
+        assert!(!q.stream_link());
+
+        let q = SessionQueue::new(16, ([0x07; 8], 1));
+        assert!(q.enable_link_repair());
+        assert!(!q.enable_stream_link(), "repair came first");
+        assert!(q.link_repair() && !q.stream_link());
     }
 
     /// A sequenced datagram as the TUN reader queues it once link repair is on.

@@ -38,6 +38,10 @@ const DATAGRAM_RECEIVE_BUFFER: usize = 1 << 20;
 /// (2.0×). Clean-link goodput did not change (tunnel bench, 3 alternating runs each). The
 /// session queue in front of it (1,024 packets) absorbs bursts instead.
 const DATAGRAM_SEND_BUFFER: usize = 128 << 10;
+/// Unacknowledged stream data quinn holds per connection (quinn's default is 10 MB): what a
+/// stream-link session (PROTOCOL.md §3.2) may have in flight, so its memory stays bounded. At
+/// the millisecond round trips of a tunnel to a browser it is far more than the path needs.
+const STREAM_SEND_WINDOW: u64 = 1 << 20;
 /// Keep-alive interval, well below the idle timeout, so idle sessions survive NAT rebinding
 /// timeouts and the idle timer.
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
@@ -221,6 +225,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         admission: Mutex::new(crate::admission::Admission::new(config.admission)),
         max_lifetime: config.max_lifetime,
         link_repair: config.link_repair,
+        link_stream: config.link_stream,
         quota: config.quota,
         abuse_log,
         policy,
@@ -516,6 +521,7 @@ pub fn transport_config(
     transport
         .datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER))
         .datagram_send_buffer_size(DATAGRAM_SEND_BUFFER)
+        .send_window(STREAM_SEND_WINDOW)
         .max_idle_timeout(wtransport::quinn::IdleTimeout::try_from(idle_timeout).ok())
         .keep_alive_interval(Some(KEEP_ALIVE.min(idle_timeout / 2)))
         .max_concurrent_bidi_streams(MAX_CLIENT_BIDI_STREAMS.into())

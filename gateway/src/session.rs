@@ -49,6 +49,7 @@ use webnic_stack::link_repair::{
     FRAME_GONE, FRAME_NACK, FRAME_SEQUENCED, MAX_NACK_RANGES, SEQUENCED_OVERHEAD, parse_nack,
     put_ranges,
 };
+use webnic_stack::link_stream::put_frame;
 
 /// How long a client has to open the control stream and send its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -141,6 +142,8 @@ pub struct Shared {
     pub max_lifetime: Option<Duration>,
     /// Whether clients may have link repair (`--no-link-repair` turns it off).
     pub link_repair: bool,
+    /// Whether clients may have the stream link (`--no-link-stream` turns it off).
+    pub link_stream: bool,
     /// Per-session quotas (a token may narrow the bandwidth).
     pub quota: QuotaLimits,
     /// The abuse log.
@@ -967,6 +970,12 @@ async fn control(
                         tracing::debug!("client asked for link repair: datagrams sequenced");
                     }
                 }
+                Ok(Some(ControlMessage::LinkStream)) if shared.link_stream => {
+                    if queue.enable_stream_link() {
+                        shared.metrics.link_stream_enabled();
+                        tracing::debug!("client asked for the stream link");
+                    }
+                }
                 Ok(Some(message)) => {
                     tracing::debug!(?message, "ignoring control message from client");
                 }
@@ -1162,6 +1171,76 @@ fn take_nack(queue: &SessionQueue, nack: &[u8], metrics: &Metrics) {
     }
 }
 
+/// Most bytes of framed packets written to the stream link at once.
+const STREAM_WRITE: usize = 64 << 10;
+
+/// The sender of a session on the stream link (PROTOCOL.md §3.2): opens a unidirectional stream
+/// to the client and writes every packet there, framed, as many as are queued per write (up to
+/// [`STREAM_WRITE`] bytes), starting with `first`. Returns how the session ended, or `Err` if the
+/// stream could not be opened.
+async fn send_on_stream(
+    connection: &Connection,
+    shared: &Shared,
+    queue: &SessionQueue,
+    stats: &SessionStats,
+    mut bytes: Option<Bucket>,
+    first: Bytes,
+) -> Result<End, String> {
+    let opening = match connection.open_uni().await {
+        Ok(opening) => opening,
+        Err(error) => return Ok(End::Connection(error)),
+    };
+    let mut stream = opening.await.map_err(|error| error.to_string())?;
+    let h3_len = queue.h3_header_len();
+    let mut write = Vec::new();
+    let mut pending = Some(first);
+    loop {
+        let datagram = match pending.take() {
+            Some(datagram) => datagram,
+            None => match queue.next().await {
+                Next::Datagram(datagram) => datagram,
+                // Only link repair asks for resends, and it is off on the stream link.
+                Next::Resends => continue,
+            },
+        };
+        let mut framed = 0;
+        let mut next = Some(datagram);
+        while let Some(datagram) = next.take() {
+            let packet = &datagram[h3_len..];
+            if let Some(bucket) = &mut bytes
+                && !bucket.try_take(Instant::now(), packet.len() as f64)
+            {
+                shared.metrics.quota_dropped(QuotaDrop::BytesToClient);
+            } else {
+                put_frame(&mut write, packet);
+                framed += 1;
+                shared.metrics.forwarded(Direction::ToClient, packet.len());
+                stats
+                    .tx_bytes
+                    .fetch_add(packet.len() as u64, Ordering::Relaxed);
+            }
+            if write.len() < STREAM_WRITE
+                && let Some(Next::Datagram(datagram)) = queue.try_next()
+            {
+                next = Some(datagram);
+            }
+        }
+        stats.tx_packets.fetch_add(framed, Ordering::Relaxed);
+        if write.is_empty() {
+            continue;
+        }
+        if let Err(error) = stream.write_all(&write).await {
+            // The connection went away, or the client stopped the stream.
+            let closed = tokio::time::timeout(Duration::from_millis(100), connection.closed());
+            return Ok(match closed.await {
+                Ok(error) => End::Connection(error),
+                Err(_) => End::ControlError(format!("stream link: {error}")),
+            });
+        }
+        write.clear();
+    }
+}
+
 /// How long sent datagrams are kept for resends after they left the gateway: a few QUIC round
 /// trips (the client gives up on a gap after about 4.5 link round trips) plus what may wait in
 /// QUIC's send buffer, within these bounds.
@@ -1261,6 +1340,23 @@ fn tun_to_client(
                 }
                 Next::Datagram(datagram) => datagram,
             };
+            if queue.stream_link() {
+                // From now on every packet goes on the stream link; boxed, as only sessions
+                // that asked for it need its state.
+                let sender =
+                    send_on_stream(&connection, &shared, &queue, &stats, bytes.take(), datagram);
+                match Box::pin(sender).await {
+                    Ok(end) => return end,
+                    Err(error) => {
+                        // Datagrams still work: carry on with them (the packet in hand is
+                        // lost, TCP resends it).
+                        tracing::warn!(%error, "could not open the stream link; staying on datagrams");
+                        queue.stream_link_failed();
+                        bytes = limits.byte_bucket(Instant::now());
+                        continue;
+                    }
+                }
+            }
             let sequenced = datagram.get(h3_len) == Some(&FRAME_SEQUENCED);
             let header_len = h3_len + if sequenced { SEQUENCED_OVERHEAD } else { 0 };
             let ip_len = datagram.len() - header_len;

@@ -97,9 +97,9 @@ function message(error) {
   return String(error && error.message !== undefined ? error.message : error);
 }
 
-async function start(url, serverCertificateHashes, wasm, reconnectForMs, linkRepair) {
+async function start(url, serverCertificateHashes, wasm, reconnectForMs, linkRepair, linkStream) {
   await init(wasm === undefined ? undefined : { module_or_path: wasm });
-  nic = await connect(url, serverCertificateHashes, reconnectForMs, linkRepair);
+  nic = await connect(url, serverCertificateHashes, reconnectForMs, linkRepair, linkStream);
   statsTimer = setInterval(() => postMessage({ event: 'stats', stats: nic.stats() }), STATS_MS);
   nic.closed().then((reason) => {
     clearInterval(statsTimer);

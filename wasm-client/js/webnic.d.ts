@@ -16,6 +16,13 @@ export interface WebNicConnectOptions {
    */
   linkRepair?: boolean;
   /**
+   * Stream link (docs/PROTOCOL.md §3.2): the gateway sends the page's packets on one QUIC stream
+   * instead of datagrams: faster downloads in browsers that deliver datagrams one read at a
+   * time, but a loss on the path holds up every connection until QUIC repairs it. Default false;
+   * when true, no link repair.
+   */
+  linkStream?: boolean;
+  /**
    * The wasm file or its URL (default: next to pkg/webnic_wasm.js). With `worker: true`, a URL
    * or a WebAssembly.Module (what can be posted to the worker).
    */
@@ -150,6 +157,8 @@ export interface WebNicStats {
   linkGaveUp: number;
   /** Link repair: sequence numbers asked for. */
   linkNacked: number;
+  /** Packets that came on the stream link. */
+  linkStreamPackets: number;
 }
 
 export declare class WebNic {

@@ -42,6 +42,19 @@ function linkRepair(options) {
   return on;
 }
 
+// Stream link (PROTOCOL.md §3.2): the gateway sends the page's packets on one QUIC stream
+// instead of datagrams. A browser reads a stream in chunks of many packets but hands datagrams
+// over one read each, so downloads run faster (docs/BROWSER.md); the stream is reliable and
+// ordered, so a loss on the path holds up every connection of the page until QUIC repairs it
+// (as with a WebSocket relay). `options.linkStream: true` turns it on (then no link repair).
+function linkStream(options) {
+  const on = options.linkStream ?? false;
+  if (typeof on !== 'boolean') {
+    throw new TypeError(`linkStream must be a boolean, not ${on}`);
+  }
+  return on;
+}
+
 let ready = null;
 
 /** Loads the wasm module once (its URL defaults to next to webnic_wasm.js). */
@@ -109,7 +122,7 @@ class WorkerNic {
     // The worker resolves relative URLs against its own location: make them absolute here.
     if (typeof wasm === 'string' || wasm instanceof URL) wasm = new URL(wasm, location.href).href;
     try {
-      const info = await nic.#call('connect', [url, options.serverCertificateHashes, wasm, reconnectFor(options), linkRepair(options)]);
+      const info = await nic.#call('connect', [url, options.serverCertificateHashes, wasm, reconnectFor(options), linkRepair(options), linkStream(options)]);
       Object.assign(nic, { address: info.address, addressV6: info.addressV6, mtu: info.mtu });
       nic.#stats = info.stats;
     } catch (error) {
@@ -538,7 +551,7 @@ export class WebNic {
     try {
       if (worker) return new WebNic(await WorkerNic.start(url, options), true);
       await load(options.wasm);
-      return new WebNic(await connectWasm(url, options.serverCertificateHashes, reconnectFor(options), linkRepair(options)), false);
+      return new WebNic(await connectWasm(url, options.serverCertificateHashes, reconnectFor(options), linkRepair(options), linkStream(options)), false);
     } catch (error) {
       throw domError(error);
     }

@@ -16,7 +16,7 @@ use webnic_stack::protocol::ControlMessage;
 use webnic_stack::waiters::Waiters;
 use webnic_stack::{Instant, Stack};
 
-use crate::session::{Opened, SessionError, close_reason, read_chunk};
+use crate::session::{Downlink, Opened, SessionError, close_reason, read_chunk};
 
 #[wasm_bindgen]
 extern "C" {
@@ -239,6 +239,41 @@ pub(crate) async fn read_datagrams(core: Rc<Core>, reader: ReadableStreamDefault
     }
 }
 
+/// Reads the stream link (PROTOCOL.md §3.2): waits for the gateway's stream, then hands what it
+/// carries to the stack chunk by chunk, until the connection ends. One read brings tens of
+/// packets, where datagrams take one read each.
+pub(crate) async fn read_link_stream(core: Rc<Core>, incoming: ReadableStreamDefaultReader) {
+    let Ok(Some(stream)) = read_chunk(&incoming).await else {
+        return;
+    };
+    let reader: ReadableStreamDefaultReader = stream
+        .unchecked_into::<web_sys::ReadableStream>()
+        .get_reader()
+        .unchecked_into();
+    let mut buf = Vec::new();
+    loop {
+        let Ok(Some(chunk)) = read_chunk(&reader).await else {
+            return;
+        };
+        buf.resize(chunk.length() as usize, 0);
+        chunk.copy_to(&mut buf);
+        let broken = {
+            let mut shared = core.shared.borrow_mut();
+            let now = core.now();
+            shared.stack.handle_link_stream(now, &buf).err()
+        };
+        if let Some(error) = broken {
+            // No packet boundary to resynchronise on: the session cannot go on.
+            core.shared
+                .borrow_mut()
+                .close(SessionError::Protocol(format!("stream link: {error}")));
+            core.poke();
+            return;
+        }
+        core.poke();
+    }
+}
+
 /// Follows one connection's control stream after the handshake (DNS updates, new tickets, the
 /// close reason) until the connection ends; returns why it ended.
 async fn read_control(core: &Core, opened: &mut Opened) -> SessionError {
@@ -289,7 +324,7 @@ pub(crate) async fn supervise(
     url: String,
     certificate_hashes: JsValue,
     reconnect_for_ms: f64,
-    link_repair: bool,
+    downlink: Downlink,
 ) {
     let (ipv4, ipv6) = (current.announced.ipv4, current.announced.ipv6);
     loop {
@@ -297,6 +332,9 @@ pub(crate) async fn supervise(
             core.clone(),
             current.datagram_reader.clone(),
         ));
+        if let Some(incoming) = current.incoming_streams.clone() {
+            wasm_bindgen_futures::spawn_local(read_link_stream(core.clone(), incoming));
+        }
         let reason = read_control(&core, &mut current).await;
         if core.is_closed() {
             return;
@@ -314,7 +352,7 @@ pub(crate) async fn supervise(
             &certificate_hashes,
             &ticket,
             reconnect_for_ms,
-            link_repair,
+            downlink,
         )
         .await
         {
@@ -349,7 +387,7 @@ async fn reconnect(
     certificate_hashes: &JsValue,
     ticket: &[u8],
     reconnect_for_ms: f64,
-    link_repair: bool,
+    downlink: Downlink,
 ) -> Result<Opened, SessionError> {
     let deadline = performance_now() + reconnect_for_ms;
     let resume_url = crate::session::resume_url(url, ticket);
@@ -359,7 +397,7 @@ async fn reconnect(
         if core.is_closed() {
             return Err(SessionError::ClosedLocally);
         }
-        match crate::session::open(&resume_url, certificate_hashes, link_repair).await {
+        match crate::session::open(&resume_url, certificate_hashes, downlink).await {
             Ok(next) => return Ok(next),
             // A refusal with a reason (pool exhausted, token expired, ...) is final.
             Err(error @ SessionError::Closed { .. }) => return Err(error),

@@ -30,9 +30,13 @@ pub async fn connect_raw(
     url: String,
     server_certificate_hashes: JsValue,
 ) -> Result<RawNic, JsError> {
-    let opened = session::open(&url, &server_certificate_hashes, false)
-        .await
-        .map_err(|e| JsError::new(&e.to_string()))?;
+    let opened = session::open(
+        &url,
+        &server_certificate_hashes,
+        session::Downlink::Datagrams,
+    )
+    .await
+    .map_err(|e| JsError::new(&e.to_string()))?;
     let announced = &opened.announced;
     // Never announce a packet size the browser would silently drop.
     let mtu = announced

@@ -48,7 +48,7 @@ const KEEP_ALIVE_PROBES: u32 = 9;
 /// gateway restart) the session resumes on a new one with the gateway's ticket, trying for
 /// `reconnect_for_ms` (0: never), and its TCP connections carry on. `link_repair` asks the
 /// gateway to sequence its datagrams and resend the ones the stack reports missing
-/// (PROTOCOL.md §3.1).
+/// (PROTOCOL.md §3.1); `link_stream` instead asks it to send our packets on a stream (§3.2).
 ///
 /// # Errors
 /// The session's error, as a JS `Error` whose message names the cause.
@@ -58,8 +58,14 @@ pub async fn connect(
     server_certificate_hashes: JsValue,
     reconnect_for_ms: f64,
     link_repair: bool,
+    link_stream: bool,
 ) -> Result<Nic, JsError> {
-    let opened = session::open(&url, &server_certificate_hashes, link_repair)
+    let downlink = match (link_stream, link_repair) {
+        (true, _) => session::Downlink::Stream,
+        (false, true) => session::Downlink::Repaired,
+        (false, false) => session::Downlink::Datagrams,
+    };
+    let opened = session::open(&url, &server_certificate_hashes, downlink)
         .await
         .map_err(|e| JsError::new(&e.to_string()))?;
     let announced = &opened.announced;
@@ -97,7 +103,7 @@ pub async fn connect(
         url,
         server_certificate_hashes,
         reconnect_for_ms,
-        link_repair,
+        downlink,
     ));
     spawn_local(driver::drive(core));
     Ok(nic)
@@ -256,10 +262,10 @@ impl Nic {
     }
 
     /// Traffic counters: `{ packetsSent, packetsReceived, bytesSent, bytesReceived, drops,
-    /// reconnects, linkSequenced, linkRepaired, linkGaveUp, linkNacked }` (`reconnects`:
-    /// connections the session resumed on after losing one; `link*`: link repair's datagrams
-    /// sequenced by the gateway, packets repaired by a resend, packets given up on, sequence
-    /// numbers asked for).
+    /// reconnects, linkSequenced, linkRepaired, linkGaveUp, linkNacked, linkStreamPackets }`
+    /// (`reconnects`: connections the session resumed on after losing one; `link*`: link
+    /// repair's datagrams sequenced by the gateway, packets repaired by a resend, packets given
+    /// up on, sequence numbers asked for; packets that came on the stream link).
     pub fn stats(&self) -> Object {
         let (stats, link) = {
             let shared = self.core.shared.borrow();
@@ -277,6 +283,7 @@ impl Nic {
             ("linkRepaired", link.repaired),
             ("linkGaveUp", link.gave_up),
             ("linkNacked", link.nacked),
+            ("linkStreamPackets", stats.link_stream_packets),
         ] {
             let _ = Reflect::set(&out, &key.into(), &JsValue::from_f64(value as f64));
         }

@@ -88,6 +88,20 @@ pub(crate) struct Opened {
     pub(crate) control_writer: WritableStreamDefaultWriter,
     pub(crate) datagram_reader: ReadableStreamDefaultReader,
     pub(crate) datagram_writer: WritableStreamDefaultWriter,
+    /// The gateway's incoming unidirectional streams, when the session asked for the stream
+    /// link (PROTOCOL.md §3.2): the first one carries our packets.
+    pub(crate) incoming_streams: Option<ReadableStreamDefaultReader>,
+}
+
+/// How the gateway sends us packets (PROTOCOL.md §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Downlink {
+    /// Datagrams as they come.
+    Datagrams,
+    /// Sequenced datagrams, with loss repaired on the hop (§3.1).
+    Repaired,
+    /// A unidirectional stream (§3.2).
+    Stream,
 }
 
 /// `String(error)` of a JS exception, for messages.
@@ -120,7 +134,7 @@ pub(crate) fn resume_url(url: &str, ticket: &[u8]) -> String {
 pub(crate) async fn open(
     url: &str,
     certificate_hashes: &JsValue,
-    link_repair: bool,
+    downlink: Downlink,
 ) -> Result<Opened, SessionError> {
     let connect = |e: JsValue| SessionError::Connect(js_message(&e));
     let options = WebTransportOptions::new();
@@ -156,9 +170,18 @@ pub(crate) async fn open(
         version: PROTOCOL_VERSION,
     }
     .emit(&mut hello);
-    if link_repair {
-        ControlMessage::LinkRepair.emit(&mut hello);
+    match downlink {
+        Downlink::Datagrams => {}
+        Downlink::Repaired => ControlMessage::LinkRepair.emit(&mut hello),
+        Downlink::Stream => ControlMessage::LinkStream.emit(&mut hello),
     }
+    // Taken before the hello goes out, so the gateway's stream cannot be missed.
+    let incoming_streams = (downlink == Downlink::Stream).then(|| {
+        transport
+            .incoming_unidirectional_streams()
+            .get_reader()
+            .unchecked_into::<ReadableStreamDefaultReader>()
+    });
     JsFuture::from(control_writer.write_with_chunk(&Uint8Array::from(&hello[..])))
         .await
         .map_err(connect)?;
@@ -181,6 +204,7 @@ pub(crate) async fn open(
         control_writer,
         datagram_reader,
         datagram_writer,
+        incoming_streams,
     })
 }
 
