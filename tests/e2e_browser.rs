@@ -785,7 +785,8 @@ fn browser_window_vs_worker() {
 /// function that knows only `new TCPSocket(...)` (tests/browser/page.html's classic script)
 /// GETs a file from nginx by name: `web.test`, resolved through the tunnel's DNS (dnsmasq in
 /// the server namespace). Also checks `nic.address`, `nic.addressV6`, `nic.mtu`, `nic.stats()`
-/// (link repair on by default: the gateway's datagrams arrived sequenced)
+/// (this page asks for datagrams, `linkStream: false`, so link repair, on by default for
+/// datagrams, is covered: the gateway's datagrams arrived sequenced)
 /// and `nic.closed`, in both Window and Worker mode.
 #[test]
 fn browser_globals_hostname_and_session_info() {
@@ -859,7 +860,8 @@ fn browser_globals_hostname_and_session_info() {
             "{result}"
         );
         assert_eq!(number("drops"), 0.0, "{result}");
-        // The page asked for link repair (the default) and the gateway sequenced what it sent.
+        // On datagrams the page asks for link repair (the default) and the gateway sequenced
+        // what it sent.
         assert!(number("linkSequenced") > 0.0, "{result}");
         assert_eq!(json_field(&result, "closedIsPromise"), Some("true"));
         assert!(

@@ -398,11 +398,13 @@ impl Stack {
         self.link.stats()
     }
 
-    /// Forgets the link-repair sequence: the session moved to a new connection, whose sequence
-    /// starts afresh. Packets held behind a gap are handed on first.
+    /// Forgets the link-repair sequence and any partial frame of the stream link: the session
+    /// moved to a new connection, whose sequence and stream start afresh. Packets held behind a
+    /// gap are handed on first.
     pub fn reset_link(&mut self) {
         self.link.reset();
         self.drain_link(self.now);
+        self.link_stream = Deframer::new();
     }
 
     /// Replaces the resolvers (the gateway may announce new ones at any time).

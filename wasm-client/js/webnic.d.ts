@@ -18,7 +18,7 @@ export interface WebNicConnectOptions {
   /**
    * Stream link (docs/PROTOCOL.md §3.2): the gateway sends the page's packets on one QUIC stream
    * instead of datagrams: faster downloads in browsers that deliver datagrams one read at a
-   * time, but a loss on the path holds up every connection until QUIC repairs it. Default false;
+   * time, but a loss on the path holds up every connection until QUIC repairs it. Default true;
    * when true, no link repair.
    */
   linkStream?: boolean;
