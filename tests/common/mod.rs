@@ -1446,3 +1446,57 @@ pub(crate) fn restartable_gateway_args(dir: &Path) -> (Vec<String>, PathBuf) {
     ];
     (args, leases)
 }
+
+/// A complete IPv4/UDP packet with correct header and UDP checksums.
+pub(crate) fn udp_packet(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let udp_len = 8 + payload.len();
+    let total = 20 + udp_len;
+    let mut packet = Vec::with_capacity(total);
+    packet.extend_from_slice(&[0x45, 0]);
+    packet.extend_from_slice(&(total as u16).to_be_bytes());
+    packet.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, 17, 0, 0]); // id, DF, TTL, UDP, checksum
+    packet.extend_from_slice(&src.octets());
+    packet.extend_from_slice(&dst.octets());
+    let header_sum = checksum(&packet[..20], 0);
+    packet[10..12].copy_from_slice(&header_sum.to_be_bytes());
+
+    let mut udp = Vec::with_capacity(udp_len);
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    let mut sum = checksum(&udp, sum_words(&pseudo));
+    if sum == 0 {
+        sum = 0xffff;
+    }
+    udp[6..8].copy_from_slice(&sum.to_be_bytes());
+    packet.extend_from_slice(&udp);
+    packet
+}
+
+pub(crate) fn sum_words(data: &[u8]) -> u32 {
+    data.chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+/// The Internet checksum of `data`, starting from the partial sum `initial`.
+pub(crate) fn checksum(data: &[u8], initial: u32) -> u16 {
+    let mut sum = initial + sum_words(data);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}

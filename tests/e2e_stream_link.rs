@@ -1,0 +1,169 @@
+//! The stream link (docs/PROTOCOL.md §3.2) from a client written against the protocol alone
+//! (wtransport, no webnic client library): after `LINK_STREAM` the gateway sends the client's
+//! packets on a unidirectional stream, framed; a client that stops reading that stream has its
+//! session closed as a protocol violation, and another session on the gateway carries on.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use common::{TEST_TIMEOUT, Topology, UDP_ECHO_PORT, connect_client, udp_packet, within};
+use webnic_stack::link_stream::Deframer;
+use webnic_stack::protocol::{CapsuleDecoder, CloseCode, ControlMessage, PROTOCOL_VERSION};
+
+const STREAM_SESSIONS: &str = "webnic_link_stream_sessions_total";
+/// Our UDP port for the echoes.
+const PORT: u16 = 40_000;
+
+/// A raw WebTransport session to the gateway.
+async fn connect_raw(gateway: &common::GatewayProcess) -> wtransport::Connection {
+    let hash = gateway.cert_hash();
+    let mut digest = [0u8; 32];
+    for (i, byte) in digest.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hash[2 * i..2 * i + 2], 16).expect("hex hash");
+    }
+    let config = wtransport::ClientConfig::builder()
+        .with_bind_default()
+        .with_server_certificate_hashes([wtransport::tls::Sha256Digest::new(digest)])
+        .build();
+    let endpoint = wtransport::Endpoint::client(config).expect("client endpoint");
+    endpoint
+        .connect(gateway.url())
+        .await
+        .expect("WebTransport session")
+}
+
+/// Sends the hello with `LINK_STREAM` and reads the configuration: our IPv4 address.
+async fn hello(
+    connection: &wtransport::Connection,
+) -> (wtransport::SendStream, wtransport::RecvStream, Ipv4Addr) {
+    let (mut send, mut recv) = connection
+        .open_bi()
+        .await
+        .expect("open control stream")
+        .await
+        .expect("control stream");
+    let mut capsules = Vec::new();
+    ControlMessage::ClientHello {
+        version: PROTOCOL_VERSION,
+    }
+    .emit(&mut capsules);
+    ControlMessage::LinkStream.emit(&mut capsules);
+    send.write_all(&capsules).await.expect("write hello");
+    let mut decoder = CapsuleDecoder::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        while let Some(message) = decoder.next_message().expect("valid capsules") {
+            if let ControlMessage::AddressAssign(addresses) = message {
+                let v4 = addresses.iter().find_map(|a| match a.address {
+                    IpAddr::V4(v4) => Some(v4),
+                    IpAddr::V6(_) => None,
+                });
+                return (send, recv, v4.expect("an IPv4 address"));
+            }
+        }
+        let n = recv
+            .read(&mut buf)
+            .await
+            .expect("read configuration")
+            .expect("configuration before the end of the stream");
+        decoder.extend(&buf[..n]);
+    }
+}
+
+/// Reads frames from the stream link until a whole packet is there.
+async fn next_packet(stream: &mut wtransport::RecvStream, deframer: &mut Deframer) -> Vec<u8> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(packet) = deframer.next_packet().expect("valid framing") {
+            return packet.to_vec();
+        }
+        let n = within(
+            Duration::from_secs(10),
+            "stream link read",
+            stream.read(&mut buf),
+        )
+        .await
+        .expect("read stream link")
+        .expect("the stream link ended");
+        deframer.extend(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_link_carries_packets_and_a_stopped_stream_ends_only_its_session() {
+    let topology = Topology::new();
+    let _echo = topology.serve_udp_echo();
+    let gateway = topology.start_gateway(&[]);
+    let server = topology.srv_ipv4();
+    within(TEST_TIMEOUT, "stream link", async {
+        // A bystander on datagrams, to show the misbehaving session hurts no one else.
+        let bystander = connect_client(&gateway).await;
+
+        let connection = connect_raw(&gateway).await;
+        let (_send, _recv, address) = hello(&connection).await;
+        let mut stream = None;
+        let mut deframer = Deframer::new();
+        for i in 0..20u8 {
+            let payload = [i; 300];
+            let packet = udp_packet(address, server, PORT, UDP_ECHO_PORT, &payload);
+            connection.send_datagram(&packet).expect("send datagram");
+            if stream.is_none() {
+                // The gateway opens the stream at the first packet it has for us.
+                stream = Some(
+                    within(
+                        Duration::from_secs(10),
+                        "accept stream",
+                        connection.accept_uni(),
+                    )
+                    .await
+                    .expect("the gateway's stream link"),
+                );
+            }
+            let reply = next_packet(stream.as_mut().expect("stream"), &mut deframer).await;
+            assert_eq!(reply[0] >> 4, 4, "an IPv4 packet");
+            assert_eq!(reply[9], 17, "UDP");
+            assert_eq!(&reply[12..16], &server.octets(), "from the echo server");
+            assert_eq!(&reply[16..20], &address.octets(), "to us");
+            assert_eq!(&reply[28..], &payload[..], "echo {i} came back byte-exact");
+        }
+        assert_eq!(gateway.metric(STREAM_SESSIONS), 1.0);
+
+        // Stop reading the stream: the gateway's next write fails, and it closes the session
+        // as a protocol violation.
+        stream.expect("stream").stop(0u32.into());
+        let packet = udp_packet(address, server, PORT, UDP_ECHO_PORT, b"after stop");
+        connection.send_datagram(&packet).expect("send datagram");
+        let closed = within(
+            Duration::from_secs(10),
+            "session close",
+            connection.closed(),
+        )
+        .await;
+        match closed {
+            wtransport::error::ConnectionError::ApplicationClosed(close) => assert_eq!(
+                close.code().into_inner(),
+                u64::from(CloseCode::ProtocolViolation.to_u32()),
+                "{close:?}"
+            ),
+            other => panic!("the session ended otherwise: {other:?}"),
+        }
+
+        // The bystander's session is unaffected.
+        let socket = bystander.udp_bind(0).await.expect("bind");
+        let remote = SocketAddr::new(IpAddr::V4(server), UDP_ECHO_PORT);
+        socket.send_to(b"still here", remote).await.expect("send");
+        let mut buf = [0u8; 64];
+        let (n, from) = within(
+            Duration::from_secs(10),
+            "bystander echo",
+            socket.recv_from(&mut buf),
+        )
+        .await
+        .expect("recv");
+        assert_eq!((&buf[..n], from), (&b"still here"[..], remote));
+        bystander.close().await;
+    })
+    .await;
+}
