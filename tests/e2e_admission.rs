@@ -124,16 +124,7 @@ async fn connect_with_origin(
     gateway: &GatewayProcess,
     origin: &str,
 ) -> Result<wtransport::Connection, wtransport::error::ConnectingError> {
-    let hash = gateway.cert_hash();
-    let mut digest = [0u8; 32];
-    for (i, byte) in digest.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hash[2 * i..2 * i + 2], 16).unwrap();
-    }
-    let config = wtransport::ClientConfig::builder()
-        .with_bind_default()
-        .with_server_certificate_hashes([wtransport::tls::Sha256Digest::new(digest)])
-        .build();
-    let endpoint = wtransport::Endpoint::client(config).expect("client endpoint");
+    let endpoint = common::wtransport_client(gateway);
     let options = wtransport::endpoint::ConnectOptions::builder(gateway.url())
         .add_header("origin", origin)
         .build();

@@ -275,6 +275,16 @@ fn json_field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
     rest.split([',', '}']).next()
 }
 
+/// nginx in the server namespace serving `size` random bytes as `/name`; returns the bytes.
+fn serve_random_file(topology: &Topology, name: &str, size: usize) -> (Vec<u8>, common::Process) {
+    let www = topology.tmp().join("www");
+    fs::create_dir_all(&www).expect("www dir");
+    let data = random_bytes(size);
+    fs::write(www.join(name), &data).expect("write the served file");
+    let nginx = topology.serve_nginx(&www);
+    (data, nginx)
+}
+
 /// `TCPSocket` GET of a 4 MiB random file from nginx in the server namespace: the sha256 the
 /// page computes equals the file's.
 #[test]
@@ -282,11 +292,7 @@ fn browser_tcp_get_4_mib_sha256() {
     require_prerequisites();
     require_browser();
     let topology = Topology::new();
-    let www = topology.tmp().join("www");
-    fs::create_dir_all(&www).expect("www dir");
-    let data = random_bytes(4 << 20);
-    fs::write(www.join("random.bin"), &data).expect("write random.bin");
-    let _nginx = topology.serve_nginx(&www);
+    let (data, _nginx) = serve_random_file(&topology, "random.bin", 4 << 20);
     let gateway = topology.start_gateway(&[]);
     let server = PageServer::start();
     let free_key = "webnic_pool_addresses_free{family=\"ipv4\"}";
@@ -355,11 +361,7 @@ fn browser_tcp_get_over_the_stream_link() {
     require_prerequisites();
     require_browser();
     let topology = Topology::new();
-    let www = topology.tmp().join("www");
-    fs::create_dir_all(&www).expect("www dir");
-    let data = random_bytes(4 << 20);
-    fs::write(www.join("random.bin"), &data).expect("write random.bin");
-    let _nginx = topology.serve_nginx(&www);
+    let (data, _nginx) = serve_random_file(&topology, "random.bin", 4 << 20);
     let gateway = topology.start_gateway(&[]);
     let server = PageServer::start();
     for worker in [false, true] {
@@ -496,11 +498,7 @@ fn browser_demo_speed_test_screenshot() {
     require_prerequisites();
     require_browser();
     let topology = Topology::new();
-    let www = topology.tmp().join("www");
-    fs::create_dir_all(&www).expect("www dir");
-    let data = random_bytes(4 << 20);
-    fs::write(www.join("speed.bin"), &data).expect("write speed.bin");
-    let _nginx = topology.serve_nginx(&www);
+    let (_data, _nginx) = serve_random_file(&topology, "speed.bin", 4 << 20);
     let gateway = topology.start_gateway(&[]);
     let server = PageServer::start();
 
@@ -722,11 +720,7 @@ fn browser_window_vs_worker() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(3);
     let topology = Topology::new();
-    let www = topology.tmp().join("www");
-    fs::create_dir_all(&www).expect("www dir");
-    let data = random_bytes(8 << 20);
-    fs::write(www.join("random.bin"), &data).expect("write random.bin");
-    let _nginx = topology.serve_nginx(&www);
+    let (data, _nginx) = serve_random_file(&topology, "random.bin", 8 << 20);
     let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
     let _sink = serve_sha256_sink(&topology, SINK_PORT);
     let gateway = topology.start_gateway(&[]);
@@ -794,11 +788,7 @@ fn browser_globals_hostname_and_session_info() {
     require_browser();
     let topology = Topology::new();
     let _dnsmasq = topology.serve_dnsmasq();
-    let www = topology.tmp().join("www");
-    fs::create_dir_all(&www).expect("www dir");
-    let data = random_bytes(1 << 20);
-    fs::write(www.join("named.bin"), &data).expect("write named.bin");
-    let _nginx = topology.serve_nginx(&www);
+    let (data, _nginx) = serve_random_file(&topology, "named.bin", 1 << 20);
     let gateway = topology.start_gateway(&[]);
     let server = PageServer::start();
 
@@ -942,11 +932,7 @@ fn browser_two_pages_at_once() {
     require_prerequisites();
     require_browser();
     let topology = Topology::new();
-    let www = topology.tmp().join("www");
-    fs::create_dir_all(&www).expect("www dir");
-    let data = random_bytes(4 << 20);
-    fs::write(www.join("random.bin"), &data).expect("write random.bin");
-    let _nginx = topology.serve_nginx(&www);
+    let (data, _nginx) = serve_random_file(&topology, "random.bin", 4 << 20);
     let gateway = topology.start_gateway(&[]);
     let server = PageServer::start();
     let free_key = "webnic_pool_addresses_free{family=\"ipv4\"}";
@@ -1251,11 +1237,7 @@ fn browser_gateway_served_demo() {
     require_prerequisites();
     require_browser();
     let topology = Topology::new();
-    let www = topology.tmp().join("www");
-    fs::create_dir_all(&www).expect("www dir");
-    let data = random_bytes(8 << 20);
-    fs::write(www.join("speed.bin"), &data).expect("write speed.bin");
-    let _nginx = topology.serve_nginx(&www);
+    let (data, _nginx) = serve_random_file(&topology, "speed.bin", 8 << 20);
     let _tcp_echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
     let _udp_echo = topology.serve_udp_echo();
     let gateway = topology.start_gateway(&[]);
@@ -1611,18 +1593,24 @@ fn browser_bench_relays() {
         figure("rawLost"),
         figure("rawSent")
     );
-    for (label, key) in [
-        (
-            "ratio webnic UDPSocket echo / raw datagram echo, Window",
-            "webnicWindowUdpPerSecond",
-        ),
-        (
-            "ratio webnic UDPSocket echo / raw datagram echo, Worker",
-            "webnicWorkerUdpPerSecond",
-        ),
-    ] {
-        println!("BENCH {label}: {:.2}", figure(key) / raw);
-    }
+    let ratios = |rows: &[(&str, &str)], baseline: f64| {
+        for (label, key) in rows {
+            println!("BENCH {label}: {:.2}", figure(key) / baseline);
+        }
+    };
+    ratios(
+        &[
+            (
+                "ratio webnic UDPSocket echo / raw datagram echo, Window",
+                "webnicWindowUdpPerSecond",
+            ),
+            (
+                "ratio webnic UDPSocket echo / raw datagram echo, Worker",
+                "webnicWorkerUdpPerSecond",
+            ),
+        ],
+        raw,
+    );
     let down = figure("rawDownloadPerSecond");
     println!(
         "BENCH raw WebTransport datagram download, 1100 bytes, no stack (the ceiling): {down:.0} datagrams/s ({:.1} MB/s); received {} of {}",
@@ -1631,48 +1619,51 @@ fn browser_bench_relays() {
         figure("rawDownloadSent")
     );
     // A GET's segments fill the 1152-byte link MTU: ≈ 1100 bytes of payload per datagram.
-    for (label, key) in [
-        (
-            "ratio webnic Window GET / raw datagram download",
-            "webnicWindowGet",
-        ),
-        (
-            "ratio webnic Worker GET / raw datagram download",
-            "webnicWorkerGet",
-        ),
-    ] {
-        println!("BENCH {label}: {:.2}", figure(key) / (down * 1100.0 / 1e6));
-    }
+    ratios(
+        &[
+            (
+                "ratio webnic Window GET / raw datagram download",
+                "webnicWindowGet",
+            ),
+            (
+                "ratio webnic Worker GET / raw datagram download",
+                "webnicWorkerGet",
+            ),
+        ],
+        down * 1100.0 / 1e6,
+    );
     let stream = figure("rawStreamDownload");
     println!(
         "BENCH raw WebTransport stream download, 64 MiB, no stack (the stream link's ceiling): {stream:.1} MB/s"
     );
-    for (label, key) in [
-        (
-            "ratio webnic stream-link Window GET / raw stream download",
-            "webnicWindowStreamGet",
-        ),
-        (
-            "ratio webnic stream-link Worker GET / raw stream download",
-            "webnicWorkerStreamGet",
-        ),
-    ] {
-        println!("BENCH {label}: {:.2}", figure(key) / stream);
-    }
-    for (label, key) in [
-        ("ratio webnic Window GET / best relay", "webnicWindowGet"),
-        ("ratio webnic Worker GET / best relay", "webnicWorkerGet"),
-        (
-            "ratio webnic stream-link Window GET / best relay",
-            "webnicWindowStreamGet",
-        ),
-        (
-            "ratio webnic stream-link Worker GET / best relay",
-            "webnicWorkerStreamGet",
-        ),
-    ] {
-        println!("BENCH {label}: {:.2}", figure(key) / relays);
-    }
+    ratios(
+        &[
+            (
+                "ratio webnic stream-link Window GET / raw stream download",
+                "webnicWindowStreamGet",
+            ),
+            (
+                "ratio webnic stream-link Worker GET / raw stream download",
+                "webnicWorkerStreamGet",
+            ),
+        ],
+        stream,
+    );
+    ratios(
+        &[
+            ("ratio webnic Window GET / best relay", "webnicWindowGet"),
+            ("ratio webnic Worker GET / best relay", "webnicWorkerGet"),
+            (
+                "ratio webnic stream-link Window GET / best relay",
+                "webnicWindowStreamGet",
+            ),
+            (
+                "ratio webnic stream-link Worker GET / best relay",
+                "webnicWorkerStreamGet",
+            ),
+        ],
+        relays,
+    );
 }
 
 /// With `--token-key-file` the gateway refuses sessions without a signed token; its demo (on
@@ -1683,11 +1674,7 @@ fn browser_gateway_served_demo_with_token() {
     require_prerequisites();
     require_browser();
     let topology = Topology::new();
-    let www = topology.tmp().join("www");
-    fs::create_dir_all(&www).expect("www dir");
-    let data = random_bytes(1 << 20);
-    fs::write(www.join("speed.bin"), &data).expect("write speed.bin");
-    let _nginx = topology.serve_nginx(&www);
+    let (data, _nginx) = serve_random_file(&topology, "speed.bin", 1 << 20);
     let _tcp_echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
     let _udp_echo = topology.serve_udp_echo();
     let key = topology.tmp().join("token.key");

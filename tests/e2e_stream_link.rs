@@ -18,17 +18,7 @@ const PORT: u16 = 40_000;
 
 /// A raw WebTransport session to the gateway.
 async fn connect_raw(gateway: &common::GatewayProcess) -> wtransport::Connection {
-    let hash = gateway.cert_hash();
-    let mut digest = [0u8; 32];
-    for (i, byte) in digest.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hash[2 * i..2 * i + 2], 16).expect("hex hash");
-    }
-    let config = wtransport::ClientConfig::builder()
-        .with_bind_default()
-        .with_server_certificate_hashes([wtransport::tls::Sha256Digest::new(digest)])
-        .build();
-    let endpoint = wtransport::Endpoint::client(config).expect("client endpoint");
-    endpoint
+    common::wtransport_client(gateway)
         .connect(gateway.url())
         .await
         .expect("WebTransport session")

@@ -1500,3 +1500,20 @@ pub(crate) fn checksum(data: &[u8], initial: u32) -> u16 {
     }
     !(sum as u16)
 }
+
+/// A wtransport client endpoint that trusts the gateway's self-signed certificate: for tests that
+/// speak the protocol without the webnic client library.
+pub(crate) fn wtransport_client(
+    gateway: &GatewayProcess,
+) -> wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client> {
+    let hash = gateway.cert_hash();
+    let mut digest = [0u8; 32];
+    for (i, byte) in digest.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hash[2 * i..2 * i + 2], 16).expect("hex certificate hash");
+    }
+    let config = wtransport::ClientConfig::builder()
+        .with_bind_default()
+        .with_server_certificate_hashes([wtransport::tls::Sha256Digest::new(digest)])
+        .build();
+    wtransport::Endpoint::client(config).expect("client endpoint")
+}
