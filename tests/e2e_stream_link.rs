@@ -157,3 +157,37 @@ async fn stream_link_carries_packets_and_a_stopped_stream_ends_only_its_session(
     })
     .await;
 }
+
+/// A gateway run with `--no-link-stream` ignores the request: the client's packets keep coming as
+/// datagrams, and no stream is opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_without_the_stream_link_keeps_to_datagrams() {
+    let topology = Topology::new();
+    let _echo = topology.serve_udp_echo();
+    let gateway = topology.start_gateway(&["--no-link-stream"]);
+    let server = topology.srv_ipv4();
+    within(TEST_TIMEOUT, "no stream link", async {
+        let connection = connect_raw(&gateway).await;
+        let (_send, _recv, address) = hello(&connection).await;
+        let payload = [0x5a; 300];
+        let packet = udp_packet(address, server, PORT, UDP_ECHO_PORT, &payload);
+        let mut reply = None;
+        // UDP may be lost on the way; a few tries, each waiting a second for the echo.
+        for _ in 0..5 {
+            connection.send_datagram(&packet).expect("send datagram");
+            if let Ok(datagram) =
+                tokio::time::timeout(Duration::from_secs(1), connection.receive_datagram()).await
+            {
+                reply = Some(datagram.expect("datagram").payload().to_vec());
+                break;
+            }
+        }
+        let reply = reply.expect("the echo came back as a datagram");
+        assert_eq!(&reply[28..], &payload[..], "byte-exact echo");
+        let stream =
+            tokio::time::timeout(Duration::from_millis(500), connection.accept_uni()).await;
+        assert!(stream.is_err(), "the gateway opened a stream anyway");
+        assert_eq!(gateway.metric(STREAM_SESSIONS), 0.0);
+    })
+    .await;
+}
