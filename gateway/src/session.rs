@@ -509,7 +509,7 @@ async fn run(
         identity.subject(),
         identity.token.as_ref().and_then(|t| t.claims.max_sessions),
     );
-    let _ticket = match admitted {
+    let admission = match admitted {
         Ok(ticket) => AdmissionGuard {
             shared: Arc::clone(&shared),
             ticket: Some(ticket),
@@ -600,7 +600,7 @@ async fn run(
         queue,
         stats,
         ticket,
-        admission: _ticket,
+        admission,
         started,
     };
     Some((session, early_end))
@@ -624,9 +624,9 @@ impl Running {
             ..
         } = self;
         let remote = identity.remote;
-        // Decided before the closes below change the connection's state. A client that closed its
-        // connection on purpose, even without a Close capsule, is gone; a control stream that failed
-        // because the connection timed out or was reset is a lost connection.
+        // Decided before the closes below change the connection's state. A client that closed
+        // its connection on purpose, even without a Close capsule, is gone; a control stream
+        // that failed because the connection timed out or was reset is a lost connection.
         let lost = match &end {
             End::Shutdown => true,
             End::Connection(error) => !matches!(error, ConnectionError::ApplicationClosed(_)),
@@ -1030,11 +1030,11 @@ fn client_to_tun(
                 shared.metrics.icmp_prohibited_sent();
             }
         };
-        // Datagrams are read from quinn's queue directly: wtransport's `receive_datagram` hands each
-        // one from its worker task over a capacity-1 channel, a task switch per packet. Its worker
-        // still reads quinn's queue too and may take one now and then, so its channel is polled as
-        // well, first: what it holds is older than what is left in quinn's queue, and taking it late
-        // would reorder the flow.
+        // Datagrams are read from quinn's queue directly: wtransport's `receive_datagram` hands
+        // each one from its worker task over a capacity-1 channel, a task switch per packet. Its
+        // worker still reads quinn's queue too and may take one now and then, so its channel is
+        // polled as well, first: what it holds is older than what is left in quinn's queue, and
+        // taking it late would reorder the flow.
         let quic = connection.quic_connection().clone();
         let quarter_id = connection.session_id().into_u64() / 4;
         loop {
@@ -1229,6 +1229,8 @@ async fn send_on_stream(
         if write.is_empty() {
             continue;
         }
+        // Copied by quinn into its send buffer (a buffer handed over whole would be held, at
+        // its full capacity, until acknowledged: 64 KiB for a write of one small packet).
         if let Err(error) = stream.write_all(&write).await {
             // The connection went away, or the client stopped the stream.
             let closed = tokio::time::timeout(Duration::from_millis(100), connection.closed());

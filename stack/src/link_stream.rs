@@ -3,9 +3,10 @@
 //!
 //! A browser hands a page its WebTransport datagrams one JavaScript read at a time, and on this
 //! machine Chromium delivers them at a fraction of the rate it reads a stream (≈ 25 MB/s of
-//! datagrams against ≈ 80–110 MB/s of stream data, the same session and server). A stream arrives
-//! in chunks of tens of KiB: one read, many packets. QUIC makes the stream reliable and ordered,
-//! so the link never loses a packet, at the price of head-of-line blocking on a lossy path.
+//! datagrams against ≈ 80–110 MB/s of stream data, the same session and server). A stream
+//! arrives in chunks of tens of KiB: one read, many packets. QUIC makes the stream reliable and
+//! ordered, so the link never loses a packet, at the price of head-of-line blocking on a lossy
+//! path.
 //!
 //! Sans-IO: the gateway frames with [`put_frame`], the client feeds what it reads to a
 //! [`Deframer`].
