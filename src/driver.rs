@@ -196,6 +196,40 @@ pub(crate) async fn read_datagrams(core: Arc<Core>, connection: wtransport::Conn
     }
 }
 
+/// Reads the stream link (PROTOCOL.md §3.2): waits for the gateway's stream, then hands what it
+/// carries to the stack chunk by chunk until the connection ends. One read brings many packets
+/// (or one coalesced TCP packet of up to 64 KiB), where datagrams take one read each.
+pub(crate) async fn read_link_stream(core: Arc<Core>, connection: wtransport::Connection) {
+    let Ok(mut stream) = connection.accept_uni().await else {
+        return;
+    };
+    // quinn's chunks as they are: no copy into a read buffer.
+    while let Ok(Some(chunk)) = stream
+        .quic_stream_mut()
+        .read_chunk(LINK_STREAM_CHUNK, true)
+        .await
+    {
+        {
+            let mut shared = core.lock();
+            let now = core.now();
+            if let Err(error) = shared.stack.handle_link_stream(now, &chunk.bytes) {
+                drop(shared);
+                // No packet boundary to resynchronise on: the session cannot go on.
+                core.end(SessionError::Protocol(format!("stream link: {error}")));
+                return;
+            }
+            shared.stack.poll(now);
+            while let Some(event) = shared.stack.poll_event() {
+                shared.waiters.dispatch(event);
+            }
+        }
+        core.poke.notify_one();
+    }
+}
+
+/// The most the stream link's reader takes from quinn at once.
+const LINK_STREAM_CHUNK: usize = 256 * 1024;
+
 /// A datagram as read from quinn (with its HTTP/3 datagram header) or from wtransport (without).
 enum Incoming {
     Quic(bytes::Bytes),

@@ -23,6 +23,11 @@ struct Cli {
     /// Session token for gateways started with --token-key-file (`webnic-gateway token`).
     #[arg(long, env = "WEBNIC_TOKEN")]
     token: Option<String>,
+    /// Take the gateway's packets as datagrams (with link repair) instead of on the stream link
+    /// (PROTOCOL.md §3): no head-of-line blocking for real-time UDP on a lossy path, at the
+    /// cost of TCP goodput.
+    #[arg(long)]
+    no_link_stream: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -94,6 +99,7 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(token) = &cli.token {
         options = options.token(token);
     }
+    options = options.link_stream(!cli.no_link_stream);
     #[cfg(target_os = "linux")]
     if let Command::Tap { dev } = &cli.command {
         return tap(options, dev).await;

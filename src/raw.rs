@@ -62,13 +62,15 @@ impl Drop for Inner {
 impl RawSession {
     /// Opens a session and returns once the gateway has assigned its addresses.
     ///
-    /// Link repair (PROTOCOL.md §3.1) is never asked for: its frames would reach the packet
-    /// consumer (a TAP device, an emulator) as garbage, so `options.link_repair` is ignored.
+    /// Link repair (PROTOCOL.md §3.1) and the stream link (§3.2) are never asked for: repair's
+    /// frames would reach the packet consumer (a TAP device, an emulator) as garbage, and this
+    /// session reads datagrams only, so `options.link_repair` and `options.link_stream` are
+    /// ignored.
     ///
     /// # Errors
     /// As [`Client::connect`](crate::Client::connect).
     pub async fn connect(options: ConnectOptions) -> io::Result<Self> {
-        let options = options.link_repair(false);
+        let options = options.link_repair(false).link_stream(false);
         let Handshake {
             endpoint,
             connection,

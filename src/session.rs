@@ -98,6 +98,11 @@ pub struct ConnectOptions {
     /// client reports missing, so loss on the QUIC hop reaches the TCP inside as a short delay
     /// instead of a loss (PROTOCOL.md §3.1) [default: on].
     pub link_repair: bool,
+    /// Ask the gateway for the stream link: its packets arrive on a QUIC stream, which QUIC
+    /// makes reliable, and TCP bursts may arrive coalesced into packets of up to 64 KiB
+    /// (PROTOCOL.md §3.2). Asked for before link repair: a gateway grants one of the two, so
+    /// link repair is what a gateway run with `--no-link-stream` grants [default: on].
+    pub link_stream: bool,
 }
 
 impl ConnectOptions {
@@ -109,7 +114,15 @@ impl ConnectOptions {
             token: None,
             reconnect_for: DEFAULT_RECONNECT_FOR,
             link_repair: true,
+            link_stream: true,
         }
+    }
+
+    /// Whether to ask for the stream link ([`ConnectOptions::link_stream`]).
+    #[must_use]
+    pub fn link_stream(mut self, on: bool) -> Self {
+        self.link_stream = on;
+        self
     }
 
     /// Whether to ask for link repair ([`ConnectOptions::link_repair`]).
@@ -174,6 +187,8 @@ pub struct ClientStats {
     pub packets_dropped: u64,
     /// Times the session resumed on a new connection after losing one.
     pub reconnects: u64,
+    /// IP packets that came on the stream link (PROTOCOL.md §3.2).
+    pub link_stream_packets: u64,
     /// Link repair: datagrams the gateway sequenced, packets repaired by a resend, packets
     /// given up on (TCP repaired those), and sequence numbers asked for.
     pub link: webnic_stack::link_repair::LinkStats,
@@ -335,6 +350,7 @@ impl Client {
             bytes_sent: stats.bytes_sent,
             bytes_received: stats.bytes_received,
             packets_dropped: stats.dropped_queue_full + stats.dropped_too_large,
+            link_stream_packets: stats.link_stream_packets,
             reconnects: self
                 .core
                 .reconnects
@@ -608,6 +624,13 @@ pub(crate) async fn handshake(
         version: PROTOCOL_VERSION,
     }
     .emit(&mut hello);
+    // Both may be asked for: the gateway grants the first it allows and ignores the other.
+    if options.link_stream {
+        ControlMessage::LinkStream {
+            max_packet: webnic_stack::link_stream::MAX_PACKET,
+        }
+        .emit(&mut hello);
+    }
     if options.link_repair {
         ControlMessage::LinkRepair.emit(&mut hello);
     }
@@ -741,7 +764,7 @@ async fn read_configuration(
                 ControlMessage::RouteAdvertisement(_)
                 | ControlMessage::ClientHello { .. }
                 | ControlMessage::LinkRepair
-                | ControlMessage::LinkStream
+                | ControlMessage::LinkStream { .. }
                 | ControlMessage::Draining { .. }
                 | ControlMessage::Unknown { .. } => {}
             }
@@ -790,8 +813,17 @@ async fn supervise(core: Arc<Core>, mut current: Handshake, mut resume: Resumpti
             core.clone(),
             current.connection.clone(),
         ));
+        let stream = resume.options.link_stream.then(|| {
+            tokio::spawn(driver::read_link_stream(
+                core.clone(),
+                current.connection.clone(),
+            ))
+        });
         let reason = read_control(&core, &mut current).await;
         datagrams.abort();
+        if let Some(stream) = stream {
+            stream.abort();
+        }
         if core.lock().is_closed() {
             return;
         }

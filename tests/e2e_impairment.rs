@@ -53,8 +53,28 @@ fn dropped_total(metrics: &std::collections::HashMap<String, f64>) -> f64 {
         .sum()
 }
 
+/// How the client takes the gateway's packets in a cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Downlink {
+    /// Datagrams with link repair (PROTOCOL.md §3.1).
+    Repaired,
+    /// The stream link (§3.2), the client's default: QUIC repairs the loss.
+    Stream,
+}
+
 /// Runs the whole matrix cell for `spec` (the same impairment both ways).
 async fn impaired_cell(name: &str, spec: &str, seed: u64, time_limit: Duration) {
+    impaired_cell_on(name, spec, seed, time_limit, Downlink::Repaired).await;
+}
+
+/// [`impaired_cell`] with the client taking its packets as `downlink` says.
+async fn impaired_cell_on(
+    name: &str,
+    spec: &str,
+    seed: u64,
+    time_limit: Duration,
+    downlink: Downlink,
+) {
     let impairment: Impairment = spec.parse().expect("impairment spec");
     let topology = Topology::new();
     let _tcp_echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
@@ -65,7 +85,9 @@ async fn impaired_cell(name: &str, spec: &str, seed: u64, time_limit: Duration) 
     println!("[{name}] impairment {impairment} (seed {seed}) via {url}");
 
     within(time_limit, name, async {
-        let options = webnic::ConnectOptions::new(url.clone()).cert_hash(gateway.cert_hash());
+        let options = webnic::ConnectOptions::new(url.clone())
+            .cert_hash(gateway.cert_hash())
+            .link_stream(downlink == Downlink::Stream);
         let client = webnic::Client::connect(options).await.unwrap_or_else(|e| {
             panic!(
                 "[{name}] connect through the relay: {e}\n{}",
@@ -98,20 +120,38 @@ async fn impaired_cell(name: &str, spec: &str, seed: u64, time_limit: Duration) 
             );
         }
 
-        // Link repair is on by default: loss on the way down was repaired on the QUIC hop.
-        let link = client.stats().link;
+        let stats = client.stats();
+        let link = stats.link;
         let resent = gateway
             .metrics()
             .get("webnic_link_resent_packets_total")
             .copied()
             .unwrap_or(0.0);
-        println!("[{name}] link repair: {link:?}, gateway resent {resent}");
-        assert!(link.sequenced > 0, "[{name}] datagrams were not sequenced");
-        if impairment.loss_percent > 0.0 {
-            assert!(
-                link.repaired > 0 && resent > 0.0,
-                "[{name}] loss but no link repair: {link:?}, gateway resent {resent}"
-            );
+        println!("[{name}] {downlink:?}: {stats:?}, gateway resent {resent}");
+        match downlink {
+            // Loss on the way down was repaired on the QUIC hop, by the gateway's resends.
+            Downlink::Repaired => {
+                assert!(link.sequenced > 0, "[{name}] datagrams were not sequenced");
+                assert_eq!(
+                    stats.link_stream_packets, 0,
+                    "[{name}] no stream link asked"
+                );
+                if impairment.loss_percent > 0.0 {
+                    assert!(
+                        link.repaired > 0 && resent > 0.0,
+                        "[{name}] loss but no link repair: {link:?}, gateway resent {resent}"
+                    );
+                }
+            }
+            // Every packet came on the stream; QUIC resent what was lost; no datagram sequenced.
+            Downlink::Stream => {
+                assert!(
+                    stats.link_stream_packets > 0
+                        && stats.link_stream_packets == stats.packets_received,
+                    "[{name}] not every packet came on the stream link: {stats:?}"
+                );
+                assert_eq!(link.sequenced, 0, "[{name}] link repair beside the stream");
+            }
         }
 
         udp_accounting(name, &topology, &gateway, &relay, &client, &impairment).await;
@@ -301,6 +341,19 @@ async fn impaired_loss_1_percent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn impaired_loss_5_percent() {
     impaired_cell("loss 5%", "loss=5%", 3, Duration::from_secs(240)).await;
+}
+
+/// The client's default downlink under loss: QUIC's own recovery on the stream link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impaired_loss_5_percent_on_the_stream_link() {
+    impaired_cell_on(
+        "loss 5% stream link",
+        "loss=5%",
+        12,
+        Duration::from_secs(240),
+        Downlink::Stream,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use common::{TEST_TIMEOUT, Topology, UDP_ECHO_PORT, connect_client, udp_packet, within};
+use common::{TEST_TIMEOUT, Topology, UDP_ECHO_PORT, connect_client_with, udp_packet, within};
 use webnic_stack::link_stream::Deframer;
 use webnic_stack::protocol::{CapsuleDecoder, CloseCode, ControlMessage, PROTOCOL_VERSION};
 
@@ -39,7 +39,7 @@ async fn hello(
         version: PROTOCOL_VERSION,
     }
     .emit(&mut capsules);
-    ControlMessage::LinkStream.emit(&mut capsules);
+    ControlMessage::LinkStream { max_packet: 0 }.emit(&mut capsules);
     send.write_all(&capsules).await.expect("write hello");
     let mut decoder = CapsuleDecoder::new();
     let mut buf = [0u8; 4096];
@@ -89,7 +89,7 @@ async fn stream_link_carries_packets_and_a_stopped_stream_ends_only_its_session(
     let server = topology.srv_ipv4();
     within(TEST_TIMEOUT, "stream link", async {
         // A bystander on datagrams, to show the misbehaving session hurts no one else.
-        let bystander = connect_client(&gateway).await;
+        let bystander = connect_client_with(&gateway, |options| options.link_stream(false)).await;
 
         let connection = connect_raw(&gateway).await;
         let (_send, _recv, address) = hello(&connection).await;

@@ -7,8 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use common::{
-    TCP_ECHO_PORT, TEST_TIMEOUT, Topology, assert_same_bytes, connect_client, random_bytes,
-    sha256_hex, stream_exchange, tcp_exchange, wait_exit, within,
+    TCP_ECHO_PORT, TEST_TIMEOUT, Topology, assert_same_bytes, connect_client, connect_client_with,
+    random_bytes, sha256_hex, stream_exchange, tcp_exchange, wait_exit, within,
 };
 
 /// 32 MiB each way through the socat echo: written by one task, read concurrently, byte-exact.
@@ -32,19 +32,32 @@ async fn tcp_echo_32_mib_ipv4() {
         let stats = client.stats();
         assert!(stats.bytes_sent >= data.len() as u64, "{stats:?}");
         assert!(stats.bytes_received >= data.len() as u64, "{stats:?}");
+        // The client's default downlink is the stream link, and the gateway's TUN offload
+        // passed the echo server's TSO bursts on whole: fewer packets than 32 MiB cut at the
+        // link MTU (1112 bytes of TCP payload each) would be.
+        assert_eq!(
+            stats.link_stream_packets, stats.packets_received,
+            "{stats:?}"
+        );
+        assert!(
+            stats.packets_received < (32 << 20) / 1112,
+            "not coalesced: {stats:?}"
+        );
+        assert!(gateway.metric("webnic_coalesced_to_client_total") > 0.0);
         client.close().await;
     })
     .await;
 }
 
-/// 1 MiB echo to the server's IPv6 address.
+/// 1 MiB echo to the server's IPv6 address, with the client on datagrams: the gateway cuts the
+/// coalesced TCP packets its TUN hands over into link-MTU segments.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_echo_1_mib_ipv6() {
     let topology = Topology::new();
     let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
     let gateway = topology.start_gateway(&[]);
     within(TEST_TIMEOUT, "IPv6 TCP echo", async {
-        let client = connect_client(&gateway).await;
+        let client = connect_client_with(&gateway, |options| options.link_stream(false)).await;
         let local_v6 = client
             .ipv6()
             .expect("the gateway assigned no IPv6 address (pool fd00:77::/112)");
@@ -60,6 +73,13 @@ async fn tcp_echo_1_mib_ipv6() {
             .await
             .expect("IPv6 echo");
         assert_same_bytes(&echoed, &data, "IPv6 echo");
+        assert_eq!(client.stats().link_stream_packets, 0);
+        assert!(
+            gateway.metric("webnic_tun_segments_total")
+                > gateway.metric("webnic_tun_coalesced_packets_total"),
+            "no coalesced packet was cut into segments:\n{}",
+            gateway.metrics_text()
+        );
         client.close().await;
     })
     .await;

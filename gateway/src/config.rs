@@ -147,6 +147,11 @@ pub struct Cli {
     /// datagrams; PROTOCOL.md §3.2): they keep getting datagrams.
     #[arg(long)]
     pub no_link_stream: bool,
+    /// Read the TUN one packet per read, as cut by the kernel, instead of taking coalesced TCP
+    /// packets of up to 64 KiB (TUN offload: a server's TSO burst arrives in one read, and
+    /// stream-link clients that accept large packets get it whole).
+    #[arg(long)]
+    pub no_tun_offload: bool,
     /// Require a session token signed with the key in this file (text: trailing whitespace
     /// ignored; at least 16 bytes). Mint tokens with `webnic-gateway token`.
     #[arg(long, value_name = "FILE")]
@@ -303,6 +308,9 @@ pub struct FileConfig {
     /// See [`Cli::no_link_stream`].
     #[serde(default)]
     pub no_link_stream: bool,
+    /// See [`Cli::no_tun_offload`].
+    #[serde(default)]
+    pub no_tun_offload: bool,
     /// See [`Cli::token_key_file`].
     pub token_key_file: Option<PathBuf>,
     /// See [`Cli::max_sessions_per_address`].
@@ -418,6 +426,8 @@ pub struct Config {
     pub link_repair: bool,
     /// Whether clients may have the stream link.
     pub link_stream: bool,
+    /// Whether the TUN hands over coalesced TCP packets.
+    pub tun_offload: bool,
     /// Per-session quotas.
     pub quota: QuotaLimits,
     /// The abuse log file.
@@ -644,6 +654,7 @@ impl Config {
             demo,
             link_repair: !(cli.no_link_repair || file.no_link_repair),
             link_stream: !(cli.no_link_stream || file.no_link_stream),
+            tun_offload: !(cli.no_tun_offload || file.no_tun_offload),
             token_key,
             admission,
             max_lifetime: (!max_lifetime.is_zero()).then_some(max_lifetime),

@@ -38,6 +38,7 @@ pub mod demo;
 pub mod lease;
 pub mod metrics;
 pub mod nat;
+pub mod offload;
 pub mod origin;
 pub mod packet;
 pub mod policy;

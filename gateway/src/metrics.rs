@@ -137,6 +137,9 @@ pub struct Metrics {
     quic_connections: AtomicU64,
     link_repair_sessions: AtomicU64,
     link_stream_sessions: AtomicU64,
+    tun_coalesced: AtomicU64,
+    tun_segments: AtomicU64,
+    coalesced_to_client: AtomicU64,
     link_resent: AtomicU64,
     link_resend_missed: AtomicU64,
     link_nack_malformed: AtomicU64,
@@ -201,6 +204,17 @@ impl Metrics {
     /// A session moved its packets to the stream link.
     pub fn link_stream_enabled(&self) {
         self.link_stream_sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A coalesced TCP packet was read from the TUN; `segments`: what the gateway cut it into
+    /// (0 when it went whole to a stream-link client).
+    pub fn tun_coalesced(&self, segments: u64) {
+        self.tun_coalesced.fetch_add(1, Ordering::Relaxed);
+        if segments == 0 {
+            self.coalesced_to_client.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.tun_segments.fetch_add(segments, Ordering::Relaxed);
+        }
     }
 
     /// Packets resent for a NACK, and NACKed packets no longer kept (too old, or never sent).
@@ -390,6 +404,21 @@ impl Metrics {
              # TYPE webnic_link_stream_sessions_total counter\n\
              webnic_link_stream_sessions_total {}",
             load(&self.link_stream_sessions),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP webnic_tun_coalesced_packets_total Coalesced TCP packets (up to 64 KiB) read from the TUN (offload).
+             # TYPE webnic_tun_coalesced_packets_total counter
+             webnic_tun_coalesced_packets_total {}
+             # HELP webnic_tun_segments_total Segments the gateway cut coalesced packets into for clients that take only the link MTU.
+             # TYPE webnic_tun_segments_total counter
+             webnic_tun_segments_total {}
+             # HELP webnic_coalesced_to_client_total Coalesced packets sent whole on a stream link.
+             # TYPE webnic_coalesced_to_client_total counter
+             webnic_coalesced_to_client_total {}",
+            load(&self.tun_coalesced),
+            load(&self.tun_segments),
+            load(&self.coalesced_to_client),
         );
         let _ = writeln!(
             out,

@@ -44,11 +44,14 @@ pub enum DropReason {
     BadSource,
     /// The egress policy refused the destination (see [`crate::policy`]).
     Policy,
+    /// A packet from the TUN whose offload (partial checksum, coalescing) could not be
+    /// applied (see [`crate::offload::OffloadError`]).
+    Offload,
 }
 
 impl DropReason {
     /// Every reason, in the order the metrics list them.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::Malformed,
         Self::Spoofed,
         Self::NoRoute,
@@ -64,6 +67,7 @@ impl DropReason {
         Self::TransportTruncated,
         Self::BadSource,
         Self::Policy,
+        Self::Offload,
     ];
 
     /// The metric label value.
@@ -84,6 +88,7 @@ impl DropReason {
             Self::TransportTruncated => "transport_truncated",
             Self::BadSource => "bad_source",
             Self::Policy => "policy",
+            Self::Offload => "offload",
         }
     }
 
@@ -111,6 +116,7 @@ impl fmt::Display for DropReason {
             Self::TransportTruncated => "transport header truncated",
             Self::BadSource => "unspecified or IPv4-mapped source",
             Self::Policy => "refused by the egress policy",
+            Self::Offload => "TUN offload could not be applied",
         })
     }
 }

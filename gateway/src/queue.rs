@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use std::time::{Duration, Instant};
@@ -15,6 +15,11 @@ use webnic_stack::link_repair::{ResendBuffer, SEQUENCED_OVERHEAD, put_sequenced_
 /// Default queue capacity in packets: about 1.2 MB of 1152-byte packets, a few milliseconds at
 /// the rates one session reaches.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
+
+/// Bytes a queue holds at most, per packet of its capacity: a full-size datagram of the default
+/// link MTU fits, so the byte bound only binds for a stream-link session that takes coalesced
+/// packets of up to 64 KiB (which would otherwise queue 64 MiB).
+const BYTES_PER_SLOT: usize = 1280;
 
 /// Slots an emptied queue keeps allocated (32 bytes each); more are freed.
 const SLOTS_KEPT: usize = 64;
@@ -41,6 +46,9 @@ const MAX_PENDING_REQUESTS: usize = 4096;
 pub struct SessionQueue {
     packets: Mutex<VecDeque<Bytes>>,
     capacity: usize,
+    /// Bytes queued (changed only under the `packets` lock), at most [`BYTES_PER_SLOT`] ×
+    /// `capacity`.
+    bytes: AtomicUsize,
     notify: Notify,
     /// The HTTP/3 datagram header, then room for a sequenced-frame header (link repair).
     header: [u8; 16],
@@ -56,6 +64,9 @@ pub struct SessionQueue {
     has_requests: AtomicBool,
     /// Whether the session asked for the stream link: the sender moves to a stream.
     stream_link: AtomicBool,
+    /// The largest IP packet the client takes on the stream link (PROTOCOL.md §3.2); 0 until
+    /// it said so: packets of the link MTU only.
+    large_packets: AtomicU16,
 }
 
 /// What the sender should do next.
@@ -115,6 +126,7 @@ impl SessionQueue {
             // Allocated by the first packet: most sessions idle most of the time.
             packets: Mutex::new(VecDeque::new()),
             capacity: capacity.max(1),
+            bytes: AtomicUsize::new(0),
             notify: Notify::new(),
             header,
             header_len,
@@ -125,6 +137,7 @@ impl SessionQueue {
             }),
             has_requests: AtomicBool::new(false),
             stream_link: AtomicBool::new(false),
+            large_packets: AtomicU16::new(0),
         }
     }
 
@@ -309,18 +322,43 @@ impl SessionQueue {
     /// The stream link could not be opened: the session stays on datagrams.
     pub fn stream_link_failed(&self) {
         self.stream_link.store(false, Ordering::Relaxed);
+        self.large_packets.store(0, Ordering::Relaxed);
     }
 
-    /// Queues `datagram` and wakes the consumer. Returns `true` if the queue was full and the
-    /// oldest datagram was dropped to make room.
+    /// The client takes IP packets of up to `max` bytes on the stream link: coalesced TCP
+    /// packets from the TUN may go to it whole. Only with the stream link on.
+    pub fn accept_large_packets(&self, max: u16) {
+        if self.stream_link() {
+            self.large_packets.store(max, Ordering::Relaxed);
+        }
+    }
+
+    /// The largest IP packet the client takes now, if larger than the link MTU.
+    pub fn large_packets(&self) -> Option<usize> {
+        match self.large_packets.load(Ordering::Relaxed) {
+            0 => None,
+            max => Some(usize::from(max)),
+        }
+    }
+
+    /// Queues `datagram` and wakes the consumer. Returns `true` if the queue was full (in
+    /// packets or bytes) and the oldest datagrams were dropped to make room.
     pub fn push(&self, datagram: Bytes) -> bool {
         let dropped = {
             let mut packets = self.packets.lock().unwrap_or_else(PoisonError::into_inner);
-            let dropped = if packets.len() >= self.capacity {
-                packets.pop_front().is_some()
-            } else {
-                false
-            };
+            let mut dropped = false;
+            let mut bytes = self.bytes.load(Ordering::Relaxed);
+            let byte_capacity = self.capacity * BYTES_PER_SLOT;
+            while packets.len() >= self.capacity
+                || (!packets.is_empty() && bytes + datagram.len() > byte_capacity)
+            {
+                let Some(old) = packets.pop_front() else {
+                    break;
+                };
+                bytes -= old.len();
+                dropped = true;
+            }
+            self.bytes.store(bytes + datagram.len(), Ordering::Relaxed);
             packets.push_back(datagram);
             dropped
         };
@@ -332,6 +370,9 @@ impl SessionQueue {
     pub fn try_pop(&self) -> Option<Bytes> {
         let mut packets = self.packets.lock().unwrap_or_else(PoisonError::into_inner);
         let datagram = packets.pop_front();
+        if let Some(datagram) = &datagram {
+            self.bytes.fetch_sub(datagram.len(), Ordering::Relaxed);
+        }
         // A burst's worth of slots (up to 32 KiB) is not kept for a session gone idle.
         if packets.is_empty() && packets.capacity() > SLOTS_KEPT {
             *packets = VecDeque::new();
@@ -409,6 +450,37 @@ mod tests {
     use super::*;
 
     const FRAME_SEQUENCED_BYTE: u8 = webnic_stack::link_repair::FRAME_SEQUENCED;
+
+    #[test]
+    fn large_packets_are_bounded_in_bytes_too() {
+        // 4 slots: 4 × 1280 bytes.
+        let q = SessionQueue::new(4, ([0; 8], 1));
+        assert!(!q.push(Bytes::from(vec![1; 2000])));
+        assert!(!q.push(Bytes::from(vec![2; 2000])));
+        assert!(
+            q.push(Bytes::from(vec![3; 2000])),
+            "6000 bytes do not fit 5120"
+        );
+        assert_eq!(q.len(), 2);
+        // A packet larger than the whole bound is still queued, alone.
+        assert!(q.push(Bytes::from(vec![4; 60_000])));
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.try_pop().unwrap()[0], 4);
+        assert!(q.is_empty());
+        // Popping gave the bytes back: small packets fill all slots again.
+        for i in 0..4 {
+            assert!(!q.push(Bytes::from(vec![i; 1000])));
+        }
+        // Large packets only for a stream-link session that asked.
+        assert_eq!(q.large_packets(), None);
+        q.accept_large_packets(65_535);
+        assert_eq!(q.large_packets(), None, "not without the stream link");
+        assert!(q.enable_stream_link());
+        q.accept_large_packets(65_535);
+        assert_eq!(q.large_packets(), Some(65_535));
+        q.stream_link_failed();
+        assert_eq!(q.large_packets(), None);
+    }
 
     #[test]
     fn drops_oldest_when_full() {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use webnic_stack::protocol::SESSION_PATH;
@@ -18,10 +18,13 @@ use crate::config::{Config, Congestion};
 use crate::lease::Leases;
 use crate::metrics::{self, Metrics};
 use crate::nat::Nat;
+use crate::offload::{
+    Gso, OffloadError, VNET_HDR_LEN, VnetHeader, complete_checksum, finish_coalesced, segment_tcp,
+};
 use crate::origin::OriginPolicy;
 use crate::packet::{DropReason, clamp_tcp_mss, destination, icmp_frag_needed, ipv4_dont_fragment};
 use crate::pool::{AddressPool, PoolError};
-use crate::queue::{DEFAULT_QUEUE_CAPACITY, RouteTable};
+use crate::queue::{DEFAULT_QUEUE_CAPACITY, RouteTable, SessionQueue};
 use crate::session::{self, Pools, Shared};
 use crate::sys::CommandError;
 use crate::tun_device::{TunConfig, TunDevice, TunError};
@@ -142,6 +145,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         pool_v4: config.pool_v4,
         pool_v6: config.pool_v6,
         link_mtu: config.mtu,
+        offload: config.tun_offload,
     })?;
     let mut nat = if config.nat {
         let mut prefixes = vec![config.pool_v4];
@@ -583,17 +587,23 @@ fn base64(bytes: &[u8]) -> String {
 
 /// Reads packets from the TUN and queues each for the session holding its destination.
 ///
-/// Per packet: clamp the TCP MSS of SYNs, look up the session, enforce the link MTU, then
-/// prepend the session's datagram header and queue (one copy, into the queued `Bytes`).
+/// Per packet: complete a partial checksum (offload), clamp the TCP MSS of SYNs, look up the
+/// session, enforce the link MTU, then prepend the session's datagram header and queue (one
+/// copy, into the queued `Bytes`). A coalesced TCP packet goes whole to a session that takes
+/// large packets, and is cut into link-MTU segments for any other.
 async fn tun_reader(shared: Arc<Shared>, gateway_v4: std::net::Ipv4Addr) {
-    // The HTTP/3 datagram header (up to 8 bytes) and link repair's sequenced-frame header (5).
+    // The HTTP/3 datagram header (up to 8 bytes) and link repair's sequenced-frame header (5);
+    // the virtio-net header (10) is read there too and parsed before they are written.
     const HEADROOM: usize = 16;
+    const _: () = assert!(HEADROOM >= VNET_HDR_LEN);
     let (max_v4, max_v6) = shared.max_mss();
     let link_mtu = usize::from(shared.link_mtu);
-    let mut buf = vec![0u8; HEADROOM + 65_536];
+    // A coalesced packet is at most 64 KiB plus its headers.
+    let mut buf = vec![0u8; HEADROOM + 65_536 + 256];
+    let mut scratch = Vec::new();
     loop {
-        let n = match shared.tun.recv(&mut buf[HEADROOM..]).await {
-            Ok(n) => n,
+        let (offload, n) = match shared.tun.recv(&mut buf, HEADROOM).await {
+            Ok(read) => read,
             Err(error) => {
                 tracing::error!(%error, "TUN read failed");
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -613,6 +623,20 @@ async fn tun_reader(shared: Arc<Shared>, gateway_v4: std::net::Ipv4Addr) {
             tracing::trace!(%destination, "no session for destination");
             continue;
         };
+        if offload.gso != Gso::None {
+            if let Err(error) = queue_coalesced(&shared, &queue, offload, packet, &mut scratch) {
+                shared.metrics.dropped(DropReason::Offload);
+                tracing::debug!(%error, %destination, "coalesced packet dropped");
+            }
+            continue;
+        }
+        if offload.needs_csum
+            && let Err(error) = complete_checksum(packet, offload.csum_start, offload.csum_offset)
+        {
+            shared.metrics.dropped(DropReason::Offload);
+            tracing::debug!(%error, %destination, "packet with a partial checksum dropped");
+            continue;
+        }
         clamp_tcp_mss(packet, max_v4, max_v6);
         if n > link_mtu {
             // IPv4 with DF: tell the sender the link MTU (the kernel normally does this itself
@@ -636,6 +660,51 @@ async fn tun_reader(shared: Arc<Shared>, gateway_v4: std::net::Ipv4Addr) {
             shared.metrics.dropped(DropReason::QueueFull);
         }
     }
+}
+
+/// Queues a coalesced TCP packet: whole (with its checksums written) for a session that takes
+/// packets that large on its stream link, else cut into segments that fit the link MTU.
+fn queue_coalesced(
+    shared: &Shared,
+    queue: &SessionQueue,
+    offload: VnetHeader,
+    packet: &mut [u8],
+    scratch: &mut Vec<u8>,
+) -> Result<(), OffloadError> {
+    if let Gso::Other(kind) = offload.gso {
+        return Err(OffloadError::UnexpectedGso(kind));
+    }
+    let header = queue.header();
+    if queue.large_packets().is_some_and(|max| packet.len() <= max) {
+        finish_coalesced(packet)?;
+        let mut datagram = BytesMut::with_capacity(header.len() + packet.len());
+        datagram.extend_from_slice(header);
+        datagram.extend_from_slice(packet);
+        if queue.push(datagram.freeze()) {
+            shared.metrics.dropped(DropReason::QueueFull);
+        }
+        shared.metrics.tun_coalesced(0);
+        return Ok(());
+    }
+    let mut full = 0;
+    let link_mtu = usize::from(shared.link_mtu);
+    let segments = segment_tcp(
+        packet,
+        offload.gso_size,
+        link_mtu,
+        header,
+        scratch,
+        |datagram| {
+            if queue.push(Bytes::copy_from_slice(datagram)) {
+                full += 1;
+            }
+        },
+    )?;
+    for _ in 0..full {
+        shared.metrics.dropped(DropReason::QueueFull);
+    }
+    shared.metrics.tun_coalesced(segments as u64);
+    Ok(())
 }
 
 /// SIGINT and SIGTERM.

@@ -970,10 +970,13 @@ async fn control(
                         tracing::debug!("client asked for link repair: datagrams sequenced");
                     }
                 }
-                Ok(Some(ControlMessage::LinkStream)) if shared.link_stream => {
+                Ok(Some(ControlMessage::LinkStream { max_packet })) if shared.link_stream => {
                     if queue.enable_stream_link() {
                         shared.metrics.link_stream_enabled();
-                        tracing::debug!("client asked for the stream link");
+                        tracing::debug!(max_packet, "client asked for the stream link");
+                    }
+                    if max_packet > shared.link_mtu && shared.tun.offload() {
+                        queue.accept_large_packets(max_packet);
                     }
                 }
                 Ok(Some(message)) => {

@@ -1,5 +1,10 @@
 //! The TUN device: creation, addressing, routes and IP forwarding.
 //!
+//! Offloads: the device is opened with a virtio-net header (`IFF_VNET_HDR`) and TCP
+//! segmentation offload (`TUNSETOFFLOAD`), so the kernel hands over a server's TSO burst (or a
+//! NIC's GRO aggregate) as one coalesced packet of up to 64 KiB instead of one read per segment;
+//! [`crate::offload`] finishes or cuts it. `--no-tun-offload` turns this off.
+//!
 //! MTU handling: Linux disables IPv6 on a device whose MTU is below 1280, so the device MTU is
 //! `max(link MTU, 1280)`. For IPv4 the route to the client pool carries the link MTU
 //! (`ip route replace <pool> dev <tun> mtu <link MTU>`), so the kernel itself fragments
@@ -11,6 +16,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use tokio::io::unix::AsyncFd;
+
+use crate::offload::{Gso, VNET_HDR_LEN, VnetHeader};
 use crate::pool::Cidr;
 use crate::sys::{self, CommandError, SysctlError, SysctlGuard};
 
@@ -54,6 +62,8 @@ pub struct TunConfig {
     pub pool_v6: Option<Cidr>,
     /// Link MTU of the sessions.
     pub link_mtu: u16,
+    /// Whether to ask the kernel for coalesced TCP packets (see the module documentation).
+    pub offload: bool,
 }
 
 /// Packets the kernel may queue for the gateway to read (the device's `txqueuelen`).
@@ -99,7 +109,10 @@ impl TunDevice {
             .address(gateway_v4)
             .netmask(prefix_mask_v4(config.pool_v4.prefix_len))
             .mtu(device_mtu);
-        let device = tun::create_as_async(&tun_config).map_err(|source| match source {
+        tun_config.platform_config(|platform| {
+            platform.vnet_hdr(config.offload);
+        });
+        let device = tun::create(&tun_config).map_err(|source| match source {
             tun::Error::Io(io)
                 if matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) =>
             {
@@ -113,9 +126,22 @@ impl TunDevice {
                 source,
             },
         })?;
+        let offload = config.offload && enable_offload(&device, &name);
+        device.set_nonblock().map_err(|source| TunError::Create {
+            name: name.clone(),
+            source: source.into(),
+        })?;
+        // SAFETY: the tun device owns its fd and closes it only when dropped, which happens
+        // when (and only when) the AsyncFd is dropped.
+        let device = unsafe { AsyncFd::register(device) }.map_err(|error| TunError::Create {
+            name: name.clone(),
+            source: std::io::Error::from(error).into(),
+        })?;
         let mut this = Self {
             device: TunIo {
                 device: Arc::new(device),
+                vnet_hdr: config.offload,
+                offload,
             },
             name,
             sysctls: SysctlGuard::new(),
@@ -217,37 +243,143 @@ impl TunDevice {
     }
 }
 
+/// Turns on checksum and TCP segmentation offload for the device; `false` (logged) if the
+/// kernel refuses, in which case packets still carry the (then empty) virtio-net header.
+fn enable_offload(device: &tun::Device, name: &str) -> bool {
+    use std::os::fd::AsRawFd;
+    let flags = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+    // SAFETY: TUNSETOFFLOAD takes its flags by value and touches no memory of ours; the fd is
+    // the open TUN device.
+    let result = unsafe {
+        libc::ioctl(
+            device.as_raw_fd(),
+            libc::TUNSETOFFLOAD,
+            libc::c_ulong::from(flags),
+        )
+    };
+    if result < 0 {
+        let error = std::io::Error::last_os_error();
+        tracing::warn!(tun = %name, %error, "TUN offload refused: one read per packet");
+        return false;
+    }
+    true
+}
+
 /// A shared handle for reading and writing packets on the TUN device.
 ///
-/// tun 0.8's `AsyncDevice::recv`/`send` take `&self` and wait on separate readiness
-/// (readable/writable) of one `AsyncFd`, so one reader task and any number of writer tasks can
-/// use clones of this handle concurrently. The device closes when the last clone is dropped.
+/// Reads and writes take `&self` and wait on separate readiness (readable/writable) of one
+/// `AsyncFd`, so one reader task and any number of writer tasks can use clones of this handle
+/// concurrently. The device closes when the last clone is dropped.
 #[derive(Clone)]
 pub struct TunIo {
-    device: Arc<tun::AsyncDevice>,
+    device: Arc<AsyncFd<tun::Device>>,
+    /// Every packet carries a virtio-net header.
+    vnet_hdr: bool,
+    /// The kernel may hand over coalesced packets.
+    offload: bool,
 }
 
 impl TunIo {
-    /// Reads one packet into `buf`, returning its length.
+    /// Reads one packet into `buf` so that it starts at `buf[packet_at]` (the virtio-net header,
+    /// if any, goes just before it), returning its header and length.
+    ///
+    /// # Panics
+    /// If `packet_at < VNET_HDR_LEN`.
     ///
     /// # Errors
     /// The OS error.
-    pub async fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.device.recv(buf).await
+    pub async fn recv(
+        &self,
+        buf: &mut [u8],
+        packet_at: usize,
+    ) -> std::io::Result<(VnetHeader, usize)> {
+        let start = if self.vnet_hdr {
+            packet_at - VNET_HDR_LEN
+        } else {
+            packet_at
+        };
+        loop {
+            let mut guard = self.device.readable().await?;
+            let n = match guard.try_io(|device| device.get_ref().recv(&mut buf[start..])) {
+                Ok(result) => result?,
+                Err(_would_block) => continue,
+            };
+            if !self.vnet_hdr {
+                return Ok((PLAIN, n));
+            }
+            let Some(len) = n.checked_sub(VNET_HDR_LEN) else {
+                return Err(std::io::Error::other("TUN read shorter than its header"));
+            };
+            let mut header = [0u8; VNET_HDR_LEN];
+            header.copy_from_slice(&buf[start..packet_at]);
+            return Ok((VnetHeader::parse(&header), len));
+        }
     }
 
-    /// Writes one packet.
+    /// Writes one packet (complete, with valid checksums).
     ///
     /// # Errors
     /// The OS error.
     pub async fn send(&self, packet: &[u8]) -> std::io::Result<usize> {
-        self.device.send(packet).await
+        loop {
+            let mut guard = self.device.writable().await?;
+            let result = guard.try_io(|device| {
+                if self.vnet_hdr {
+                    write_with_header(device.get_ref(), packet)
+                } else {
+                    device.get_ref().send(packet)
+                }
+            });
+            match result {
+                Ok(result) => return result,
+                Err(_would_block) => continue,
+            }
+        }
     }
+
+    /// Whether the kernel may hand over coalesced packets.
+    pub fn offload(&self) -> bool {
+        self.offload
+    }
+}
+
+/// The header of a packet read without offloads.
+const PLAIN: VnetHeader = VnetHeader {
+    needs_csum: false,
+    gso: Gso::None,
+    gso_size: 0,
+    csum_start: 0,
+    csum_offset: 0,
+};
+
+/// Writes `packet` behind an all-zero virtio-net header (no offload asked), without copying it.
+fn write_with_header(device: &tun::Device, packet: &[u8]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    static HEADER: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+    let iov = [
+        libc::iovec {
+            iov_base: HEADER.as_ptr() as *mut libc::c_void,
+            iov_len: VNET_HDR_LEN,
+        },
+        libc::iovec {
+            iov_base: packet.as_ptr() as *mut libc::c_void,
+            iov_len: packet.len(),
+        },
+    ];
+    // SAFETY: both iovecs point to live buffers of the given lengths that the kernel only
+    // reads (writev does not write through them despite the `*mut`); the fd is the open device.
+    let n = unsafe { libc::writev(device.as_raw_fd(), iov.as_ptr(), 2) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((n as usize).saturating_sub(VNET_HDR_LEN))
 }
 
 impl std::fmt::Debug for TunIo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TunIo").finish_non_exhaustive()
+        f.debug_struct("TunIo")
+            .field("offload", &self.offload)
+            .finish_non_exhaustive()
     }
 }
 

@@ -16,6 +16,10 @@ use thiserror::Error;
 /// Bytes of the length that precedes each packet.
 pub const FRAME_HEADER_LEN: usize = 2;
 
+/// The largest packet a frame carries, and what a client announces in `LINK_STREAM` to get a
+/// gateway's coalesced TCP packets whole (PROTOCOL.md §3.2).
+pub const MAX_PACKET: u16 = u16::MAX;
+
 /// The stream broke the framing: the link cannot continue (a stream has no packet boundaries
 /// to resynchronise on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -28,7 +32,7 @@ pub enum StreamFrameError {
 /// Appends `packet` framed for the stream.
 ///
 /// # Panics
-/// If `packet` is longer than 65,535 bytes (no link MTU is).
+/// If `packet` is longer than [`MAX_PACKET`].
 pub fn put_frame(out: &mut Vec<u8>, packet: &[u8]) {
     let len = u16::try_from(packet.len()).expect("an IP packet fits a 16-bit length");
     out.extend_from_slice(&len.to_be_bytes());

@@ -246,7 +246,11 @@ pub enum ControlMessage {
     LinkRepair,
     /// Stream link (PROTOCOL.md §3.2), client → gateway: "send my packets on a unidirectional
     /// stream instead of datagrams".
-    LinkStream,
+    LinkStream {
+        /// The largest IP packet the client takes on the stream; 0 (or absent on the wire):
+        /// the link MTU. Larger lets the gateway pass coalesced TCP packets on whole.
+        max_packet: u16,
+    },
     /// Sent just before the session closes, saying why.
     Close {
         /// Why.
@@ -337,7 +341,14 @@ impl ControlMessage {
                 seconds: r.varint_u32("drain seconds")?,
             },
             capsule_type::LINK_REPAIR => Self::LinkRepair,
-            capsule_type::LINK_STREAM => Self::LinkStream,
+            capsule_type::LINK_STREAM => Self::LinkStream {
+                max_packet: if r.is_empty() {
+                    0
+                } else {
+                    // A larger value than a frame can carry means "as large as frames go".
+                    u16::try_from(r.varint("max packet")?).unwrap_or(u16::MAX)
+                },
+            },
             capsule_type::CLOSE => {
                 let code = CloseCode::from_u32(r.varint_u32("close code")?);
                 let reason = std::str::from_utf8(r.rest())
@@ -370,7 +381,7 @@ impl ControlMessage {
             Self::SessionTicket(_) => capsule_type::SESSION_TICKET,
             Self::Draining { .. } => capsule_type::DRAINING,
             Self::LinkRepair => capsule_type::LINK_REPAIR,
-            Self::LinkStream => capsule_type::LINK_STREAM,
+            Self::LinkStream { .. } => capsule_type::LINK_STREAM,
             Self::Unknown { capsule_type } => *capsule_type,
         }
     }
@@ -408,7 +419,12 @@ impl ControlMessage {
             }
             Self::SessionTicket(ticket) => value.extend_from_slice(ticket),
             Self::Draining { seconds } => put_varint(&mut value, u64::from(*seconds)),
-            Self::LinkRepair | Self::LinkStream | Self::Unknown { .. } => {}
+            Self::LinkStream { max_packet } => {
+                if *max_packet != 0 {
+                    put_varint(&mut value, u64::from(*max_packet));
+                }
+            }
+            Self::LinkRepair | Self::Unknown { .. } => {}
         }
         put_varint(out, self.capsule_type());
         put_varint(out, value.len() as u64);
@@ -636,7 +652,17 @@ mod tests {
         roundtrip(ControlMessage::SessionTicket((0..32).collect()));
         roundtrip(ControlMessage::Draining { seconds: 30 });
         roundtrip(ControlMessage::LinkRepair);
-        roundtrip(ControlMessage::LinkStream);
+        roundtrip(ControlMessage::LinkStream { max_packet: 0 });
+        roundtrip(ControlMessage::LinkStream { max_packet: 65_535 });
+        // The value is optional (session 8's clients send none); too large means the most.
+        assert_eq!(
+            ControlMessage::parse(capsule_type::LINK_STREAM, &[]).unwrap(),
+            ControlMessage::LinkStream { max_packet: 0 }
+        );
+        assert_eq!(
+            ControlMessage::parse(capsule_type::LINK_STREAM, &[0x80, 0x01, 0x00, 0x00]).unwrap(),
+            ControlMessage::LinkStream { max_packet: 65_535 }
+        );
         roundtrip(ControlMessage::AddressAssign(vec![
             AssignedAddress {
                 request_id: 0,

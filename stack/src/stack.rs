@@ -15,7 +15,7 @@ use smoltcp::wire::{
 use crate::device::QueueDevice;
 use crate::error::{ConnectError, DnsError, ListenError, PacketError, TcpError, UdpError};
 use crate::link_repair::{self, Accepted, LinkReceiver, LinkStats};
-use crate::link_stream::{Deframer, StreamFrameError};
+use crate::link_stream::{self, Deframer, StreamFrameError};
 
 /// First port of the ephemeral range (RFC 6335).
 const EPHEMERAL_FIRST: u16 = 49152;
@@ -424,15 +424,25 @@ impl Stack {
     /// The packet is dropped (and counted) when it is empty, larger than the MTU, or the receive
     /// queue is full.
     pub fn handle_packet(&mut self, now: Instant, packet: &[u8]) -> Result<(), PacketError> {
+        self.queue_packet(now, packet, self.config.mtu)
+    }
+
+    /// [`handle_packet`](Self::handle_packet) for packets of up to `max_len` bytes.
+    fn queue_packet(
+        &mut self,
+        now: Instant,
+        packet: &[u8],
+        max_len: usize,
+    ) -> Result<(), PacketError> {
         self.now = now;
         if packet.is_empty() {
             return Err(PacketError::Empty);
         }
-        if packet.len() > self.config.mtu {
+        if packet.len() > max_len {
             self.stats.dropped_too_large += 1;
             return Err(PacketError::TooLarge {
                 len: packet.len(),
-                mtu: self.config.mtu,
+                mtu: max_len,
             });
         }
         if self.device.rx.len() >= self.device.rx_capacity {
@@ -509,7 +519,13 @@ impl Stack {
             if self.device.rx.len() >= self.device.rx_capacity {
                 self.poll(now);
             }
-            if self.handle_packet(now, packet).is_ok() {
+            // The gateway may pass coalesced TCP packets on whole (up to a frame's 64 KiB) to
+            // a client that announced it takes them (LINK_STREAM's max packet); smoltcp takes
+            // a segment of any length that fits the window.
+            if self
+                .queue_packet(now, packet, usize::from(link_stream::MAX_PACKET))
+                .is_ok()
+            {
                 self.stats.link_stream_packets += 1;
             }
         };

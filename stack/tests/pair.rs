@@ -431,6 +431,16 @@ fn oversize_and_overflowing_packets_are_counted() {
     // Garbage is parsed and discarded by smoltcp without a panic.
     stack.poll(now);
     assert!(stack.poll_transmit().is_none());
+
+    // The stream link takes packets above the MTU (a gateway's coalesced TCP packets), up to
+    // what a frame carries.
+    let mut framed = Vec::new();
+    put_frame(&mut framed, &[0x45u8; 40_000]);
+    stack.handle_link_stream(now, &framed).unwrap();
+    let stats = stack.stats();
+    assert_eq!(stats.link_stream_packets, 1);
+    assert_eq!((stats.dropped_too_large, stats.dropped_queue_full), (1, 1));
+    stack.poll(now);
 }
 
 #[test]

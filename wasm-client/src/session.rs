@@ -173,7 +173,10 @@ pub(crate) async fn open(
     match downlink {
         Downlink::Datagrams => {}
         Downlink::Repaired => ControlMessage::LinkRepair.emit(&mut hello),
-        Downlink::Stream => ControlMessage::LinkStream.emit(&mut hello),
+        Downlink::Stream => ControlMessage::LinkStream {
+            max_packet: webnic_stack::link_stream::MAX_PACKET,
+        }
+        .emit(&mut hello),
     }
     // Taken before the hello goes out, so the gateway's stream cannot be missed.
     let incoming_streams = (downlink == Downlink::Stream).then(|| {
@@ -280,7 +283,7 @@ async fn read_configuration(
                 ControlMessage::RouteAdvertisement(_)
                 | ControlMessage::ClientHello { .. }
                 | ControlMessage::LinkRepair
-                | ControlMessage::LinkStream
+                | ControlMessage::LinkStream { .. }
                 | ControlMessage::Draining { .. }
                 | ControlMessage::Unknown { .. } => {}
             }
