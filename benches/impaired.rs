@@ -9,6 +9,10 @@
 //! it, the webnic gateway and the relays (websockify and a Wisp server, over TLS:
 //! `benches/relays/`) run side by side and reach the same download server.
 //!
+//! webnic is measured three ways, with one client each: on the stream link (the client's
+//! default, QUIC repairs the loss: the `vs_websockify`/`vs_wisp` rows), on datagrams with link
+//! repair, and on datagrams without it.
+//!
 //! Cells: loss 0% (for reference), 1% and 5%; one flow of `TRANSFER` bytes and `FLOWS` flows of
 //! `TRANSFER / FLOWS` (through one webnic session; `FLOWS` websockify connections; `FLOWS` Wisp
 //! streams on one Wisp connection); each bounded by `LIMIT`, after which the goodput is what
@@ -380,9 +384,15 @@ fn main() {
         .expect("tokio runtime");
     let loss_rules = Loss::new(&topology, &root_device, &gw_device);
     runtime.block_on(async {
+        // The client's default: the stream link, where QUIC repairs the loss.
         let client = connect_client(&gateway).await;
-        // The same stack without link repair, measured in the same run: what repair buys.
-        let unrepaired = connect_client_with(&gateway, |options| options.link_repair(false)).await;
+        // The same stack on datagrams with link repair, and without it, measured in the same
+        // run: what each buys.
+        let repaired = connect_client_with(&gateway, |options| options.link_stream(false)).await;
+        let unrepaired = connect_client_with(&gateway, |options| {
+            options.link_stream(false).link_repair(false)
+        })
+        .await;
         for loss in LOSSES {
             loss_rules.set(loss);
             for flows in [1, FLOWS] {
@@ -398,7 +408,7 @@ fn main() {
                 let tcp_before = tcp_counters(&topology, &topology.srv_ns());
                 let drops_before = gateway_drops(&gateway);
                 let client_drops_before = client.stats().packets_dropped;
-                let link_before = client.stats().link;
+                let link_before = repaired.stats().link;
                 let resent_before = gateway_metric(&gateway, "webnic_link_resent_packets_total");
                 let missed_before = gateway_metric(&gateway, "webnic_link_resend_missed_total");
                 let tun_before = tun_tx_dropped(&topology);
@@ -431,13 +441,22 @@ fn main() {
                 for flow in &received {
                     flow.check(expected, cut, &format!("{name} webnic"));
                 }
-                let link = client.stats().link;
+                let (repaired_mbit, repaired_received, repaired_cut) =
+                    webnic_download_flows(&repaired, server, port, flows).await;
+                for flow in &repaired_received {
+                    flow.check(
+                        expected,
+                        repaired_cut,
+                        &format!("{name} webnic with link repair"),
+                    );
+                }
+                let link = repaired.stats().link;
                 let resent =
                     gateway_metric(&gateway, "webnic_link_resent_packets_total") - resent_before;
                 let missed =
                     gateway_metric(&gateway, "webnic_link_resend_missed_total") - missed_before;
                 println!(
-                    "NOTE {name} webnic link repair: sequenced {}, repaired {}, gave up {}, \
+                    "NOTE {name} webnic with link repair: {repaired_mbit:.1} Mbit/s; sequenced {}, repaired {}, gave up {}, \
                      late {}, nacked {}, gateway resent {resent}, no longer kept {missed}",
                     link.sequenced - link_before.sequenced,
                     link.repaired - link_before.repaired,
@@ -464,8 +483,15 @@ fn main() {
                     )
                 );
                 report(
-                    &format!("{name}.link_repair_vs_without"),
+                    &format!("{name}.stream_link_vs_link_repair"),
                     webnic_mbit,
+                    "Mbit/s",
+                    "webnic_datagrams_link_repair",
+                    repaired_mbit,
+                );
+                report(
+                    &format!("{name}.link_repair_vs_without"),
+                    repaired_mbit,
                     "Mbit/s",
                     "webnic_without_link_repair",
                     unrepaired_mbit,
@@ -546,6 +572,7 @@ fn main() {
             }
         }
         client.close().await;
+        repaired.close().await;
         unrepaired.close().await;
     });
 }

@@ -4,7 +4,9 @@
 //! echo RTT (p50, p99), each next to the same measurement over plain TCP along the same veth path
 //! without the tunnel (root → gateway namespace routing → server), taken in the same run. The
 //! downloads are also compared with the relays users run today (websockify and a Wisp server in
-//! the gateway's namespace, over TLS: `benches/relays/`), one flow and 8 flows each.
+//! the gateway's namespace, over TLS: `benches/relays/`), one flow and 8 flows each. The client
+//! takes the gateway's packets on the stream link (its default); the same client on datagrams
+//! (with link repair) is measured too (`.stream_link_vs_datagrams`).
 //!
 //! Needs root, `target/release/webnic-gateway` (`cargo build --release --bins`) and the relays
 //! (`scripts/bench-relays-install.sh`); `scripts/bench.sh` does all three. Transfers are seconds long, so this bench times them itself
@@ -921,6 +923,7 @@ fn main() {
         .build()
         .expect("tokio runtime")
         .block_on(async {
+            // The client's default: the stream link (PROTOCOL.md §3.2).
             let client = connect_client(&gateway).await;
             let endpoints = Endpoints {
                 client: &client,
@@ -928,8 +931,18 @@ fn main() {
             };
             let tunnel = endpoints.measure(Path::Tunnel).await;
             client.close().await;
-            tunnel
+            // The same stack taking datagrams (with link repair), in the same run.
+            let client =
+                common::connect_client_with(&gateway, |options| options.link_stream(false)).await;
+            let endpoints = Endpoints {
+                client: &client,
+                server,
+            };
+            let datagrams = endpoints.measure(Path::Tunnel).await;
+            client.close().await;
+            (tunnel, datagrams)
         });
+    let (tunnel, datagrams) = tunnel;
     let (direct, websockify, wisp) = runtime.block_on(async {
         let client = connect_client(&gateway).await;
         let endpoints = Endpoints {
@@ -972,6 +985,30 @@ fn main() {
             value,
             unit,
             "plain_tcp_same_veths",
+            baseline,
+        );
+    }
+    for (name, value, unit, baseline) in [
+        (
+            "download_1flow",
+            tunnel.download,
+            "Mbit/s",
+            datagrams.download,
+        ),
+        ("upload_1flow", tunnel.upload, "Mbit/s", datagrams.upload),
+        (
+            "download_8flows",
+            tunnel.download_flows,
+            "Mbit/s",
+            datagrams.download_flows,
+        ),
+        ("echo_64B_rtt_p50", tunnel.rtt_p50, "us", datagrams.rtt_p50),
+    ] {
+        report(
+            &format!("tunnel.{name}.stream_link_vs_datagrams"),
+            value,
+            unit,
+            "webnic_datagrams_link_repair",
             baseline,
         );
     }

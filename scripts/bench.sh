@@ -63,7 +63,7 @@ for bench in "${BENCHES[@]}"; do
         # The impaired bench: packets seen and dropped per loss setting (the loss really applied).
         grep '^NOTE impaired loss ' "$log" | sed "s/^NOTE /$bench run $run: /" >>"$notes" || true
         # ... and what link repair did in each cell.
-        grep -E '^NOTE impaired\.download_\S+ webnic link repair: ' "$log" | sed "s/^NOTE /$bench run $run: /" >>"$notes" || true
+        grep -E '^NOTE impaired\.download_\S+ webnic with link repair: ' "$log" | sed "s/^NOTE /$bench run $run: /" >>"$notes" || true
     done
 done
 
@@ -129,8 +129,12 @@ cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo "  where they are received (webnic's QUIC datagrams and the relays' TCP alike); 16 MiB per"
     echo "  cell or 10 s, whichever comes first. Targets at 1% loss: one flow ≥ the best relay; 8 flows"
     echo "  ≥ 2 × the 8 Wisp streams (ratio ≥ 2 in \`download_8flows_loss1pct.vs_wisp\`)."
-    echo "  \`.link_repair_vs_without\`: the same download by a second client of the same gateway that"
-    echo "  did not ask for link repair (PROTOCOL.md §3.1), right after: what repair buys."
+    echo "  webnic's rows are the client's default, the stream link (PROTOCOL.md §3.2: QUIC repairs"
+    echo "  the loss). \`.stream_link_vs_link_repair\`: against a second client of the same gateway on"
+    echo "  datagrams with link repair (§3.1), right after; \`.link_repair_vs_without\`: that client"
+    echo "  against a third on datagrams without repair: what repair buys."
+    echo "- \`tunnel.*.stream_link_vs_datagrams\`: the tunnel figures on the stream link (the client's"
+    echo "  default) against the same client on datagrams with link repair, in the same run."
     if [[ -s "$notes" ]]; then
         echo
         echo "#### Notes per run: raw QUIC baseline loss, the echo RTT the tunnel adds, idle-session RSS and CPU"
