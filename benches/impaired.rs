@@ -24,6 +24,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/raw_quic.rs"]
+mod raw_quic;
 #[path = "relays/mod.rs"]
 mod relays;
 #[path = "support/mod.rs"]
@@ -37,6 +39,7 @@ use common::{
     Topology, connect_client, connect_client_with, find_command, nft_packets, run, seeded_bytes,
     try_run,
 };
+use raw_quic::{RAW_PORT, measure_raw, start_raw_server};
 use relays::{Received, Relay, Relays, read_all, serve_download};
 use support::report;
 
@@ -383,6 +386,24 @@ fn main() {
         .build()
         .expect("tokio runtime");
     let loss_rules = Loss::new(&topology, &root_device, &gw_device);
+    // The transport's ceiling on this wire, before any loss rule exists: raw QUIC datagrams
+    // between the same two namespaces, on one thread as in the `tunnel` bench.
+    let raw_hash = start_raw_server(&topology);
+    let raw = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(measure_raw(
+            SocketAddr::new(IpAddr::V4(topology.gw_addr()), RAW_PORT),
+            raw_hash,
+            TRANSFER,
+            3,
+        ));
+    println!(
+        "NOTE impaired raw QUIC datagrams on this wire, no loss: download {:.1} Mbit/s, \
+         upload {:.1} Mbit/s (lost {:.2}% / {:.2}%)",
+        raw.0, raw.1, raw.4, raw.5
+    );
     runtime.block_on(async {
         // The client's default: the stream link, where QUIC repairs the loss.
         let client = connect_client(&gateway).await;
@@ -483,6 +504,13 @@ fn main() {
                     )
                 );
                 report(
+                    &format!("{name}.vs_quic_no_loss"),
+                    webnic_mbit,
+                    "Mbit/s",
+                    "raw_quic_datagrams_same_wire_no_loss",
+                    raw.0,
+                );
+                report(
                     &format!("{name}.stream_link_vs_link_repair"),
                     webnic_mbit,
                     "Mbit/s",
@@ -557,8 +585,9 @@ fn main() {
                 "NOTE impaired loss {loss}%: gateway side → client {down_dropped} of {down} \
                  packets dropped, client → gateway side {up_dropped} of {up}"
             );
-            // Six transfers of `TRANSFER` bytes came this way: at most 1,500 bytes a packet
-            // unless offloads merged them (then a drop would not be a wire packet's).
+            // At least six transfers of `TRANSFER` bytes came this way (ten, some cut at the
+            // limit): at most 1,500 bytes a packet unless offloads merged them (then a drop would
+            // not be a wire packet's).
             assert!(
                 down as usize >= 6 * TRANSFER / 1500,
                 "{down} packets for {} bytes: not wire-sized",

@@ -61,7 +61,7 @@ for bench in "${BENCHES[@]}"; do
         # The sessions bench: RSS before/after and the idle CPU of each server, per run.
         grep -E '^NOTE (bare_wtransport_server|gateway|sessions): ' "$log" | sed "s/^NOTE /$bench run $run: /" >>"$notes" || true
         # The impaired bench: packets seen and dropped per loss setting (the loss really applied).
-        grep '^NOTE impaired loss ' "$log" | sed "s/^NOTE /$bench run $run: /" >>"$notes" || true
+        grep -E '^NOTE impaired (loss |raw QUIC)' "$log" | sed "s/^NOTE /$bench run $run: /" >>"$notes" || true
         # ... and what link repair did in each cell.
         grep -E '^NOTE impaired\.download_\S+ webnic with link repair: ' "$log" | sed "s/^NOTE /$bench run $run: /" >>"$notes" || true
     done
@@ -133,6 +133,9 @@ cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo "  the loss). \`.stream_link_vs_link_repair\`: against a second client of the same gateway on"
     echo "  datagrams with link repair (§3.1), right after; \`.link_repair_vs_without\`: that client"
     echo "  against a third on datagrams without repair: what repair buys."
+    echo "  \`.vs_quic_no_loss\`: against raw QUIC datagrams between the same two namespaces on the same"
+    echo "  wire before any loss rule (the \`tunnel\` bench's ceiling, measured here): how close webnic"
+    echo "  under each loss comes to the transport's clean ceiling."
     echo "- \`tunnel.*.stream_link_vs_datagrams\`: the tunnel figures on the stream link (the client's"
     echo "  default) against the same client on datagrams with link repair, in the same run."
     if [[ -s "$notes" ]]; then
