@@ -429,6 +429,7 @@ fn main() {
                 let tcp_before = tcp_counters(&topology, &topology.srv_ns());
                 let drops_before = gateway_drops(&gateway);
                 let client_drops_before = client.stats().packets_dropped;
+                let quic_before = client.stats().quic;
                 let link_before = repaired.stats().link;
                 let resent_before = gateway_metric(&gateway, "webnic_link_resent_packets_total");
                 let missed_before = gateway_metric(&gateway, "webnic_link_resend_missed_total");
@@ -448,6 +449,14 @@ fn main() {
                 );
                 let drops = gateway_drops(&gateway) - drops_before;
                 let client_drops = client.stats().packets_dropped - client_drops_before;
+                let quic = client.stats().quic;
+                let quic = format!(
+                    "QUIC sent {}, lost {}, congestion events {}, RTT {:?}",
+                    quic.sent_packets - quic_before.sent_packets,
+                    quic.lost_packets - quic_before.lost_packets,
+                    quic.congestion_events - quic_before.congestion_events,
+                    quic.rtt
+                );
                 let tun_drops = tun_tx_dropped(&topology) - tun_before;
                 let client_udp = counter_deltas(
                     &UDP_COUNTERS,
@@ -527,6 +536,7 @@ fn main() {
                 println!(
                     "NOTE {name} webnic: {webnic_mbit:.1} Mbit/s, {} bytes{}; server TCP: {tcp}; \
                      gateway drops: {drops}; client stack drops: {client_drops}; TUN queue drops: {tun_drops}; \
+                     client {quic}; \
                      server TCP at {SAMPLE_AFTER:?} (ms, segments): {sample}; \
                      UDP client side: {client_udp}, gateway side: {gateway_udp}",
                     received.iter().map(|r| r.len).sum::<usize>(),

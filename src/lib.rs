@@ -34,6 +34,6 @@ pub mod socks5;
 pub mod tap;
 
 pub use raw::RawSession;
-pub use session::{Client, ClientStats, ConnectOptions, SessionError};
+pub use session::{Client, ClientStats, ConnectOptions, QuicPathStats, SessionError};
 pub use sockets::{TcpListener, TcpStream, UdpSocket};
 pub use webnic_stack::{DnsKind, TcpOptions};

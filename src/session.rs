@@ -189,9 +189,25 @@ pub struct ClientStats {
     pub reconnects: u64,
     /// IP packets that came on the stream link (PROTOCOL.md §3.2).
     pub link_stream_packets: u64,
+    /// The current QUIC connection's path: its smoothed round-trip time, packets sent and
+    /// declared lost, and congestion events (what loss on the hop to the gateway costs).
+    pub quic: QuicPathStats,
     /// Link repair: datagrams the gateway sequenced, packets repaired by a resend, packets
     /// given up on (TCP repaired those), and sequence numbers asked for.
     pub link: webnic_stack::link_repair::LinkStats,
+}
+
+/// The QUIC path of a session's current connection (see [`ClientStats::quic`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuicPathStats {
+    /// Smoothed round-trip time.
+    pub rtt: Duration,
+    /// UDP datagrams sent.
+    pub sent_packets: u64,
+    /// Packets declared lost.
+    pub lost_packets: u64,
+    /// Times the congestion controller reacted to loss.
+    pub congestion_events: u64,
 }
 
 /// A session with a webnic gateway: a virtual NIC with its own addresses.
@@ -351,6 +367,15 @@ impl Client {
             bytes_received: stats.bytes_received,
             packets_dropped: stats.dropped_queue_full + stats.dropped_too_large,
             link_stream_packets: stats.link_stream_packets,
+            quic: {
+                let path = self.core.connection().quic_connection().stats().path;
+                QuicPathStats {
+                    rtt: path.rtt,
+                    sent_packets: path.sent_packets,
+                    lost_packets: path.lost_packets,
+                    congestion_events: path.congestion_events,
+                }
+            },
             reconnects: self
                 .core
                 .reconnects

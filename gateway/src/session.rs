@@ -721,6 +721,8 @@ impl Running {
             );
         }
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        // The QUIC path as the connection saw it: what loss on the hop cost.
+        let path = connection.quic_connection().stats().path;
         tracing::info!(
             session = id,
             %remote,
@@ -732,6 +734,10 @@ impl Running {
             tx_packets = load(&stats.tx_packets),
             tx_bytes = load(&stats.tx_bytes),
             spoofed = load(&stats.spoofed),
+            quic_rtt = ?path.rtt,
+            quic_sent_packets = path.sent_packets,
+            quic_lost_packets = path.lost_packets,
+            quic_congestion_events = path.congestion_events,
             "session ended"
         );
         // Admission is given back last, once everything above is done.
