@@ -7,6 +7,7 @@ use std::task::Waker;
 use bytes::{BufMut, BytesMut};
 use futures_util::FutureExt as _;
 use tokio::sync::Notify;
+use webnic_stack::link_stream::put_frame;
 use webnic_stack::protocol::{datagram_header, get_varint};
 use webnic_stack::waiters::Waiters;
 use webnic_stack::{Instant, Stack};
@@ -77,6 +78,9 @@ pub(crate) struct Core {
     pub(crate) reconnects: std::sync::atomic::AtomicU64,
     /// The gateway announced it is draining.
     pub(crate) draining: std::sync::atomic::AtomicBool,
+    /// The uplink stream (PROTOCOL.md §3.2) opened on the connection of this resume count, for
+    /// the driver to take.
+    pub(crate) uplink: Mutex<Option<(u64, wtransport::SendStream)>>,
     epoch: std::time::Instant,
 }
 
@@ -93,6 +97,7 @@ impl Core {
             ended: Notify::new(),
             reconnects: std::sync::atomic::AtomicU64::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
+            uplink: Mutex::new(None),
             epoch,
         }
     }
@@ -203,6 +208,23 @@ pub(crate) async fn read_link_stream(core: Arc<Core>, connection: wtransport::Co
     let Ok(mut stream) = connection.accept_uni().await else {
         return;
     };
+    // A gateway that granted the stream link reads an uplink stream too: open it for the driver,
+    // which moves the client's packets onto it.
+    let generation = core.reconnects.load(std::sync::atomic::Ordering::Acquire);
+    match connection.open_uni().await {
+        Ok(opening) => match opening.await {
+            Ok(uplink) => {
+                *core
+                    .uplink
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some((generation, uplink));
+                core.poke.notify_one();
+            }
+            Err(error) => tracing::debug!(%error, "no uplink stream; sending datagrams"),
+        },
+        Err(error) => tracing::debug!(%error, "no uplink stream; sending datagrams"),
+    }
     // quinn's chunks as they are: no copy into a read buffer.
     while let Ok(Some(chunk)) = stream
         .quic_stream_mut()
@@ -266,6 +288,9 @@ pub(crate) async fn drive(core: Arc<Core>) {
     let mut generation = u64::MAX;
     let mut cached_header = ([0u8; 8], 0);
     let mut quic = core.connection().quic_connection().clone();
+    // The uplink stream of the current connection, once there is one, and its write buffer.
+    let mut uplink: Option<wtransport::SendStream> = None;
+    let mut framed = Vec::new();
     loop {
         let current = core.reconnects.load(std::sync::atomic::Ordering::Acquire);
         if current != generation {
@@ -273,6 +298,16 @@ pub(crate) async fn drive(core: Arc<Core>) {
             cached_header = datagram_header(connection.session_id().into_u64());
             quic = connection.quic_connection().clone();
             generation = current;
+            uplink = None;
+        }
+        if uplink.is_none() {
+            let mut slot = core
+                .uplink
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if slot.as_ref().is_some_and(|(at, _)| *at == generation) {
+                uplink = slot.take().map(|(_, stream)| stream);
+            }
         }
         let (header, header_len) = cached_header;
         let deadline = {
@@ -295,6 +330,24 @@ pub(crate) async fn drive(core: Arc<Core>) {
             shared.stack.poll_timeout()
         };
         let sent_any = !outgoing.is_empty();
+        if let Some(stream) = uplink.as_mut()
+            && sent_any
+        {
+            // One write for the whole burst; waiting on it turns QUIC's flow control into TCP
+            // backpressure, as waiting on the datagram queue does.
+            for packet in outgoing.drain(..) {
+                put_frame(&mut framed, &packet);
+                sent.push(packet);
+            }
+            if let Err(error) = stream.write_all(&framed).await {
+                // The connection is going away (the supervisor resumes or ends the session): the
+                // burst is lost like on any broken link, and TCP resends it.
+                tracing::debug!(%error, "uplink stream write failed; back to datagrams");
+                uplink = None;
+            }
+            framed.clear();
+            continue;
+        }
         for packet in outgoing.drain(..) {
             let mut datagram = BytesMut::with_capacity(header_len + packet.len());
             datagram.put_slice(&header[..header_len]);

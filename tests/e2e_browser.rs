@@ -401,6 +401,8 @@ fn browser_tcp_get_over_the_stream_link() {
         );
     }
     assert!(gateway.metric("webnic_coalesced_to_client_total") > 0.0);
+    // The pages' own packets (the request, the ACKs) went on their uplink streams.
+    assert!(gateway.metric("webnic_uplink_stream_packets_total") > 0.0);
     assert_eq!(gateway.metric("webnic_link_stream_sessions_total"), 2.0);
 }
 

@@ -1,7 +1,8 @@
 //! The stream link (docs/PROTOCOL.md §3.2) from a client written against the protocol alone
 //! (wtransport, no webnic client library): after `LINK_STREAM` the gateway sends the client's
 //! packets on a unidirectional stream, framed; a client that stops reading that stream has its
-//! session closed as a protocol violation, and another session on the gateway carries on.
+//! session closed as a protocol violation, and another session on the gateway carries on. The
+//! client's own packets may go on an uplink stream the same way.
 
 mod common;
 
@@ -141,6 +142,94 @@ async fn stream_link_carries_packets_and_a_stopped_stream_ends_only_its_session(
         }
 
         // The bystander's session is unaffected.
+        let socket = bystander.udp_bind(0).await.expect("bind");
+        let remote = SocketAddr::new(IpAddr::V4(server), UDP_ECHO_PORT);
+        socket.send_to(b"still here", remote).await.expect("send");
+        let mut buf = [0u8; 64];
+        let (n, from) = within(
+            Duration::from_secs(10),
+            "bystander echo",
+            socket.recv_from(&mut buf),
+        )
+        .await
+        .expect("recv");
+        assert_eq!((&buf[..n], from), (&b"still here"[..], remote));
+        bystander.close().await;
+    })
+    .await;
+}
+
+/// The uplink: packets the client writes on its own unidirectional stream, framed, reach the
+/// network like datagrams (the UDP echoes come back byte-exact, counted as uplink packets). A
+/// frame of length 0 breaks the framing: the gateway closes that session as a protocol
+/// violation, and a bystander session carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uplink_stream_carries_packets_and_broken_framing_ends_only_its_session() {
+    let topology = Topology::new();
+    let _echo = topology.serve_udp_echo();
+    let gateway = topology.start_gateway(&[]);
+    let server = topology.srv_ipv4();
+    within(TEST_TIMEOUT, "uplink stream", async {
+        let bystander = connect_client_with(&gateway, |options| options.link_stream(false)).await;
+        let connection = connect_raw(&gateway).await;
+        let (_send, _recv, address) = hello(&connection).await;
+        let mut uplink = connection
+            .open_uni()
+            .await
+            .expect("open the uplink stream")
+            .await
+            .expect("uplink stream");
+        let mut downlink = None;
+        let mut deframer = Deframer::new();
+        for i in 0..20u8 {
+            let payload = [i; 700];
+            let mut framed = Vec::new();
+            webnic_stack::link_stream::put_frame(
+                &mut framed,
+                &udp_packet(address, server, PORT, UDP_ECHO_PORT, &payload),
+            );
+            // Written a byte at a time for the first: frames may be split anywhere.
+            if i == 0 {
+                for byte in &framed {
+                    uplink.write_all(&[*byte]).await.expect("write uplink");
+                }
+            } else {
+                uplink.write_all(&framed).await.expect("write uplink");
+            }
+            if downlink.is_none() {
+                downlink = Some(
+                    within(
+                        Duration::from_secs(10),
+                        "accept stream",
+                        connection.accept_uni(),
+                    )
+                    .await
+                    .expect("the gateway's stream link"),
+                );
+            }
+            let reply = next_packet(downlink.as_mut().expect("stream"), &mut deframer).await;
+            assert_eq!(&reply[28..], &payload[..], "echo {i} came back byte-exact");
+        }
+        assert_eq!(gateway.metric("webnic_uplink_stream_packets_total"), 20.0);
+
+        // A zero-length frame: the session is closed as a protocol violation.
+        uplink.write_all(&[0, 0]).await.expect("write uplink");
+        let closed = within(
+            Duration::from_secs(10),
+            "session close",
+            connection.closed(),
+        )
+        .await;
+        match closed {
+            wtransport::error::ConnectionError::ApplicationClosed(close) => assert_eq!(
+                close.code().into_inner(),
+                u64::from(CloseCode::ProtocolViolation.to_u32()),
+                "{close:?}"
+            ),
+            other => panic!("the session ended otherwise: {other:?}"),
+        }
+        assert!(gateway.metric("webnic_dropped_packets_total{reason=\"malformed\"}") >= 1.0);
+
         let socket = bystander.udp_bind(0).await.expect("bind");
         let remote = SocketAddr::new(IpAddr::V4(server), UDP_ECHO_PORT);
         socket.send_to(b"still here", remote).await.expect("send");

@@ -44,6 +44,13 @@ async fn tcp_echo_32_mib_ipv4() {
             "not coalesced: {stats:?}"
         );
         assert!(gateway.metric("webnic_coalesced_to_client_total") > 0.0);
+        // And the client's own packets went on its uplink stream: 32 MiB is over 30,000
+        // segments of 1112 bytes (a few packets go as datagrams before the stream opens).
+        let uplink = gateway.metric("webnic_uplink_stream_packets_total");
+        assert!(
+            uplink > 0.95 * f64::from((32 << 20) / 1112),
+            "only {uplink} packets came on the uplink stream: {stats:?}"
+        );
         client.close().await;
     })
     .await;
@@ -74,6 +81,7 @@ async fn tcp_echo_1_mib_ipv6() {
             .expect("IPv6 echo");
         assert_same_bytes(&echoed, &data, "IPv6 echo");
         assert_eq!(client.stats().link_stream_packets, 0);
+        assert_eq!(gateway.metric("webnic_uplink_stream_packets_total"), 0.0);
         assert!(
             gateway.metric("webnic_tun_segments_total")
                 > gateway.metric("webnic_tun_coalesced_packets_total"),

@@ -138,6 +138,7 @@ pub struct Metrics {
     link_repair_sessions: AtomicU64,
     link_stream_sessions: AtomicU64,
     tun_coalesced: AtomicU64,
+    uplink_stream_packets: AtomicU64,
     tun_segments: AtomicU64,
     coalesced_to_client: AtomicU64,
     link_resent: AtomicU64,
@@ -204,6 +205,11 @@ impl Metrics {
     /// A session moved its packets to the stream link.
     pub fn link_stream_enabled(&self) {
         self.link_stream_sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A client packet came on its uplink stream (PROTOCOL.md §3.2).
+    pub fn uplink_stream_packet(&self) {
+        self.uplink_stream_packets.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A coalesced TCP packet was read from the TUN; `segments`: what the gateway cut it into
@@ -404,6 +410,13 @@ impl Metrics {
              # TYPE webnic_link_stream_sessions_total counter\n\
              webnic_link_stream_sessions_total {}",
             load(&self.link_stream_sessions),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP webnic_uplink_stream_packets_total Client packets that came on an uplink stream (PROTOCOL.md §3.2).\n\
+             # TYPE webnic_uplink_stream_packets_total counter\n\
+             webnic_uplink_stream_packets_total {}",
+            load(&self.uplink_stream_packets),
         );
         let _ = writeln!(
             out,

@@ -49,7 +49,7 @@ use webnic_stack::link_repair::{
     FRAME_GONE, FRAME_NACK, FRAME_SEQUENCED, MAX_NACK_RANGES, SEQUENCED_OVERHEAD, parse_nack,
     put_ranges,
 };
-use webnic_stack::link_stream::put_frame;
+use webnic_stack::link_stream::{Deframer, put_frame};
 
 /// How long a client has to open the control stream and send its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -893,8 +893,7 @@ async fn serve(
     let limits = shared
         .quota
         .narrowed_to_rate(identity.token.as_ref().and_then(|t| t.claims.rate));
-    let mut rx = tokio::spawn(client_to_tun(
-        connection.clone(),
+    let path = Arc::new(ClientPath::new(
         Arc::clone(shared),
         Arc::clone(identity),
         limits,
@@ -902,6 +901,9 @@ async fn serve(
         Arc::clone(queue),
         Arc::clone(stats),
     ));
+    let mut rx = tokio::spawn(client_to_tun(connection.clone(), Arc::clone(&path)));
+    // The uplink stream's reader, once the client has the stream link.
+    let mut uplink = None;
     let mut tx = tokio::spawn(tun_to_client(
         connection.clone(),
         Arc::clone(shared),
@@ -926,7 +928,11 @@ async fn serve(
             } => break End::MaxLifetime,
             end = &mut rx => break end.unwrap_or_else(|error| End::ControlError(format!("receiver task: {error}"))),
             end = &mut tx => break end.unwrap_or_else(|error| End::ControlError(format!("sender task: {error}"))),
-            end = control(recv, decoder, queue, shared) => break end,
+            end = control(recv, decoder, queue, shared, || {
+                uplink.get_or_insert_with(|| {
+                    tokio::spawn(read_uplink(connection.clone(), Arc::clone(&path)))
+                });
+            }) => break end,
             // (The watch guards are dropped inside these futures: they must not live across
             // the write below.)
             () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break End::Shutdown,
@@ -945,15 +951,20 @@ async fn serve(
     };
     rx.abort();
     tx.abort();
+    if let Some(uplink) = uplink {
+        uplink.abort();
+    }
     end
 }
 
-/// Reads the client's capsules after the hello.
+/// Reads the client's capsules after the hello; `start_uplink` when the session gets the stream
+/// link (its reader for the client's uplink stream).
 async fn control(
     recv: &mut RecvStream,
     decoder: &mut CapsuleDecoder,
     queue: &SessionQueue,
     shared: &Shared,
+    mut start_uplink: impl FnMut(),
 ) -> End {
     loop {
         loop {
@@ -981,6 +992,9 @@ async fn control(
                         shared.metrics.link_stream_enabled();
                         tracing::debug!(max_packet, "client asked for the stream link");
                     }
+                    if queue.stream_link() {
+                        start_uplink();
+                    }
                     if max_packet > shared.link_mtu && shared.tun.offload() {
                         queue.accept_large_packets(max_packet);
                     }
@@ -1002,43 +1016,192 @@ async fn control(
     }
 }
 
+/// The client → TUN direction of one session: what every client packet passes on its way to the
+/// TUN, whether it came as a datagram or on the uplink stream (PROTOCOL.md §3.2). Both readers
+/// share it, so a session's quotas hold across both.
+struct ClientPath {
+    shared: Arc<Shared>,
+    identity: Arc<Identity>,
+    addresses: Vec<IpAddr>,
+    queue: Arc<SessionQueue>,
+    stats: Arc<SessionStats>,
+    policing: Mutex<Policing>,
+}
+
+/// The per-session policing state of [`ClientPath`].
+struct Policing {
+    quota: SessionQuota,
+    /// Each quota reason is logged at warn level once per session, then at debug.
+    warned: [bool; QuotaDrop::ALL.len()],
+    /// ICMP "administratively prohibited" replies, rate-limited.
+    icmp_budget: TokenBucket,
+}
+
+impl ClientPath {
+    fn new(
+        shared: Arc<Shared>,
+        identity: Arc<Identity>,
+        limits: QuotaLimits,
+        addresses: Vec<IpAddr>,
+        queue: Arc<SessionQueue>,
+        stats: Arc<SessionStats>,
+    ) -> Self {
+        Self {
+            shared,
+            identity,
+            addresses,
+            queue,
+            stats,
+            policing: Mutex::new(Policing {
+                quota: SessionQuota::new(limits, Instant::now()),
+                warned: [false; QuotaDrop::ALL.len()],
+                icmp_budget: TokenBucket::new(ICMP_PROHIBITED_RATE, ICMP_PROHIBITED_RATE),
+            }),
+        }
+    }
+
+    /// Classifies, polices and forwards one client packet to the TUN.
+    async fn forward(&self, packet: Bytes) {
+        let Some(packet) = self.admit(packet) else {
+            return;
+        };
+        match self.shared.tun.send(&packet).await {
+            Ok(_) => {
+                self.shared
+                    .metrics
+                    .forwarded(Direction::FromClient, packet.len());
+                self.stats.rx_packets.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .rx_bytes
+                    .fetch_add(packet.len() as u64, Ordering::Relaxed);
+            }
+            Err(error) => {
+                self.shared.metrics.dropped(DropReason::TunWrite);
+                tracing::debug!(%error, "TUN write failed");
+            }
+        }
+    }
+
+    /// The packet as it may go to the TUN (its SYN's MSS clamped), or `None` when it is dropped
+    /// (counted and logged here).
+    fn admit(&self, packet: Bytes) -> Option<Bytes> {
+        let shared = &self.shared;
+        let identity = &self.identity;
+        let classified = match classify_from_client(&packet, &self.addresses) {
+            Ok(classified) => classified,
+            Err(reason) => {
+                shared.metrics.dropped(reason);
+                if reason == DropReason::Spoofed {
+                    let n = self.stats.spoofed.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n == 1 || n.is_multiple_of(1000) {
+                        tracing::warn!(
+                            remote = %identity.remote,
+                            spoofed_so_far = n,
+                            "dropping client packets with a source address not assigned to the session"
+                        );
+                    }
+                } else {
+                    tracing::debug!(%reason, len = packet.len(), "dropped client packet");
+                }
+                return None;
+            }
+        };
+        let mut policing = self.policing.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(refusal) = shared.policy.check(
+            classified.destination,
+            classified.protocol,
+            classified.destination_port,
+        ) {
+            shared.metrics.policy_refused(refusal.class);
+            tracing::debug!(
+                destination = %classified.destination,
+                protocol = classified.protocol,
+                port = ?classified.destination_port,
+                %refusal,
+                "refused client packet"
+            );
+            self.prohibited(&packet, classified.source, &mut policing.icmp_budget);
+            return None;
+        }
+        let scope_ok = identity
+            .token
+            .as_ref()
+            .is_none_or(|token| token.allows(classified.destination, classified.destination_port));
+        let verdict = if scope_ok {
+            policing.quota.check(Instant::now(), &packet, &classified)
+        } else {
+            Err(QuotaDrop::TokenScope)
+        };
+        match verdict {
+            Ok(None) => {}
+            Ok(Some(flow)) => {
+                if let Some(log) = &shared.abuse_log {
+                    log.flow(identity.id, identity.remote, identity.subject(), &flow);
+                }
+            }
+            Err(reason) => {
+                shared.metrics.quota_dropped(reason);
+                if policing.warned[reason as usize] {
+                    tracing::debug!(session = identity.id, reason = reason.label(), destination = %classified.destination, "quota dropped client packet");
+                } else {
+                    policing.warned[reason as usize] = true;
+                    tracing::warn!(
+                        session = identity.id,
+                        remote = %identity.remote,
+                        subject = identity.subject(),
+                        reason = reason.label(),
+                        destination = %classified.destination,
+                        "session quota dropping client packets"
+                    );
+                }
+                if reason == QuotaDrop::TokenScope {
+                    self.prohibited(&packet, classified.source, &mut policing.icmp_budget);
+                }
+                return None;
+            }
+        }
+        drop(policing);
+        let (max_v4, max_v6) = shared.max_mss();
+        Some(if mss_clamp_needed(&packet, max_v4, max_v6) {
+            let mut copy = packet.to_vec();
+            clamp_tcp_mss(&mut copy, max_v4, max_v6);
+            Bytes::from(copy)
+        } else {
+            packet
+        })
+    }
+
+    /// Queues an ICMP "administratively prohibited" for a refused packet, within `budget`.
+    fn prohibited(&self, packet: &[u8], source: IpAddr, budget: &mut TokenBucket) {
+        let shared = &self.shared;
+        let from = shared
+            .link_addresses
+            .iter()
+            .find(|a| a.is_ipv4() == source.is_ipv4());
+        if let Some(from) = from
+            && let Some(reply) = icmp_prohibited(packet, *from, usize::from(shared.link_mtu))
+            && budget.try_take(Instant::now())
+        {
+            let header = self.queue.header();
+            let mut datagram = Vec::with_capacity(header.len() + reply.len());
+            datagram.extend_from_slice(header);
+            datagram.extend_from_slice(&reply);
+            if self.queue.push(Bytes::from(datagram)) {
+                shared.metrics.dropped(DropReason::QueueFull);
+            }
+            shared.metrics.icmp_prohibited_sent();
+        }
+    }
+}
+
 // Not an `async fn`: it would keep its by-value arguments twice in the future (argument and
 // body binding), in every session's task; an async block uses its captures in place.
 #[allow(clippy::manual_async_fn)]
 fn client_to_tun(
     connection: Connection,
-    shared: Arc<Shared>,
-    identity: Arc<Identity>,
-    limits: QuotaLimits,
-    addresses: Vec<IpAddr>,
-    queue: Arc<SessionQueue>,
-    stats: Arc<SessionStats>,
+    path: Arc<ClientPath>,
 ) -> impl Future<Output = End> + Send {
     async move {
-        let (max_v4, max_v6) = shared.max_mss();
-        let mut icmp_budget = TokenBucket::new(ICMP_PROHIBITED_RATE, ICMP_PROHIBITED_RATE);
-        let mut quota = SessionQuota::new(limits, Instant::now());
-        // Each quota reason is logged at warn level once per session, then at debug.
-        let mut warned = [false; QuotaDrop::ALL.len()];
-        // An ICMP "administratively prohibited" for a refused packet, rate-limited.
-        let prohibited = |packet: &[u8], source: IpAddr, budget: &mut TokenBucket| {
-            let from = shared
-                .link_addresses
-                .iter()
-                .find(|a| a.is_ipv4() == source.is_ipv4());
-            if let Some(from) = from
-                && let Some(reply) = icmp_prohibited(packet, *from, usize::from(shared.link_mtu))
-                && budget.try_take(Instant::now())
-            {
-                let mut datagram = Vec::with_capacity(queue.header().len() + reply.len());
-                datagram.extend_from_slice(queue.header());
-                datagram.extend_from_slice(&reply);
-                if queue.push(Bytes::from(datagram)) {
-                    shared.metrics.dropped(DropReason::QueueFull);
-                }
-                shared.metrics.icmp_prohibited_sent();
-            }
-        };
         // Datagrams are read from quinn's queue directly: wtransport's `receive_datagram` hands
         // each one from its worker task over a capacity-1 channel, a task switch per packet. Its
         // worker still reads quinn's queue too and may take one now and then, so its channel is
@@ -1057,109 +1220,65 @@ fn client_to_tun(
                     Ok(datagram) => match webnic_stack::protocol::get_varint(&datagram) {
                         Some((id, len)) if id == quarter_id => datagram.slice(len..),
                         _ => {
-                            shared.metrics.dropped(DropReason::Malformed);
+                            path.shared.metrics.dropped(DropReason::Malformed);
                             continue;
                         }
                     },
                     Err(error) => return End::Connection(error.into()),
                 },
             };
-            if packet.first() == Some(&FRAME_NACK) && queue.link_repair() {
-                take_nack(&queue, &packet, &shared.metrics);
+            if packet.first() == Some(&FRAME_NACK) && path.queue.link_repair() {
+                take_nack(&path.queue, &packet, &path.shared.metrics);
                 continue;
             }
-            let classified = match classify_from_client(&packet, &addresses) {
-                Ok(classified) => classified,
-                Err(reason) => {
-                    shared.metrics.dropped(reason);
-                    if reason == DropReason::Spoofed {
-                        let n = stats.spoofed.fetch_add(1, Ordering::Relaxed) + 1;
-                        if n == 1 || n.is_multiple_of(1000) {
-                            tracing::warn!(
-                                remote = %connection.remote_address(),
-                                spoofed_so_far = n,
-                                "dropping client packets with a source address not assigned to the session"
-                            );
-                        }
-                    } else {
-                        tracing::debug!(%reason, len = packet.len(), "dropped client packet");
+            path.forward(packet).await;
+        }
+    }
+}
+
+/// Most bytes taken from the uplink stream at once.
+const UPLINK_CHUNK: usize = 64 << 10;
+
+/// Reads the client's uplink stream (PROTOCOL.md §3.2): its first unidirectional stream, carrying
+/// its packets framed as the stream link's. Each packet takes the datagrams' path. Broken framing
+/// or a packet above the link MTU closes the connection as a protocol violation.
+#[allow(clippy::manual_async_fn)]
+fn read_uplink(connection: Connection, path: Arc<ClientPath>) -> impl Future<Output = ()> + Send {
+    async move {
+        let Ok(mut stream) = connection.accept_uni().await else {
+            return;
+        };
+        let link_mtu = usize::from(path.shared.link_mtu);
+        let mut deframer = Deframer::new();
+        while let Ok(Some(chunk)) = stream
+            .quic_stream_mut()
+            .read_chunk(UPLINK_CHUNK, true)
+            .await
+        {
+            deframer.extend(&chunk.bytes);
+            loop {
+                let reason = match deframer.next_packet() {
+                    Ok(Some(packet)) if packet.len() <= link_mtu => {
+                        path.shared.metrics.uplink_stream_packet();
+                        path.forward(Bytes::copy_from_slice(packet)).await;
+                        continue;
                     }
-                    continue;
-                }
-            };
-            if let Err(refusal) = shared.policy.check(
-                classified.destination,
-                classified.protocol,
-                classified.destination_port,
-            ) {
-                shared.metrics.policy_refused(refusal.class);
-                tracing::debug!(
-                    destination = %classified.destination,
-                    protocol = classified.protocol,
-                    port = ?classified.destination_port,
-                    %refusal,
-                    "refused client packet"
+                    Ok(Some(packet)) => {
+                        path.shared.metrics.dropped(DropReason::Oversize);
+                        format!("uplink packet of {} bytes above the link MTU", packet.len())
+                    }
+                    Ok(None) => break,
+                    Err(error) => {
+                        path.shared.metrics.dropped(DropReason::Malformed);
+                        format!("uplink stream: {error}")
+                    }
+                };
+                tracing::warn!(session = path.identity.id, %reason, "closing the session");
+                connection.close(
+                    VarInt::from_u32(CloseCode::ProtocolViolation.to_u32()),
+                    reason.as_bytes(),
                 );
-                prohibited(&packet, classified.source, &mut icmp_budget);
-                continue;
-            }
-            let scope_ok = identity.token.as_ref().is_none_or(|token| {
-                token.allows(classified.destination, classified.destination_port)
-            });
-            let verdict = if scope_ok {
-                quota.check(Instant::now(), &packet, &classified)
-            } else {
-                Err(QuotaDrop::TokenScope)
-            };
-            match verdict {
-                Ok(None) => {}
-                Ok(Some(flow)) => {
-                    if let Some(log) = &shared.abuse_log {
-                        log.flow(identity.id, identity.remote, identity.subject(), &flow);
-                    }
-                }
-                Err(reason) => {
-                    shared.metrics.quota_dropped(reason);
-                    if warned[reason as usize] {
-                        tracing::debug!(session = identity.id, reason = reason.label(), destination = %classified.destination, "quota dropped client packet");
-                    } else {
-                        warned[reason as usize] = true;
-                        tracing::warn!(
-                            session = identity.id,
-                            remote = %identity.remote,
-                            subject = identity.subject(),
-                            reason = reason.label(),
-                            destination = %classified.destination,
-                            "session quota dropping client packets"
-                        );
-                    }
-                    if reason == QuotaDrop::TokenScope {
-                        prohibited(&packet, classified.source, &mut icmp_budget);
-                    }
-                    continue;
-                }
-            }
-            let packet = if mss_clamp_needed(&packet, max_v4, max_v6) {
-                let mut copy = packet.to_vec();
-                clamp_tcp_mss(&mut copy, max_v4, max_v6);
-                Bytes::from(copy)
-            } else {
-                packet
-            };
-            match shared.tun.send(&packet).await {
-                Ok(_) => {
-                    shared
-                        .metrics
-                        .forwarded(Direction::FromClient, packet.len());
-                    stats.rx_packets.fetch_add(1, Ordering::Relaxed);
-                    stats
-                        .rx_bytes
-                        .fetch_add(packet.len() as u64, Ordering::Relaxed);
-                }
-                Err(error) => {
-                    shared.metrics.dropped(DropReason::TunWrite);
-                    tracing::debug!(%error, "TUN write failed");
-                }
+                return;
             }
         }
     }

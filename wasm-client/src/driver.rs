@@ -12,6 +12,7 @@ use js_sys::Uint8Array;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{ReadableStreamDefaultReader, WebTransport, WritableStreamDefaultWriter};
+use webnic_stack::link_stream::put_frame;
 use webnic_stack::protocol::ControlMessage;
 use webnic_stack::waiters::Waiters;
 use webnic_stack::{Instant, Stack};
@@ -99,6 +100,9 @@ pub(crate) struct Core {
     /// resumes on a new connection.
     transport: RefCell<WebTransport>,
     datagram_writer: RefCell<WritableStreamDefaultWriter>,
+    /// The uplink stream's writer (PROTOCOL.md §3.2) and the resume count of the connection it
+    /// belongs to.
+    uplink_writer: RefCell<Option<(u32, WritableStreamDefaultWriter)>>,
     /// Connections the session resumed on after losing one.
     pub(crate) reconnects: std::cell::Cell<u32>,
     /// `performance.now()` at stack creation, in ms.
@@ -130,6 +134,7 @@ impl Core {
                 }),
                 transport: RefCell::new(transport),
                 datagram_writer: RefCell::new(datagram_writer),
+                uplink_writer: RefCell::new(None),
                 reconnects: std::cell::Cell::new(0),
                 epoch,
                 on_timer: Closure::new(move || {
@@ -250,6 +255,23 @@ pub(crate) async fn read_link_stream(core: Rc<Core>, incoming: ReadableStreamDef
         .unchecked_into::<web_sys::ReadableStream>()
         .get_reader()
         .unchecked_into();
+    // A gateway that granted the stream link reads an uplink stream too: open it for the
+    // driver, which then writes the page's packets there instead of datagrams.
+    let generation = core.reconnects.get();
+    match JsFuture::from(core.transport().create_unidirectional_stream()).await {
+        Ok(stream) => {
+            let writer = stream
+                .unchecked_into::<web_sys::WritableStream>()
+                .get_writer();
+            if let Ok(writer) = writer {
+                *core.uplink_writer.borrow_mut() = Some((generation, writer));
+                core.poke();
+            }
+        }
+        Err(_) => {
+            // Stay on datagrams.
+        }
+    }
     let mut buf = Vec::new();
     loop {
         let Ok(Some(chunk)) = read_chunk(&reader).await else {
@@ -434,6 +456,35 @@ pub(crate) async fn drive(core: Rc<Core>) {
             shared.stack.poll_timeout()
         };
         let sent_any = !outgoing.is_empty();
+        let uplink = core
+            .uplink_writer
+            .borrow()
+            .as_ref()
+            .filter(|(at, _)| *at == core.reconnects.get())
+            .map(|(_, writer)| writer.clone());
+        if let Some(writer) = uplink
+            && sent_any
+        {
+            // One write for the whole burst, framed; waiting for room turns the stream's flow
+            // control into TCP backpressure. A failing writer belongs to a lost connection.
+            let mut framed = Vec::new();
+            {
+                let mut shared = core.shared.borrow_mut();
+                for packet in outgoing.drain(..) {
+                    put_frame(&mut framed, &packet);
+                    shared.stack.recycle(packet);
+                }
+            }
+            if matches!(writer.desired_size(), Ok(Some(room)) if room <= 0.0)
+                && JsFuture::from(writer.ready()).await.is_err()
+            {
+                *core.uplink_writer.borrow_mut() = None;
+                continue;
+            }
+            let written = writer.write_with_chunk(&Uint8Array::from(&framed[..]));
+            let _ = written.catch(&core.ignore_rejection);
+            continue;
+        }
         for packet in outgoing.drain(..) {
             let writer = core.datagram_writer.borrow().clone();
             // Waiting for room (instead of letting the browser drop datagrams past its high
