@@ -173,14 +173,27 @@ async fn uplink_stream_carries_packets_and_broken_framing_ends_only_its_session(
         let bystander = connect_client_with(&gateway, |options| options.link_stream(false)).await;
         let connection = connect_raw(&gateway).await;
         let (_send, _recv, address) = hello(&connection).await;
+        // The uplink follows the gateway's stream (PROTOCOL.md §3.2): one echo as a datagram
+        // first, whose reply opens that stream.
+        connection
+            .send_datagram(udp_packet(address, server, PORT, UDP_ECHO_PORT, b"first"))
+            .expect("send datagram");
+        let mut downlink = within(
+            Duration::from_secs(10),
+            "accept stream",
+            connection.accept_uni(),
+        )
+        .await
+        .expect("the gateway's stream link");
+        let mut deframer = Deframer::new();
+        let reply = next_packet(&mut downlink, &mut deframer).await;
+        assert_eq!(&reply[28..], b"first");
         let mut uplink = connection
             .open_uni()
             .await
             .expect("open the uplink stream")
             .await
             .expect("uplink stream");
-        let mut downlink = None;
-        let mut deframer = Deframer::new();
         for i in 0..20u8 {
             let payload = [i; 700];
             let mut framed = Vec::new();
@@ -196,18 +209,7 @@ async fn uplink_stream_carries_packets_and_broken_framing_ends_only_its_session(
             } else {
                 uplink.write_all(&framed).await.expect("write uplink");
             }
-            if downlink.is_none() {
-                downlink = Some(
-                    within(
-                        Duration::from_secs(10),
-                        "accept stream",
-                        connection.accept_uni(),
-                    )
-                    .await
-                    .expect("the gateway's stream link"),
-                );
-            }
-            let reply = next_packet(downlink.as_mut().expect("stream"), &mut deframer).await;
+            let reply = next_packet(&mut downlink, &mut deframer).await;
             assert_eq!(&reply[28..], &payload[..], "echo {i} came back byte-exact");
         }
         assert_eq!(gateway.metric("webnic_uplink_stream_packets_total"), 20.0);

@@ -902,15 +902,7 @@ async fn serve(
         Arc::clone(stats),
     ));
     let mut rx = tokio::spawn(client_to_tun(connection.clone(), Arc::clone(&path)));
-    // The uplink stream's reader, once the client has the stream link.
-    let mut uplink = None;
-    let mut tx = tokio::spawn(tun_to_client(
-        connection.clone(),
-        Arc::clone(shared),
-        limits,
-        Arc::clone(queue),
-        Arc::clone(stats),
-    ));
+    let mut tx = tokio::spawn(tun_to_client(connection.clone(), path, limits));
     let mut shutdown = shared.shutdown.clone();
     let mut draining = shared.draining.clone();
     let mut told_draining = false;
@@ -928,11 +920,7 @@ async fn serve(
             } => break End::MaxLifetime,
             end = &mut rx => break end.unwrap_or_else(|error| End::ControlError(format!("receiver task: {error}"))),
             end = &mut tx => break end.unwrap_or_else(|error| End::ControlError(format!("sender task: {error}"))),
-            end = control(recv, decoder, queue, shared, || {
-                uplink.get_or_insert_with(|| {
-                    tokio::spawn(read_uplink(connection.clone(), Arc::clone(&path)))
-                });
-            }) => break end,
+            end = control(recv, decoder, queue, shared) => break end,
             // (The watch guards are dropped inside these futures: they must not live across
             // the write below.)
             () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break End::Shutdown,
@@ -951,20 +939,24 @@ async fn serve(
     };
     rx.abort();
     tx.abort();
-    if let Some(uplink) = uplink {
-        uplink.abort();
-    }
     end
 }
 
-/// Reads the client's capsules after the hello; `start_uplink` when the session gets the stream
-/// link (its reader for the client's uplink stream).
+/// Aborts its task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads the client's capsules after the hello.
 async fn control(
     recv: &mut RecvStream,
     decoder: &mut CapsuleDecoder,
     queue: &SessionQueue,
     shared: &Shared,
-    mut start_uplink: impl FnMut(),
 ) -> End {
     loop {
         loop {
@@ -991,9 +983,6 @@ async fn control(
                     if queue.enable_stream_link() {
                         shared.metrics.link_stream_enabled();
                         tracing::debug!(max_packet, "client asked for the stream link");
-                    }
-                    if queue.stream_link() {
-                        start_uplink();
                     }
                     if max_packet > shared.link_mtu && shared.tun.offload() {
                         queue.accept_large_packets(max_packet);
@@ -1308,17 +1297,22 @@ const STREAM_WRITE: usize = 64 << 10;
 /// stream could not be opened.
 async fn send_on_stream(
     connection: &Connection,
-    shared: &Shared,
-    queue: &SessionQueue,
-    stats: &SessionStats,
+    path: &Arc<ClientPath>,
     mut bytes: Option<Bucket>,
     first: Bytes,
 ) -> Result<End, String> {
+    let (shared, queue, stats) = (&path.shared, &path.queue, &path.stats);
     let opening = match connection.open_uni().await {
         Ok(opening) => opening,
         Err(error) => return Ok(End::Connection(error)),
     };
     let mut stream = opening.await.map_err(|error| error.to_string())?;
+    // The client answers this stream with its uplink stream: read it from now on (not before,
+    // so an idle session carries no reader), for as long as this sender runs.
+    let _uplink = AbortOnDrop(tokio::spawn(read_uplink(
+        connection.clone(),
+        Arc::clone(path),
+    )));
     let h3_len = queue.h3_header_len();
     let mut write = Vec::new();
     let mut pending = Some(first);
@@ -1430,12 +1424,11 @@ async fn send_resends(
 #[allow(clippy::manual_async_fn)]
 fn tun_to_client(
     connection: Connection,
-    shared: Arc<Shared>,
+    path: Arc<ClientPath>,
     limits: QuotaLimits,
-    queue: Arc<SessionQueue>,
-    stats: Arc<SessionStats>,
 ) -> impl Future<Output = End> + Send {
     async move {
+        let (shared, queue, stats) = (&path.shared, &path.queue, &path.stats);
         let h3_len = queue.h3_header_len();
         let quic = connection.quic_connection();
         let mut bytes = limits.byte_bucket(Instant::now());
@@ -1462,7 +1455,7 @@ fn tun_to_client(
                 // Boxed: resends are rare, and inline their state would size every idle
                 // session's task.
                 Next::Resends => {
-                    let resends = send_resends(quic, &queue, &mut bytes, &shared.metrics);
+                    let resends = send_resends(quic, queue, &mut bytes, &shared.metrics);
                     if let Err(end) = Box::pin(resends).await {
                         return end;
                     }
@@ -1473,8 +1466,7 @@ fn tun_to_client(
             if queue.stream_link() {
                 // From now on every packet goes on the stream link; boxed, as only sessions
                 // that asked for it need its state.
-                let sender =
-                    send_on_stream(&connection, &shared, &queue, &stats, bytes.take(), datagram);
+                let sender = send_on_stream(&connection, &path, bytes.take(), datagram);
                 match Box::pin(sender).await {
                     Ok(end) => return end,
                     Err(error) => {
