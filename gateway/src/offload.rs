@@ -116,7 +116,12 @@ pub fn complete_checksum(packet: &mut [u8], start: u16, offset: u16) -> Result<(
     if field + 2 > packet.len() {
         return Err(OffloadError::ChecksumOutside);
     }
-    let checksum = !fold(sum(&packet[start..], 0));
+    // 0 becomes 0xffff (the same value in one's complement), as the kernel does: a UDP checksum
+    // of 0 means "none", which IPv6 forbids.
+    let checksum = match !fold(sum(&packet[start..], 0)) {
+        0 => 0xffff,
+        checksum => checksum,
+    };
     packet[field..field + 2].copy_from_slice(&checksum.to_be_bytes());
     Ok(())
 }
