@@ -1577,6 +1577,14 @@ fn browser_bench_relays() {
         ("page fetch() GET, no relay", "fetchGet"),
         ("webnic upload 16 MiB, Window", "webnicWindowUpload"),
         ("webnic upload 16 MiB, Worker", "webnicWorkerUpload"),
+        (
+            "webnic upload 16 MiB on the stream link (uplink stream), Window",
+            "webnicWindowStreamUpload",
+        ),
+        (
+            "webnic upload 16 MiB on the stream link (uplink stream), Worker",
+            "webnicWorkerStreamUpload",
+        ),
     ] {
         println!("BENCH {label}: {:.1} MB/s", figure(key));
     }
