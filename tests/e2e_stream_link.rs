@@ -17,6 +17,41 @@ const STREAM_SESSIONS: &str = "webnic_link_stream_sessions_total";
 /// Our UDP port for the echoes.
 const PORT: u16 = 40_000;
 
+/// The gateway closed `connection` as a protocol violation (within 10 s).
+async fn assert_closed_as_protocol_violation(connection: &wtransport::Connection) {
+    let closed = within(
+        Duration::from_secs(10),
+        "session close",
+        connection.closed(),
+    )
+    .await;
+    match closed {
+        wtransport::error::ConnectionError::ApplicationClosed(close) => assert_eq!(
+            close.code().into_inner(),
+            u64::from(CloseCode::ProtocolViolation.to_u32()),
+            "{close:?}"
+        ),
+        other => panic!("the session ended otherwise: {other:?}"),
+    }
+}
+
+/// Another session on the gateway is unaffected: its UDP echo comes back.
+async fn assert_bystander_carries_on(bystander: webnic::Client, server: Ipv4Addr) {
+    let socket = bystander.udp_bind(0).await.expect("bind");
+    let remote = SocketAddr::new(IpAddr::V4(server), UDP_ECHO_PORT);
+    socket.send_to(b"still here", remote).await.expect("send");
+    let mut buf = [0u8; 64];
+    let (n, from) = within(
+        Duration::from_secs(10),
+        "bystander echo",
+        socket.recv_from(&mut buf),
+    )
+    .await
+    .expect("recv");
+    assert_eq!((&buf[..n], from), (&b"still here"[..], remote));
+    bystander.close().await;
+}
+
 /// A raw WebTransport session to the gateway.
 async fn connect_raw(gateway: &common::GatewayProcess) -> wtransport::Connection {
     common::wtransport_client(gateway)
@@ -126,35 +161,9 @@ async fn stream_link_carries_packets_and_a_stopped_stream_ends_only_its_session(
         stream.expect("stream").stop(0u32.into());
         let packet = udp_packet(address, server, PORT, UDP_ECHO_PORT, b"after stop");
         connection.send_datagram(&packet).expect("send datagram");
-        let closed = within(
-            Duration::from_secs(10),
-            "session close",
-            connection.closed(),
-        )
-        .await;
-        match closed {
-            wtransport::error::ConnectionError::ApplicationClosed(close) => assert_eq!(
-                close.code().into_inner(),
-                u64::from(CloseCode::ProtocolViolation.to_u32()),
-                "{close:?}"
-            ),
-            other => panic!("the session ended otherwise: {other:?}"),
-        }
+        assert_closed_as_protocol_violation(&connection).await;
 
-        // The bystander's session is unaffected.
-        let socket = bystander.udp_bind(0).await.expect("bind");
-        let remote = SocketAddr::new(IpAddr::V4(server), UDP_ECHO_PORT);
-        socket.send_to(b"still here", remote).await.expect("send");
-        let mut buf = [0u8; 64];
-        let (n, from) = within(
-            Duration::from_secs(10),
-            "bystander echo",
-            socket.recv_from(&mut buf),
-        )
-        .await
-        .expect("recv");
-        assert_eq!((&buf[..n], from), (&b"still here"[..], remote));
-        bystander.close().await;
+        assert_bystander_carries_on(bystander, server).await;
     })
     .await;
 }
@@ -216,35 +225,10 @@ async fn uplink_stream_carries_packets_and_broken_framing_ends_only_its_session(
 
         // A zero-length frame: the session is closed as a protocol violation.
         uplink.write_all(&[0, 0]).await.expect("write uplink");
-        let closed = within(
-            Duration::from_secs(10),
-            "session close",
-            connection.closed(),
-        )
-        .await;
-        match closed {
-            wtransport::error::ConnectionError::ApplicationClosed(close) => assert_eq!(
-                close.code().into_inner(),
-                u64::from(CloseCode::ProtocolViolation.to_u32()),
-                "{close:?}"
-            ),
-            other => panic!("the session ended otherwise: {other:?}"),
-        }
+        assert_closed_as_protocol_violation(&connection).await;
         assert!(gateway.metric("webnic_dropped_packets_total{reason=\"malformed\"}") >= 1.0);
 
-        let socket = bystander.udp_bind(0).await.expect("bind");
-        let remote = SocketAddr::new(IpAddr::V4(server), UDP_ECHO_PORT);
-        socket.send_to(b"still here", remote).await.expect("send");
-        let mut buf = [0u8; 64];
-        let (n, from) = within(
-            Duration::from_secs(10),
-            "bystander echo",
-            socket.recv_from(&mut buf),
-        )
-        .await
-        .expect("recv");
-        assert_eq!((&buf[..n], from), (&b"still here"[..], remote));
-        bystander.close().await;
+        assert_bystander_carries_on(bystander, server).await;
     })
     .await;
 }
