@@ -64,6 +64,14 @@ async fn connect_raw(gateway: &common::GatewayProcess) -> wtransport::Connection
 async fn hello(
     connection: &wtransport::Connection,
 ) -> (wtransport::SendStream, wtransport::RecvStream, Ipv4Addr) {
+    hello_asking(connection, true).await
+}
+
+/// [`hello`], asking for the stream link only if `link_stream`.
+async fn hello_asking(
+    connection: &wtransport::Connection,
+    link_stream: bool,
+) -> (wtransport::SendStream, wtransport::RecvStream, Ipv4Addr) {
     let (mut send, mut recv) = connection
         .open_bi()
         .await
@@ -75,7 +83,9 @@ async fn hello(
         version: PROTOCOL_VERSION,
     }
     .emit(&mut capsules);
-    ControlMessage::LinkStream { max_packet: 0 }.emit(&mut capsules);
+    if link_stream {
+        ControlMessage::LinkStream { max_packet: 0 }.emit(&mut capsules);
+    }
     send.write_all(&capsules).await.expect("write hello");
     let mut decoder = CapsuleDecoder::new();
     let mut buf = [0u8; 4096];
@@ -229,6 +239,77 @@ async fn uplink_stream_carries_packets_and_broken_framing_ends_only_its_session(
         assert!(gateway.metric("webnic_dropped_packets_total{reason=\"malformed\"}") >= 1.0);
 
         assert_bystander_carries_on(bystander, server).await;
+    })
+    .await;
+}
+
+/// Streams the gateway does not read cannot make it buffer without bound: a client that opens
+/// unidirectional streams beside its session and fills them is held by the connection's receive
+/// window (4 MiB, all streams together) well before the ≈ 7 MiB quinn's per-stream windows
+/// alone would let in, and its session still works afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_client_streams_are_bounded_by_the_connection_window() {
+    const CHUNK: usize = 64 << 10;
+    let topology = Topology::new();
+    let _echo = topology.serve_udp_echo();
+    let gateway = topology.start_gateway(&[]);
+    within(TEST_TIMEOUT, "unread streams", async {
+        let connection = connect_raw(&gateway).await;
+        // Without the stream link: no stream of the client's is the uplink, none is read.
+        let (_send, _recv, address) = hello_asking(&connection, false).await;
+        let chunk = vec![0xa5u8; CHUNK];
+        let mut accepted = 0usize;
+        let mut streams = Vec::new();
+        // Four streams (the gateway allows eight, HTTP/3 and WebTransport take some), each written
+        // until a chunk stays blocked for 500 ms (flow control): 5 MB by quinn's per-stream
+        // windows alone.
+        for _ in 0..4 {
+            let mut stream = within(Duration::from_secs(10), "open a stream", async {
+                connection
+                    .open_uni()
+                    .await
+                    .expect("open a stream")
+                    .await
+                    .expect("stream")
+            })
+            .await;
+            for _ in 0..(2 << 20) / CHUNK {
+                match tokio::time::timeout(Duration::from_millis(500), stream.write_all(&chunk))
+                    .await
+                {
+                    Ok(Ok(())) => accepted += CHUNK,
+                    Ok(Err(error)) => panic!("the gateway refused a stream: {error}"),
+                    Err(_) => break,
+                }
+            }
+            streams.push(stream);
+        }
+        // quinn accepts a write only within the peer's flow-control credit.
+        println!("{accepted} bytes written into unread streams");
+        assert!(
+            accepted <= (4 << 20) + CHUNK,
+            "{accepted} bytes went into streams the gateway does not read"
+        );
+        assert!(
+            accepted >= 1 << 20,
+            "flow control stopped the client early: {accepted}"
+        );
+        // The session itself is unaffected: a UDP echo still comes back.
+        let server = topology.srv_ipv4();
+        let packet = udp_packet(address, server, PORT, UDP_ECHO_PORT, b"after");
+        let mut echoed = false;
+        // UDP may be lost on the way; a few tries, each waiting a second for the echo.
+        for _ in 0..5 {
+            connection.send_datagram(&packet).expect("send datagram");
+            if let Ok(Ok(datagram)) =
+                tokio::time::timeout(Duration::from_secs(1), connection.receive_datagram()).await
+            {
+                echoed = datagram.payload().ends_with(b"after");
+                break;
+            }
+        }
+        assert!(echoed, "the session stopped working");
+        drop(streams);
     })
     .await;
 }

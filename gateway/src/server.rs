@@ -45,13 +45,19 @@ const DATAGRAM_SEND_BUFFER: usize = 128 << 10;
 /// stream-link session (PROTOCOL.md §3.2) may have in flight, so its memory stays bounded. At
 /// the millisecond round trips of a tunnel to a browser it is far more than the path needs.
 const STREAM_SEND_WINDOW: u64 = 1 << 20;
+/// Stream data a client may have sent the gateway that it has not read yet, all streams of a
+/// connection together (quinn's default is unlimited, with 1.25 MB per stream): without it a
+/// client could park ≈ 15 MB per session in streams the gateway never reads (any beyond its
+/// control stream and uplink stream). The uplink stream (PROTOCOL.md §3.2) is read as it
+/// arrives, so this bounds memory, not its rate.
+const CONNECTION_RECEIVE_WINDOW: u32 = 4 << 20;
 /// Keep-alive interval, well below the idle timeout, so idle sessions survive NAT rebinding
 /// timeouts and the idle timer.
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// Streams a client may have open at once, per direction. A session uses two bidirectional
 /// streams (the HTTP/3 CONNECT stream and webnic's control stream, PROTOCOL.md §2) and three
-/// unidirectional ones (HTTP/3 control and the two QPACK streams); the packets travel as
-/// datagrams. quinn's default of 100 each allocates state for all of them in every connection
+/// unidirectional ones (HTTP/3 control and the two QPACK streams), plus one each way for the
+/// stream link. quinn's default of 100 each allocates state for all of them in every connection
 /// when it is accepted.
 const MAX_CLIENT_BIDI_STREAMS: u32 = 4;
 const MAX_CLIENT_UNI_STREAMS: u32 = 8;
@@ -526,6 +532,7 @@ pub fn transport_config(
         .datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER))
         .datagram_send_buffer_size(DATAGRAM_SEND_BUFFER)
         .send_window(STREAM_SEND_WINDOW)
+        .receive_window(CONNECTION_RECEIVE_WINDOW.into())
         .max_idle_timeout(wtransport::quinn::IdleTimeout::try_from(idle_timeout).ok())
         .keep_alive_interval(Some(KEEP_ALIVE.min(idle_timeout / 2)))
         .max_concurrent_bidi_streams(MAX_CLIENT_BIDI_STREAMS.into())
