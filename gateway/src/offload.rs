@@ -15,6 +15,8 @@
 
 use std::fmt;
 
+use bytes::{Bytes, BytesMut};
+
 /// Length of the virtio-net header in front of every packet read from or written to the TUN
 /// (`struct virtio_net_hdr`, no `num_buffers`).
 pub const VNET_HDR_LEN: usize = 10;
@@ -165,11 +167,10 @@ pub fn finish_coalesced(packet: &mut [u8]) -> Result<(), OffloadError> {
 }
 
 /// Cuts a coalesced TCP packet into segments of at most `mss` payload bytes and `max_len` bytes
-/// in all, as the kernel's
-/// segmentation would: each gets the headers with its own IP length, IPv4 identification
-/// (incremented per segment), sequence number and checksums; FIN and PSH stay on the last
-/// segment only, CWR on the first only. Each segment is handed to `emit` with `prefix` in front
-/// of it, built in `scratch`. Returns the number of segments.
+/// in all, as the kernel's segmentation would: each gets the headers with its own IP length, IPv4
+/// identification (incremented per segment), sequence number and checksums; FIN and PSH stay on
+/// the last segment only, CWR on the first only. Each segment is built once, with `prefix` in
+/// front of it, in its own buffer handed to `emit`. Returns the number of segments.
 ///
 /// # Errors
 /// [`OffloadError::NotTcp`], [`OffloadError::ZeroSegmentSize`]; nothing is emitted then.
@@ -178,8 +179,7 @@ pub fn segment_tcp(
     mss: u16,
     max_len: usize,
     prefix: &[u8],
-    scratch: &mut Vec<u8>,
-    mut emit: impl FnMut(&[u8]),
+    mut emit: impl FnMut(Bytes),
 ) -> Result<usize, OffloadError> {
     const FIN: u8 = 0x01;
     const PSH: u8 = 0x08;
@@ -208,11 +208,11 @@ pub fn segment_tcp(
     let mut chunks = payload.chunks(mss);
     for i in 0..count {
         let chunk = chunks.next().unwrap_or(&[]);
-        scratch.clear();
-        scratch.extend_from_slice(prefix);
-        scratch.extend_from_slice(headers);
-        scratch.extend_from_slice(chunk);
-        let segment = &mut scratch[prefix.len()..];
+        let mut datagram = BytesMut::with_capacity(prefix.len() + headers.len() + chunk.len());
+        datagram.extend_from_slice(prefix);
+        datagram.extend_from_slice(headers);
+        datagram.extend_from_slice(chunk);
+        let segment = &mut datagram[prefix.len()..];
         if !layout.ipv6 {
             segment[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
         }
@@ -230,7 +230,7 @@ pub fn segment_tcp(
         }
         segment[layout.tcp + 13] = segment_flags;
         write_tcp_checksum(segment, layout);
-        emit(scratch);
+        emit(datagram.freeze());
     }
     Ok(count)
 }
@@ -267,7 +267,7 @@ fn write_tcp_checksum(packet: &mut [u8], layout: TcpLayout) {
 /// The one's-complement sum of `data` as 16-bit big-endian words, added to `acc`, unfolded.
 /// Summing 32-bit words is the same modulo 0xffff (2^16 ≡ 1) and halves the additions; a
 /// 64 KiB packet cannot overflow the accumulator.
-fn sum(data: &[u8], mut acc: u64) -> u64 {
+pub(crate) fn sum(data: &[u8], mut acc: u64) -> u64 {
     let mut words = data.chunks_exact(4);
     for word in &mut words {
         acc += u64::from(u32::from_be_bytes([word[0], word[1], word[2], word[3]]));
@@ -278,7 +278,8 @@ fn sum(data: &[u8], mut acc: u64) -> u64 {
     acc + u64::from(u32::from_be_bytes(last))
 }
 
-fn fold(mut acc: u64) -> u16 {
+/// Folds a [`sum`] to 16 bits (end-around carry).
+pub(crate) fn fold(mut acc: u64) -> u16 {
     while acc > 0xffff {
         acc = (acc & 0xffff) + (acc >> 16);
     }
@@ -369,10 +370,9 @@ mod tests {
             for len in [1, 1111, 1112, 1113, 40_000, 65_000 - 60] {
                 let payload = payload_of(len);
                 let packet = coalesced(ipv6, &payload, 0x18 | 0x01 | 0x80); // PSH ACK FIN CWR
-                let mut scratch = Vec::new();
                 let mut segments = Vec::new();
-                let n = segment_tcp(&packet, 1112, 1500, &[0xaa, 0xbb], &mut scratch, |s| {
-                    segments.push(s.to_vec());
+                let n = segment_tcp(&packet, 1112, 1500, &[0xaa, 0xbb], |s| {
+                    segments.push(s);
                 })
                 .unwrap();
                 assert_eq!(n, len.div_ceil(1112));
@@ -410,7 +410,7 @@ mod tests {
     fn segments_respect_the_link_mtu_below_the_segment_size() {
         let packet = coalesced(false, &payload_of(10_000), 0x10);
         let mut lens = Vec::new();
-        let n = segment_tcp(&packet, 1448, 1152, &[], &mut Vec::new(), |s| {
+        let n = segment_tcp(&packet, 1448, 1152, &[], |s| {
             lens.push(s.len());
         })
         .unwrap();
@@ -460,7 +460,6 @@ mod tests {
 
     #[test]
     fn malformed_coalesced_packets_are_refused_without_output() {
-        let mut scratch = Vec::new();
         let mut emitted = 0;
         let good = coalesced(false, &payload_of(3000), 0x10);
         for bad in [
@@ -484,18 +483,18 @@ mod tests {
             },
         ] {
             assert_eq!(
-                segment_tcp(&bad, 1112, 1152, &[], &mut scratch, |_| emitted += 1),
+                segment_tcp(&bad, 1112, 1152, &[], |_| emitted += 1),
                 Err(OffloadError::NotTcp)
             );
             let mut bad = bad;
             assert_eq!(finish_coalesced(&mut bad), Err(OffloadError::NotTcp));
         }
         assert_eq!(
-            segment_tcp(&good, 0, 1152, &[], &mut scratch, |_| emitted += 1),
+            segment_tcp(&good, 0, 1152, &[], |_| emitted += 1),
             Err(OffloadError::ZeroSegmentSize)
         );
         assert_eq!(
-            segment_tcp(&good, 1112, 40, &[], &mut scratch, |_| emitted += 1),
+            segment_tcp(&good, 1112, 40, &[], |_| emitted += 1),
             Err(OffloadError::ZeroSegmentSize)
         );
         assert_eq!(emitted, 0);
@@ -503,9 +502,20 @@ mod tests {
 
     #[test]
     fn the_wide_sum_equals_the_rfc1071_sum() {
+        // RFC 1071 word by word, as a reference independent of the 32-bit sum above.
+        fn reference(data: &[u8]) -> u16 {
+            let mut sum = 0u32;
+            for pair in data.chunks(2) {
+                sum += u32::from(pair[0]) << 8 | u32::from(pair.get(1).copied().unwrap_or(0));
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            !(sum as u16)
+        }
         for len in 0..70 {
             let data = payload_of(len);
-            assert_eq!(!fold(sum(&data, 0)), internet_checksum(&data), "len {len}");
+            assert_eq!(!fold(sum(&data, 0)), reference(&data), "len {len}");
         }
+        let ones = [0xffu8; 1000];
+        assert_eq!(!fold(sum(&ones, 0)), reference(&ones));
     }
 }

@@ -407,23 +407,17 @@ pub fn internet_checksum(data: &[u8]) -> u16 {
     !fold(sum_words(data, 0))
 }
 
-fn sum_words(data: &[u8], mut sum: u32) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    if let [last] = chunks.remainder() {
-        sum += u32::from(*last) << 8;
-    }
-    sum
+/// `data`'s one's-complement sum added to `sum`, folded to 16 bits (in a `u32` for the callers'
+/// additions).
+fn sum_words(data: &[u8], sum: u32) -> u32 {
+    u32::from(crate::offload::fold(crate::offload::sum(
+        data,
+        u64::from(sum),
+    )))
 }
 
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
+fn fold(sum: u32) -> u16 {
+    crate::offload::fold(u64::from(sum))
 }
 
 /// Builds an ICMPv4 Destination Unreachable / Fragmentation Needed (type 3 code 4) from

@@ -607,7 +607,6 @@ async fn tun_reader(shared: Arc<Shared>, gateway_v4: std::net::Ipv4Addr) {
     let link_mtu = usize::from(shared.link_mtu);
     // A coalesced packet is at most 64 KiB plus its headers.
     let mut buf = vec![0u8; HEADROOM + 65_536 + 256];
-    let mut scratch = Vec::new();
     loop {
         let (offload, n) = match shared.tun.recv(&mut buf, HEADROOM).await {
             Ok(read) => read,
@@ -631,7 +630,7 @@ async fn tun_reader(shared: Arc<Shared>, gateway_v4: std::net::Ipv4Addr) {
             continue;
         };
         if offload.gso != Gso::None {
-            if let Err(error) = queue_coalesced(&shared, &queue, offload, packet, &mut scratch) {
+            if let Err(error) = queue_coalesced(&shared, &queue, offload, packet) {
                 shared.metrics.dropped(DropReason::Offload);
                 tracing::debug!(%error, %destination, "coalesced packet dropped");
             }
@@ -676,7 +675,6 @@ fn queue_coalesced(
     queue: &SessionQueue,
     offload: VnetHeader,
     packet: &mut [u8],
-    scratch: &mut Vec<u8>,
 ) -> Result<(), OffloadError> {
     if let Gso::Other(kind) = offload.gso {
         return Err(OffloadError::UnexpectedGso(kind));
@@ -695,18 +693,11 @@ fn queue_coalesced(
     }
     let mut full = 0;
     let link_mtu = usize::from(shared.link_mtu);
-    let segments = segment_tcp(
-        packet,
-        offload.gso_size,
-        link_mtu,
-        header,
-        scratch,
-        |datagram| {
-            if queue.push(Bytes::copy_from_slice(datagram)) {
-                full += 1;
-            }
-        },
-    )?;
+    let segments = segment_tcp(packet, offload.gso_size, link_mtu, header, |datagram| {
+        if queue.push(datagram) {
+            full += 1;
+        }
+    })?;
     for _ in 0..full {
         shared.metrics.dropped(DropReason::QueueFull);
     }
