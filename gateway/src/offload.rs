@@ -28,9 +28,6 @@ const GSO_ECN: u8 = 0x80;
 
 const PROTO_TCP: u8 = 6;
 
-/// The largest packet one stream-link frame can carry (its length field is 16 bits).
-pub const MAX_FRAME_PACKET: usize = u16::MAX as usize;
-
 /// What the kernel did not do to a packet it read from the TUN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gso {
@@ -191,7 +188,9 @@ pub fn segment_tcp(
     }
     let headers = &packet[..layout.payload];
     let payload = &packet[layout.payload..];
-    if layout.payload + payload.len().min(mss) > MAX_FRAME_PACKET {
+    // Every segment's length must fit the IP length field (checked once, so an error emits
+    // nothing).
+    if layout.payload + payload.len().min(mss) > usize::from(u16::MAX) {
         return Err(OffloadError::NotTcp);
     }
     let seq = u32::from_be_bytes([
