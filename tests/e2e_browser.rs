@@ -193,7 +193,19 @@ fn run_in_page_for(
     arg: &str,
     timeout: Duration,
 ) -> String {
-    let (page, out_path) = spawn_page_for(topology, server, name, arg, timeout);
+    run_in_page_with_flags(topology, server, name, arg, timeout, &[])
+}
+
+/// [`run_in_page_for`] in a Chromium started with extra `flags`.
+fn run_in_page_with_flags(
+    topology: &Topology,
+    server: &PageServer,
+    name: &str,
+    arg: &str,
+    timeout: Duration,
+    flags: &[String],
+) -> String {
+    let (page, out_path) = spawn_page_with_flags(topology, server, name, arg, timeout, flags);
     page_result_for(&page, &out_path, timeout)
 }
 
@@ -216,14 +228,61 @@ fn spawn_page_for(
     arg: &str,
     timeout: Duration,
 ) -> (common::Process, PathBuf) {
+    spawn_page_with_flags(topology, server, name, arg, timeout, &[])
+}
+
+/// [`spawn_page_for`] in a Chromium started with extra `flags` (run.mjs reads them as a JSON
+/// array from `WEBNIC_CHROMIUM_ARGS`).
+fn spawn_page_with_flags(
+    topology: &Topology,
+    server: &PageServer,
+    name: &str,
+    arg: &str,
+    timeout: Duration,
+    flags: &[String],
+) -> (common::Process, PathBuf) {
     let mut cmd = Command::new(find_command("node").expect("node"));
     cmd.arg(repo().join("tests/browser/run.mjs"))
         .arg(server.url("/page.html"))
         .arg(name)
         .arg(arg)
         .arg(timeout.as_millis().to_string());
+    if !flags.is_empty() {
+        assert!(
+            flags.iter().all(|f| !f.contains(['"', '\\'])),
+            "flags are passed as a JSON array without escaping: {flags:?}"
+        );
+        let json = flags
+            .iter()
+            .map(|f| format!("\"{f}\""))
+            .collect::<Vec<_>>()
+            .join(",");
+        cmd.env("WEBNIC_CHROMIUM_ARGS", format!("[{json}]"));
+    }
     let page = topology.spawn_root(&format!("browser-{name}"), &mut cmd);
     (page, topology.tmp().join(format!("browser-{name}.out")))
+}
+
+/// base64(sha256(SubjectPublicKeyInfo)) of the PEM certificate at `cert`, the form Chromium's
+/// `--ignore-certificate-errors-spki-list` takes (computed with openssl, as Chromium documents).
+fn spki_sha256_base64(cert: &Path) -> String {
+    let pipeline = format!(
+        "openssl x509 -in '{}' -pubkey -noout | openssl pkey -pubin -outform der \
+         | openssl dgst -sha256 -binary | base64",
+        cert.display()
+    );
+    let output = Command::new("bash")
+        .args(["-o", "pipefail", "-c", &pipeline])
+        .output()
+        .expect("run openssl");
+    let spki = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    assert!(
+        output.status.success() && spki.len() == 44,
+        "openssl gave no SPKI hash for {}: {spki:?} {}",
+        cert.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    spki
 }
 
 /// Waits (at most 60 s) for the page's first `WEBNIC_READY <detail>` line; returns the detail.
@@ -1430,6 +1489,8 @@ fn browser_bench_relays() {
     const UDP_PORT: u16 = 7300;
     const WEBSOCKIFY_PORT: u16 = 6080;
     const WISP_PORT: u16 = 6001;
+    const WEBSOCKIFY_TLS_PORT: u16 = 6443;
+    const WISP_TLS_PORT: u16 = 6444;
     const ECHO_PORT: u16 = 4434;
     require_prerequisites();
     require_browser();
@@ -1505,6 +1566,69 @@ fn browser_bench_relays() {
         Vec::new(),
     );
     topology.wait_listening(&topology.gw_ns(), "tcp", WISP_PORT, &wisp);
+    // The same two relays over TLS, as an https page must reach them (a secure page may not open
+    // ws://): websockify's own --cert/--key, wisp-js inside node's HTTPS server
+    // (benches/relays/wisp-tls-server.mjs, as the native benches run it). Chromium trusts the
+    // self-signed certificate through --ignore-certificate-errors-spki-list.
+    let identity =
+        wtransport::Identity::self_signed([gw.as_str()]).expect("self-signed relay identity");
+    let relay_cert = topology.tmp().join("relay-cert.pem");
+    let relay_key = topology.tmp().join("relay-key.pem");
+    fs::write(
+        &relay_cert,
+        identity.certificate_chain().as_slice()[0].to_pem(),
+    )
+    .expect("write the relay certificate");
+    fs::write(&relay_key, identity.private_key().to_secret_pem()).expect("write the relay key");
+    let (cert, key) = (
+        relay_cert.to_str().expect("utf-8 path"),
+        relay_key.to_str().expect("utf-8 path"),
+    );
+    let websockify_bin = bench.join("venv/bin/websockify");
+    let websockify_tls = topology.spawn_in(
+        &topology.gw_ns(),
+        "websockify-tls",
+        &[
+            websockify_bin.to_str().expect("utf-8 path"),
+            "--cert",
+            cert,
+            "--key",
+            key,
+            "--ssl-only",
+            &format!("{gw}:{WEBSOCKIFY_TLS_PORT}"),
+            &ws_target,
+        ],
+        Vec::new(),
+    );
+    topology.wait_listening(
+        &topology.gw_ns(),
+        "tcp",
+        WEBSOCKIFY_TLS_PORT,
+        &websockify_tls,
+    );
+    // node resolves the wrapper's import from its own directory: next to node_modules.
+    let wisp_wrapper = bench.join("wisp-tls-server.mjs");
+    fs::copy(
+        repo().join("benches/relays/wisp-tls-server.mjs"),
+        &wisp_wrapper,
+    )
+    .expect("copy wisp-tls-server.mjs next to node_modules");
+    let wisp_tls = topology.spawn_in(
+        &topology.gw_ns(),
+        "wisp-js-tls-server",
+        &[
+            node.to_str().expect("utf-8 path"),
+            wisp_wrapper.to_str().expect("utf-8 path"),
+            &gw,
+            &WISP_TLS_PORT.to_string(),
+            cert,
+            key,
+            r#"{"allow_private_ips":true}"#,
+        ],
+        Vec::new(),
+    );
+    topology.wait_listening(&topology.gw_ns(), "tcp", WISP_TLS_PORT, &wisp_tls);
+    let spki = spki_sha256_base64(&relay_cert);
     // The raw WebTransport datagram echo (gateway/examples/datagram_echo.rs), next to the gateway.
     let echo_bin = common::gateway_binary()
         .parent()
@@ -1548,12 +1672,19 @@ fn browser_bench_relays() {
     let server = PageServer::start();
 
     let arg = format!(
-        r#"{{"gateway":"{}","certHash":"{}","host":"{srv}","path":"/random.bin","expected":"{}","sinkPort":{SINK_PORT},"uploadBytes":{size},"udpPort":{UDP_PORT},"websockifyUrl":"ws://{gw}:{WEBSOCKIFY_PORT}/","wispUrl":"ws://{gw}:{WISP_PORT}/","fetchUrl":"http://{srv}:8080/random.bin","echoUrl":"https://{echo_listen}/echo","echoHash":"{echo_hash}","runs":{runs}}}"#,
+        r#"{{"gateway":"{}","certHash":"{}","host":"{srv}","path":"/random.bin","expected":"{}","sinkPort":{SINK_PORT},"uploadBytes":{size},"udpPort":{UDP_PORT},"websockifyUrl":"ws://{gw}:{WEBSOCKIFY_PORT}/","wispUrl":"ws://{gw}:{WISP_PORT}/","websockifyTlsUrl":"wss://{gw}:{WEBSOCKIFY_TLS_PORT}/","wispTlsUrl":"wss://{gw}:{WISP_TLS_PORT}/","fetchUrl":"http://{srv}:8080/random.bin","echoUrl":"https://{echo_listen}/echo","echoHash":"{echo_hash}","runs":{runs}}}"#,
         gateway.url(),
         gateway.cert_hash(),
         sha256_hex(&data),
     );
-    let result = run_in_page_for(&topology, &server, "benchRelays", &arg, PAGE_TIMEOUT * 10);
+    let result = run_in_page_with_flags(
+        &topology,
+        &server,
+        "benchRelays",
+        &arg,
+        PAGE_TIMEOUT * 10,
+        &[format!("--ignore-certificate-errors-spki-list={spki}")],
+    );
     println!("page result: {result}");
     let figure = |key: &str| -> f64 {
         json_field(&result, key)
@@ -1561,6 +1692,7 @@ fn browser_bench_relays() {
             .unwrap_or_else(|| panic!("no {key}: {result}"))
     };
     let relays = figure("websockifyGet").max(figure("wispGet"));
+    let relays_tls = figure("websockifyTlsGet").max(figure("wispTlsGet"));
     for (label, key) in [
         ("webnic GET, stack in the page (Window)", "webnicWindowGet"),
         ("webnic GET, stack in a Worker", "webnicWorkerGet"),
@@ -1574,6 +1706,23 @@ fn browser_bench_relays() {
         ),
         ("websockify GET (page WebSocket)", "websockifyGet"),
         ("Wisp GET (wisp-js client and server)", "wispGet"),
+        (
+            "websockify GET over TLS (page WebSocket, wss://)",
+            "websockifyTlsGet",
+        ),
+        ("Wisp GET over TLS (wisp-js, wss://)", "wispTlsGet"),
+        (
+            "webnic GET on the stream link, Window, main thread busy half the time",
+            "webnicWindowBusyGet",
+        ),
+        (
+            "webnic GET on the stream link, Worker, main thread busy half the time",
+            "webnicWorkerBusyGet",
+        ),
+        (
+            "websockify GET, main thread busy half the time",
+            "websockifyBusyGet",
+        ),
         ("page fetch() GET, no relay", "fetchGet"),
         ("webnic upload 16 MiB, Window", "webnicWindowUpload"),
         ("webnic upload 16 MiB, Worker", "webnicWorkerUpload"),
@@ -1668,20 +1817,51 @@ fn browser_bench_relays() {
         ],
         stream,
     );
+    let stream_worker = figure("rawStreamDownloadWorker");
+    println!(
+        "BENCH raw WebTransport stream download in a Worker, 64 MiB (the Worker's ceiling): {stream_worker:.1} MB/s"
+    );
+    ratios(
+        &[(
+            "ratio webnic stream-link Worker GET / raw stream download in a Worker",
+            "webnicWorkerStreamGet",
+        )],
+        stream_worker,
+    );
     ratios(
         &[
-            ("ratio webnic Window GET / best relay", "webnicWindowGet"),
-            ("ratio webnic Worker GET / best relay", "webnicWorkerGet"),
             (
-                "ratio webnic stream-link Window GET / best relay",
+                "ratio webnic Window GET / best relay over plain ws://",
+                "webnicWindowGet",
+            ),
+            (
+                "ratio webnic Worker GET / best relay over plain ws://",
+                "webnicWorkerGet",
+            ),
+            (
+                "ratio webnic stream-link Window GET / best relay over plain ws://",
                 "webnicWindowStreamGet",
             ),
             (
-                "ratio webnic stream-link Worker GET / best relay",
+                "ratio webnic stream-link Worker GET / best relay over plain ws://",
                 "webnicWorkerStreamGet",
             ),
         ],
         relays,
+    );
+    // webnic is always encrypted (QUIC); a relay reached from an https page is too.
+    ratios(
+        &[
+            (
+                "ratio webnic stream-link Window GET / best relay over TLS",
+                "webnicWindowStreamGet",
+            ),
+            (
+                "ratio webnic stream-link Worker GET / best relay over TLS",
+                "webnicWorkerStreamGet",
+            ),
+        ],
+        relays_tls,
     );
 }
 

@@ -30,6 +30,9 @@ try {
     args: [
       '--headless=new', '--no-sandbox', '--disable-gpu', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync',
+      // Extra flags a test passes (a JSON array), e.g. the browser bench's trust in its relays'
+      // self-signed certificate (--ignore-certificate-errors-spki-list).
+      ...JSON.parse(process.env.WEBNIC_CHROMIUM_ARGS || '[]'),
     ],
   });
   const page = browser.pages()[0] ?? await browser.newPage();
