@@ -29,7 +29,7 @@ export interface WebNicConnectOptions {
   wasm?: string | URL | Response | BufferSource | WebAssembly.Module;
   /**
    * Run the stack in a dedicated Worker (js/webnic-worker.js) instead of this thread; the socket
-   * objects are the same either way. Default true: measured faster (docs/BROWSER.md).
+   * objects are the same either way. Default false: this thread measured faster (docs/BROWSER.md).
    */
   worker?: boolean;
   /** A session token from `webnic-gateway token` (sent as `?token=` in the session URL). */

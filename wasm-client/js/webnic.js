@@ -14,10 +14,12 @@
 // so a value and a promise of it both work).
 import init, { connect as connectWasm } from '../pkg/webnic_wasm.js';
 
-// Where the stack runs when `connect` is not told. A Worker measured faster (headless Chromium,
-// docs/BROWSER.md: GET 9.1 vs 8.7 MB/s for 8 MiB and 10.8 vs 5.9 for 16 MiB, upload 4.4 vs 3.5,
-// medians) at +0.3 ms echo RTT, and it keeps the page's main thread free.
-const DEFAULT_WORKER = true;
+// Where the stack runs when `connect` is not told: this thread. With the stream link, the stack
+// in the page measured faster than in a Worker (headless Chromium, 2 cores, docs/BROWSER.md
+// "Window or Worker"): 16 MiB GETs in 6 of 8 benchmark runs, UDP echo in all, and GETs while the
+// page's main thread was busy half the time too; the Worker adds a thread and two message hops
+// per call and buys nothing on that machine. `worker: true` moves it off the main thread.
+const DEFAULT_WORKER = false;
 
 // How long a lost session keeps trying to resume on a new connection (ms): the gateway's
 // default grace period. `options.reconnectFor: 0` turns resumption off.
