@@ -16,9 +16,9 @@ import init, { connect as connectWasm } from '../pkg/webnic_wasm.js';
 
 // Where the stack runs when `connect` is not told: this thread. With the stream link, the stack
 // in the page measured faster than in a Worker (headless Chromium, 2 cores, docs/BROWSER.md
-// "Window or Worker"): 16 MiB GETs in 6 of 8 benchmark runs, UDP echo in all, and GETs while the
-// page's main thread was busy half the time too; the Worker adds a thread and two message hops
-// per call and buys nothing on that machine. `worker: true` moves it off the main thread.
+// "Window or Worker"): 16 MiB GETs in 7 of 12 benchmark runs, UDP echo in all, and GETs while
+// the page's main thread was busy half the time in 6 of 6; the Worker adds a thread and two
+// message hops per call and buys nothing on that machine. `worker: true` moves it off the main thread.
 const DEFAULT_WORKER = false;
 
 // How long a lost session keeps trying to resume on a new connection (ms): the gateway's
