@@ -1707,10 +1707,10 @@ fn browser_bench_relays() {
         ("websockify GET (page WebSocket)", "websockifyGet"),
         ("Wisp GET (wisp-js client and server)", "wispGet"),
         (
-            "websockify GET over TLS (page WebSocket, wss://)",
+            "websockify GET over TLS (page WebSocket, wss)",
             "websockifyTlsGet",
         ),
-        ("Wisp GET over TLS (wisp-js, wss://)", "wispTlsGet"),
+        ("Wisp GET over TLS (wisp-js, wss)", "wispTlsGet"),
         (
             "webnic GET on the stream link, Window, main thread busy half the time",
             "webnicWindowBusyGet",
@@ -1831,19 +1831,19 @@ fn browser_bench_relays() {
     ratios(
         &[
             (
-                "ratio webnic Window GET / best relay over plain ws://",
+                "ratio webnic Window GET / best relay over plain WebSocket (ws)",
                 "webnicWindowGet",
             ),
             (
-                "ratio webnic Worker GET / best relay over plain ws://",
+                "ratio webnic Worker GET / best relay over plain WebSocket (ws)",
                 "webnicWorkerGet",
             ),
             (
-                "ratio webnic stream-link Window GET / best relay over plain ws://",
+                "ratio webnic stream-link Window GET / best relay over plain WebSocket (ws)",
                 "webnicWindowStreamGet",
             ),
             (
-                "ratio webnic stream-link Worker GET / best relay over plain ws://",
+                "ratio webnic stream-link Worker GET / best relay over plain WebSocket (ws)",
                 "webnicWorkerStreamGet",
             ),
         ],

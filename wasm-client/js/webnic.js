@@ -16,8 +16,8 @@ import init, { connect as connectWasm } from '../pkg/webnic_wasm.js';
 
 // Where the stack runs when `connect` is not told: this thread. With the stream link, the stack
 // in the page measured faster than in a Worker (headless Chromium, 2 cores, docs/BROWSER.md
-// "Window or Worker"): 16 MiB GETs in 7 of 12 benchmark runs, UDP echo in all, and GETs while
-// the page's main thread was busy half the time in 6 of 6; the Worker adds a thread and two
+// "Window or Worker"): 16 MiB GETs in 8 of 13 benchmark runs, UDP echo in all, and GETs while
+// the page's main thread was busy half the time in 7 of 7; the Worker adds a thread and two
 // message hops per call and buys nothing on that machine. `worker: true` moves it off the main thread.
 const DEFAULT_WORKER = false;
 
