@@ -217,22 +217,12 @@ fn spawn_page(
     name: &str,
     arg: &str,
 ) -> (common::Process, PathBuf) {
-    spawn_page_for(topology, server, name, arg, PAGE_TIMEOUT)
+    spawn_page_with_flags(topology, server, name, arg, PAGE_TIMEOUT, &[])
 }
 
-/// [`spawn_page`] with its own time limit (run.mjs enforces it and closes Chromium).
-fn spawn_page_for(
-    topology: &Topology,
-    server: &PageServer,
-    name: &str,
-    arg: &str,
-    timeout: Duration,
-) -> (common::Process, PathBuf) {
-    spawn_page_with_flags(topology, server, name, arg, timeout, &[])
-}
-
-/// [`spawn_page_for`] in a Chromium started with extra `flags` (run.mjs reads them as a JSON
-/// array from `WEBNIC_CHROMIUM_ARGS`).
+/// [`spawn_page`] with its own time limit (run.mjs enforces it and closes Chromium), in a
+/// Chromium started with extra `flags` (run.mjs reads them as a JSON array from
+/// `WEBNIC_CHROMIUM_ARGS`).
 fn spawn_page_with_flags(
     topology: &Topology,
     server: &PageServer,
@@ -509,11 +499,17 @@ fn assert_echo_byte_exact(result: &str, bytes: usize, context: &str) {
 /// 1 MiB came back the gateway gets SIGTERM (it tells the page, parks the session's lease and
 /// writes it to its lease file) and a new gateway process starts with the same certificate and
 /// lease file. The page resumes its session with the gateway's ticket and the same address, and
-/// the echo completes byte-exact.
+/// the echo completes byte-exact. In both modes (the page's thread and a Worker).
 #[test]
 fn browser_tcp_survives_a_gateway_restart() {
     require_prerequisites();
     require_browser();
+    for worker in [false, true] {
+        tcp_survives_a_gateway_restart(worker);
+    }
+}
+
+fn tcp_survives_a_gateway_restart(worker: bool) {
     let topology = Topology::new();
     let _echo = topology.serve_tcp_echo(TCP_ECHO_PORT);
     let (args, leases) = common::restartable_gateway_args(topology.tmp());
@@ -522,7 +518,7 @@ fn browser_tcp_survives_a_gateway_restart() {
     let server = PageServer::start();
     let bytes = 8 << 20;
     let arg = format!(
-        r#"{{"gateway":"{}","certHash":"{}","host":"{}","port":{TCP_ECHO_PORT},"bytes":{bytes},"pings":0,"announceAfter":{}}}"#,
+        r#"{{"gateway":"{}","certHash":"{}","host":"{}","port":{TCP_ECHO_PORT},"bytes":{bytes},"pings":0,"worker":{worker},"announceAfter":{}}}"#,
         gateway.url(),
         gateway.cert_hash(),
         topology.srv_ipv4(),
@@ -550,7 +546,12 @@ fn browser_tcp_survives_a_gateway_restart() {
     );
 
     let result = page_result(&page, &out_path);
-    println!("page result: {result}");
+    println!("worker {worker}: page result: {result}");
+    assert_eq!(
+        json_field(&result, "worker"),
+        Some(worker.to_string().as_str()),
+        "{result}"
+    );
     assert_echo_byte_exact(&result, bytes, &restarted.process.logs());
     assert_eq!(json_field(&result, "reconnects"), Some("1"), "{result}");
     assert!(
