@@ -5,8 +5,11 @@
 #     link (PROTOCOL.md §3.2),
 #   - websockify (PyPI) with a page WebSocket,
 #   - a Wisp server with the wisp-js client (npm @mercuryworkshop/wisp-js),
+#   - both relays again over TLS (wss://, what an https page must use; Chromium trusts their
+#     self-signed certificate by its SPKI hash),
 #   - the page's own fetch() (no relay: the browser's network stack, routed to the namespace);
-# plus, for webnic, TCP upload goodput (16 MiB, checked by the server's sha256) and the UDPSocket
+# the same GETs while the page's main thread is busy half the time (webnic in both modes,
+# websockify); plus, for webnic, TCP upload goodput (16 MiB, checked by the server's sha256) and the UDPSocket
 # datagram echo rate, next to the page's raw WebTransport datagram echo rate against
 # gateway/examples/datagram_echo.rs (the ceiling: same wtransport/quinn layers, no stack, no TUN),
 # and that server's raw stream download (the stream link's ceiling). Prints each figure and

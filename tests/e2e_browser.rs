@@ -1480,9 +1480,11 @@ fn serve_cors_nginx(topology: &Topology, root: &Path) -> common::Process {
 
 /// The browser benchmark (`scripts/bench-browser.sh`, which installs websockify and wisp-js
 /// and sets `WEBNIC_BENCH_DIR`; not part of CI): a 16 MiB GET from nginx through webnic
-/// (Window and Worker), websockify and Wisp, and by the page's own `fetch()`, each
-/// sha256-checked in the page, median of `WEBNIC_BROWSER_RUNS` (default 3); plus webnic's
-/// upload goodput and UDPSocket echo rate. Prints `BENCH <what>: <figure>` lines.
+/// (Window and Worker), websockify and Wisp (plain and over TLS), and by the page's own
+/// `fetch()`, each sha256-checked in the page, median of `WEBNIC_BROWSER_RUNS` (default 3); the
+/// same GET while the page's main thread is busy half the time; webnic's upload goodput and
+/// UDPSocket echo rate; the raw WebTransport ceilings (also in a Worker). Prints
+/// `BENCH <what>: <figure>` lines (no colon in `<what>`: the script splits on the first).
 #[test]
 #[ignore = "benchmark: run scripts/bench-browser.sh"]
 fn browser_bench_relays() {
