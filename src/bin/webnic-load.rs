@@ -306,6 +306,7 @@ async fn request_response(
             TcpOptions {
                 send_buffer: 4096,
                 recv_buffer: 4096,
+                recv_buffer_max: 4096,
                 ..TcpOptions::default()
             },
         )
@@ -419,6 +420,7 @@ async fn run_session(
     let options = TcpOptions {
         send_buffer: args.tcp_buffer,
         recv_buffer: args.tcp_buffer,
+        recv_buffer_max: args.tcp_buffer,
         ..TcpOptions::default()
     };
     let bulk_progress = Progress::new(start);

@@ -23,6 +23,7 @@ pub mod ethernet;
 pub mod link_repair;
 pub mod link_stream;
 pub mod protocol;
+mod recv_window;
 mod stack;
 pub mod waiters;
 

@@ -16,6 +16,7 @@ use crate::device::QueueDevice;
 use crate::error::{ConnectError, DnsError, ListenError, PacketError, TcpError, UdpError};
 use crate::link_repair::{self, Accepted, LinkReceiver, LinkStats};
 use crate::link_stream::{self, Deframer, StreamFrameError};
+use crate::recv_window::RecvWindow;
 
 /// First port of the ephemeral range (RFC 6335).
 const EPHEMERAL_FIRST: u16 = 49152;
@@ -43,6 +44,10 @@ pub struct StackConfig {
     pub tx_queue_len: usize,
     /// Received packets one [`Stack::poll`] processes at most.
     pub ingress_budget: usize,
+    /// Receive window, in bytes, that the connections receiving at the same time share: a
+    /// connection whose [`TcpOptions::recv_buffer_max`] lets it grow does so up to this divided
+    /// by their number (never below its [`TcpOptions::recv_buffer`]).
+    pub tcp_recv_budget: usize,
 }
 
 impl StackConfig {
@@ -57,6 +62,10 @@ impl StackConfig {
             rx_queue_len: 1024,
             tx_queue_len: 256,
             ingress_budget: 256,
+            // Measured (docs/PERFORMANCE.md): one flow through the stream link under 1% loss
+            // needs about 2 MiB of window; eight flows of 256 KiB each (the same 2 MiB in
+            // flight) keep within the gateway's session queue, and more collapses them.
+            tcp_recv_budget: 2 * 1024 * 1024,
         }
     }
 }
@@ -66,8 +75,13 @@ impl StackConfig {
 pub struct TcpOptions {
     /// Send buffer in bytes.
     pub send_buffer: usize,
-    /// Receive buffer in bytes; it sets the largest window and so the window-scale factor.
+    /// Receive buffer in bytes: the window a connection starts with.
     pub recv_buffer: usize,
+    /// The receive buffer's largest size: while the connection receives in bulk its window
+    /// doubles after each full window of data, up to this and to its share of
+    /// [`StackConfig::tcp_recv_budget`]. It sets the window-scale factor. At most
+    /// `recv_buffer`, the window stays fixed.
+    pub recv_buffer_max: usize,
     /// Disable Nagle's algorithm.
     pub no_delay: bool,
     /// Send keep-alive probes after this much idle time.
@@ -98,6 +112,7 @@ impl Default for TcpOptions {
             // 256 KiB gives window scale 2 and covers 2 Gbit/s at 1 ms RTT.
             send_buffer: 256 * 1024,
             recv_buffer: 256 * 1024,
+            recv_buffer_max: 2 * 1024 * 1024,
             // Tunnelled request/response traffic suffers most from Nagle meeting the peer's
             // delayed ACK; applications that want coalescing can turn it back on.
             no_delay: true,
@@ -248,6 +263,9 @@ struct TcpEntry {
     /// An ICMP "administratively prohibited" answered our SYN.
     connect_prohibited: bool,
     local_port: Option<u16>,
+    /// Bytes the application has read.
+    bytes_read: u64,
+    recv_window: RecvWindow,
 }
 
 #[derive(Debug)]
@@ -317,6 +335,9 @@ pub struct Stack {
     link: LinkReceiver,
     /// Splits the stream link's bytes into packets.
     link_stream: Deframer,
+    /// Connections that counted as receiving in the last scan: they share
+    /// [`StackConfig::tcp_recv_budget`].
+    tcp_receiving: usize,
 }
 
 impl Stack {
@@ -380,6 +401,7 @@ impl Stack {
             stats: StackStats::default(),
             link: LinkReceiver::new(),
             link_stream: Deframer::new(),
+            tcp_receiving: 0,
         }
     }
 
@@ -830,6 +852,7 @@ impl Stack {
                 Err(TcpError::WouldBlock)
             }
             Ok(n) => {
+                entry.bytes_read += n as u64;
                 if !socket.can_recv() {
                     entry.readable_reported = false;
                 }
@@ -1176,6 +1199,10 @@ impl Stack {
         let rx = tcp::SocketBuffer::new(vec![0; options.recv_buffer.max(1024)]);
         let tx = tcp::SocketBuffer::new(vec![0; options.send_buffer.max(1024)]);
         let mut socket = tcp::Socket::new(rx, tx);
+        if options.recv_buffer_max > options.recv_buffer {
+            socket.set_recv_capacity_max(options.recv_buffer_max.min(1 << 30));
+            socket.set_recv_window_limit(Some(options.recv_buffer.max(1024)));
+        }
         socket.set_congestion_control(match options.congestion {
             Congestion::Cubic => tcp::CongestionControl::Cubic,
             Congestion::Reno => tcp::CongestionControl::Reno,
@@ -1369,6 +1396,8 @@ impl Stack {
         let mut to_remove = Vec::new();
         let mut to_connect = Vec::new();
         let dns_socket = self.dns_socket;
+        let share = self.config.tcp_recv_budget / self.tcp_receiving.max(1);
+        let mut receiving = 0;
         for (&id, entry) in &mut self.tcp {
             let handle = TcpHandle(id);
             let started = *entry.started.get_or_insert(now);
@@ -1476,6 +1505,17 @@ impl Stack {
                 to_remove.push(id);
                 continue;
             }
+            if entry.established && entry.recv_window.is_tuned() {
+                let received = entry.bytes_read + socket.recv_queue() as u64;
+                if entry.recv_window.update(now, received, share) {
+                    receiving += 1;
+                }
+                let limit = entry.recv_window.limit();
+                if limit > socket.recv_capacity() {
+                    socket.grow_recv_buffer(vec![0; limit]);
+                }
+                socket.set_recv_window_limit(Some(limit));
+            }
             if entry.established {
                 let readable = socket.can_recv() || !socket.may_recv() || finished;
                 if readable && !entry.readable_reported {
@@ -1489,6 +1529,7 @@ impl Stack {
                 }
             }
         }
+        self.tcp_receiving = receiving;
         for (id, remote) in to_connect {
             self.finish_resolution(id, remote);
         }
@@ -1613,6 +1654,11 @@ impl TcpEntry {
             connect_timed_out: false,
             connect_prohibited: false,
             local_port,
+            bytes_read: 0,
+            recv_window: RecvWindow::new(
+                options.recv_buffer.max(1024),
+                options.recv_buffer_max.min(1 << 30),
+            ),
         }
     }
 }

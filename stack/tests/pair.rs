@@ -1,7 +1,7 @@
 //! Two stacks wired back to back in memory, with simulated time and seeded loss: the stack's
 //! TCP, UDP and event contract tested without sockets or clocks.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use webnic_stack::link_repair::{
@@ -32,6 +32,9 @@ struct Pair {
     /// Stream link on A → B (A playing the gateway): each step's packets from A framed into one
     /// stream write, delivered to B in two chunks split inside a frame.
     stream: bool,
+    /// B's TCP packets to A, by A's port: the window scale B offered and the largest window
+    /// (scaled, in bytes) B advertised.
+    b_windows: HashMap<u16, (u8, usize)>,
 }
 
 impl Pair {
@@ -51,6 +54,7 @@ impl Pair {
             rng: seed | 1,
             a_events: Vec::new(),
             b_events: Vec::new(),
+            b_windows: HashMap::new(),
             repair: None,
             stream: false,
         }
@@ -129,6 +133,7 @@ impl Pair {
                 }
                 continue;
             }
+            self.observe_window(&p);
             self.send(false, p);
         }
         while let Some(e) = self.a.poll_event() {
@@ -163,6 +168,38 @@ impl Pair {
 }
 
 impl Pair {
+    /// Records the receive window of one of B's IPv4 TCP packets.
+    fn observe_window(&mut self, packet: &[u8]) {
+        if packet.len() < 20 || packet[0] >> 4 != 4 || packet[9] != 6 {
+            return;
+        }
+        let tcp = &packet[usize::from(packet[0] & 0xf) * 4..];
+        let to_port = u16::from_be_bytes([tcp[2], tcp[3]]);
+        let window = usize::from(u16::from_be_bytes([tcp[14], tcp[15]]));
+        let entry = self.b_windows.entry(to_port).or_insert((0, 0));
+        if tcp[13] & 0x02 != 0 {
+            // SYN: its window is unscaled; find the window-scale option (kind 3).
+            let options = &tcp[20..usize::from(tcp[12] >> 4) * 4];
+            let mut i = 0;
+            while i < options.len() {
+                match options[i] {
+                    0 => break,
+                    1 => i += 1,
+                    kind => {
+                        let len = usize::from(*options.get(i + 1).unwrap_or(&2)).max(2);
+                        if kind == 3 {
+                            entry.0 = options[i + 2];
+                        }
+                        i += len;
+                    }
+                }
+            }
+            entry.1 = entry.1.max(window);
+        } else {
+            entry.1 = entry.1.max(window << entry.0);
+        }
+    }
+
     /// A connects to a listener on B port 80; returns both ends once B accepted.
     fn connect(&mut self) -> (TcpHandle, TcpHandle) {
         let listener = self.b.tcp_listen(80, 1, TcpOptions::default()).unwrap();
@@ -319,6 +356,158 @@ fn stream_link_delivers_every_packet_through_a_small_queue() {
     let stats = pair.b.stats();
     assert_eq!(stats.dropped_queue_full, 0, "{stats:?}");
     assert!(stats.link_stream_packets > SIZE as u64 / 1152, "{stats:?}");
+}
+
+/// `flows` connections from A to B, each sending `size` bytes at once; checks every byte and
+/// returns the simulated time it took.
+fn transfer_flows(pair: &mut Pair, flows: usize, size: usize, sender: TcpOptions) -> Duration {
+    let start = pair.now;
+    let listener = pair.b.tcp_listen(80, flows, TcpOptions::default()).unwrap();
+    let data: Vec<u8> = (0..size).map(|i| (i * 13 + i / 241) as u8).collect();
+    let clients: Vec<TcpHandle> = (0..flows)
+        .map(|_| {
+            pair.a
+                .tcp_connect(SocketAddr::new(IpAddr::V4(B), 80), sender)
+                .unwrap()
+        })
+        .collect();
+    let mut sent = vec![0; flows];
+    let mut servers = Vec::new();
+    let mut received: Vec<Vec<u8>> = Vec::new();
+    let mut finished = 0;
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..2_000_000 {
+        pair.step();
+        while let Some((h, _)) = pair.b.tcp_accept(listener) {
+            servers.push(Some(h));
+            received.push(Vec::new());
+        }
+        for (client, sent) in clients.iter().zip(&mut sent) {
+            if *sent == size {
+                continue;
+            }
+            match pair.a.tcp_send(*client, &data[*sent..]) {
+                Ok(n) => *sent += n,
+                Err(TcpError::WouldBlock) => {}
+                Err(e) => panic!("send: {e}"),
+            }
+            if *sent == size {
+                pair.a.tcp_shutdown(*client).unwrap();
+            }
+        }
+        for (server, received) in servers.iter_mut().zip(&mut received) {
+            let Some(h) = *server else { continue };
+            loop {
+                match pair.b.tcp_recv(h, &mut buf) {
+                    Ok(0) => {
+                        assert!(*received == data, "payload differs");
+                        *server = None;
+                        finished += 1;
+                        break;
+                    }
+                    Ok(n) => received.extend_from_slice(&buf[..n]),
+                    Err(TcpError::WouldBlock) => break,
+                    Err(e) => panic!("recv: {e}"),
+                }
+            }
+        }
+        if finished == flows {
+            return pair.now - start;
+        }
+    }
+    panic!("{finished} of {flows} transfers finished");
+}
+
+const KIB: usize = 1024;
+
+/// A sender whose send buffer does not limit it before the receiver's window does.
+fn window_bound_sender() -> TcpOptions {
+    TcpOptions {
+        send_buffer: 4 << 20,
+        ..TcpOptions::default()
+    }
+}
+
+/// Receive-window autotuning: one bulk flow's window grows from the 256 KiB it starts with to
+/// the stack's whole budget (2 MiB), and the transfer is byte-exact, also under loss, where the
+/// buffer grows while it holds out-of-order data.
+#[test]
+fn a_lone_bulk_flow_grows_its_window_to_the_budget() {
+    let budget = StackConfig::new(1152, 0).tcp_recv_budget;
+    assert_eq!(TcpOptions::default().recv_buffer, 256 * KIB);
+    // At 2% loss smoltcp's sender moves too little for the window to reach the budget: it
+    // grows only while the flow moves a full window between doublings.
+    for (loss, seed, least) in [
+        (0, 31, budget * 3 / 4),
+        (1, 32, budget * 3 / 4),
+        (2, 33, budget / 2),
+    ] {
+        let mut pair = Pair::new(1152, 1, loss, seed);
+        transfer_flows(&mut pair, 1, 8 << 20, window_bound_sender());
+        let windows: Vec<_> = pair.b_windows.values().copied().collect();
+        assert_eq!(windows.len(), 1, "{windows:?}");
+        let (scale, largest) = windows[0];
+        // The window scale is chosen for the largest buffer (2 MiB needs 6).
+        assert_eq!(scale, 6, "{windows:?}");
+        assert!(
+            largest >= least && largest <= budget,
+            "{loss}% loss: largest window {largest}"
+        );
+    }
+}
+
+/// With no budget to share, a connection keeps the window it started with.
+#[test]
+fn without_a_budget_the_window_stays_at_the_receive_buffer() {
+    let mut pair = Pair::new(1152, 1, 0, 34);
+    let mut config = StackConfig::new(1152, 34 ^ 0x5555);
+    config.ipv4 = Some(B);
+    config.tcp_recv_budget = 0;
+    pair.b = Stack::new(config, pair.now);
+    transfer_flows(&mut pair, 1, 8 << 20, window_bound_sender());
+    let (_, largest) = pair.b_windows.values().next().copied().unwrap();
+    assert!(
+        largest > 200 * KIB && largest <= 256 * KIB,
+        "largest window {largest}"
+    );
+}
+
+/// Flows receiving at the same time share the budget: four flows stay near a quarter each, so
+/// what they have in flight together stays near what one flow may have.
+#[test]
+fn concurrent_flows_share_the_budget() {
+    let budget = StackConfig::new(1152, 0).tcp_recv_budget;
+    let mut pair = Pair::new(1152, 5, 0, 35);
+    transfer_flows(&mut pair, 4, 4 << 20, window_bound_sender());
+    let windows: Vec<_> = pair.b_windows.values().copied().collect();
+    assert_eq!(windows.len(), 4, "{windows:?}");
+    let total: usize = windows.iter().map(|(_, largest)| largest).sum();
+    assert!(
+        windows.iter().all(|(_, largest)| *largest <= budget / 2),
+        "{windows:?}"
+    );
+    assert!(total <= budget * 3 / 2, "{windows:?}");
+}
+
+/// A ring buffer grown while it holds data that wraps around its end, and out-of-order data
+/// past the allocated part (webnic's smoltcp patch), keeps both in place.
+#[test]
+fn a_grown_ring_buffer_keeps_wrapped_and_out_of_order_data() {
+    use smoltcp::storage::RingBuffer;
+    let mut ring = RingBuffer::new(vec![0u8; 8]);
+    assert_eq!(ring.enqueue_slice(b"abcdef"), 6);
+    let mut out = [0u8; 4];
+    assert_eq!(ring.dequeue_slice(&mut out), 4);
+    // "ef" at 4..6, then "ghij" wrapping to 0..2; then "k" out of order, one byte past them.
+    assert_eq!(ring.enqueue_slice(b"ghij"), 4);
+    assert_eq!(ring.write_unallocated(1, b"k"), 1);
+    ring.grow_into(vec![0u8; 32]);
+    assert_eq!(ring.capacity(), 32);
+    assert_eq!(ring.len(), 6);
+    assert_eq!(ring.get_unallocated(1, 1), b"k");
+    let mut all = [0u8; 6];
+    assert_eq!(ring.dequeue_slice(&mut all), 6);
+    assert_eq!(&all, b"efghij");
 }
 
 #[test]

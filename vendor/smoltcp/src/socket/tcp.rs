@@ -513,6 +513,11 @@ pub struct Socket<'a> {
     /// The remote window size, relative to local_seq_no
     /// I.e. we're allowed to send octets until local_seq_no+remote_win_len
     remote_win_len: usize,
+    /// webnic: the largest receive buffer this socket may grow to; it sets the window scale.
+    rx_capacity_max: usize,
+    /// webnic: the most the advertised window may cover past the data already buffered, or
+    /// `None` for the whole free buffer.
+    rx_window_limit: Option<usize>,
     /// The receive window scaling factor for remotes which support RFC 1323, None if unsupported.
     remote_win_scale: Option<u8>,
     /// Whether or not the remote supports selective ACK as described in RFC 2018.
@@ -623,6 +628,8 @@ impl<'a> Socket<'a> {
             remote_last_win: 0,
             remote_win_len: 0,
             remote_win_shift: rx_cap_log2.saturating_sub(16) as u8,
+            rx_capacity_max: rx_capacity,
+            rx_window_limit: None,
             remote_win_scale: None,
             remote_has_sack: false,
             remote_mss: DEFAULT_MSS,
@@ -656,6 +663,64 @@ impl<'a> Socket<'a> {
     /// Enable or disable TCP Timestamp.
     pub fn set_tsval_generator(&mut self, generator: Option<TcpTimestampGenerator>) {
         self.tsval_generator = generator;
+    }
+
+    /// webnic: let the receive buffer grow up to `max` bytes later (see
+    /// [`grow_recv_buffer`](Self::grow_recv_buffer)). The window scale offered in the SYN is
+    /// chosen for `max`, so this takes effect only before the connection starts (it is kept
+    /// across resets).
+    ///
+    /// # Panics
+    /// If `max` exceeds 1 GiB, the largest window TCP can scale to.
+    pub fn set_recv_capacity_max(&mut self, max: usize) {
+        assert!(max <= 1 << 30, "receiving buffer too large, cannot exceed 1 GiB");
+        self.rx_capacity_max = max.max(self.rx_buffer.capacity());
+        if matches!(self.state, State::Closed | State::Listen) {
+            self.remote_win_shift = Self::win_shift_for(self.rx_capacity_max);
+        }
+    }
+
+    /// webnic: replace the receive buffer by `storage`, which must be at least as large as the
+    /// current one and at most the capacity set by
+    /// [`set_recv_capacity_max`](Self::set_recv_capacity_max). The received data and any
+    /// out-of-order data held for reassembly move with it.
+    ///
+    /// Returns `false`, changing nothing, when `storage` does not fit those bounds.
+    #[cfg(feature = "alloc")]
+    pub fn grow_recv_buffer(&mut self, storage: alloc::vec::Vec<u8>) -> bool {
+        if storage.len() < self.rx_buffer.capacity() || storage.len() > self.rx_capacity_max {
+            return false;
+        }
+        self.rx_buffer.grow_into(storage);
+        true
+    }
+
+    /// webnic: advertise at most `limit` bytes of window beyond the data already buffered
+    /// (`None`: the whole free buffer). Lowering it never moves the right edge of a window
+    /// already advertised to the left (RFC 9293, 3.8.6.2.2): the window shrinks as data
+    /// arrives.
+    pub fn set_recv_window_limit(&mut self, limit: Option<usize>) {
+        self.rx_window_limit = limit;
+    }
+
+    /// The window scale that lets a window of `capacity` bytes be advertised.
+    fn win_shift_for(capacity: usize) -> u8 {
+        let cap_log2 = mem::size_of::<usize>() * 8 - capacity.leading_zeros() as usize;
+        cap_log2.saturating_sub(16) as u8
+    }
+
+    /// webnic: the receive window to advertise, in bytes: the free buffer, bounded by the
+    /// window limit but never below what was already promised.
+    fn recv_window(&self) -> usize {
+        let free = self.rx_buffer.window();
+        let Some(limit) = self.rx_window_limit else {
+            return free;
+        };
+        let limited = limit.saturating_sub(self.rx_buffer.len());
+        let promised = self
+            .last_scaled_window()
+            .map_or(0, |w| (w as usize) << self.remote_win_shift);
+        free.min(limited.max(promised))
     }
 
     /// Return whether TCP Timestamp is enabled.
@@ -783,7 +848,7 @@ impl<'a> Socket<'a> {
     /// Used in internal calculations as well as packet generation.
     #[inline]
     fn scaled_window(&self) -> u16 {
-        u16::try_from(self.rx_buffer.window() >> self.remote_win_shift).unwrap_or(u16::MAX)
+        u16::try_from(self.recv_window() >> self.remote_win_shift).unwrap_or(u16::MAX)
     }
 
     /// Return the last window field value, including scaling according to RFC 1323.
@@ -923,8 +988,6 @@ impl<'a> Socket<'a> {
     }
 
     fn reset(&mut self) {
-        let rx_cap_log2 =
-            mem::size_of::<usize>() * 8 - self.rx_buffer.capacity().leading_zeros() as usize;
 
         self.state = State::Closed;
         self.timer = Timer::new();
@@ -942,7 +1005,7 @@ impl<'a> Socket<'a> {
         self.remote_last_win = 0;
         self.remote_win_len = 0;
         self.remote_win_scale = None;
-        self.remote_win_shift = rx_cap_log2.saturating_sub(16) as u8;
+        self.remote_win_shift = Self::win_shift_for(self.rx_capacity_max);
         self.remote_mss = DEFAULT_MSS;
         self.remote_last_ts = None;
         self.sack_scoreboard = [None; SACK_SCOREBOARD_LEN];
@@ -2789,7 +2852,7 @@ impl<'a> Socket<'a> {
                 repr.control = TcpControl::Syn;
                 repr.seq_number = self.local_seq_no;
                 // window len must NOT be scaled in SYNs.
-                repr.window_len = u16::try_from(self.rx_buffer.window()).unwrap_or(u16::MAX);
+                repr.window_len = u16::try_from(self.recv_window()).unwrap_or(u16::MAX);
                 if self.state == State::SynSent {
                     repr.ack_number = None;
                     repr.window_scale = Some(self.remote_win_shift);

@@ -45,6 +45,27 @@ impl<'a, T: 'a> RingBuffer<'a, T> {
         }
     }
 
+    /// webnic: move everything in the buffer, allocated or not, into `storage` (at least as
+    /// large), unwrapped so it starts at index 0: a TCP receive buffer keeps out-of-order data
+    /// in its unallocated area, at offsets from the end of the allocated data.
+    ///
+    /// # Panics
+    /// If `storage` is smaller than the current storage.
+    pub fn grow_into<S>(&mut self, storage: S)
+    where
+        S: Into<ManagedSlice<'a, T>>,
+        T: Copy,
+    {
+        let mut storage = storage.into();
+        let capacity = self.capacity();
+        assert!(storage.len() >= capacity, "a ring buffer cannot shrink");
+        let (wrapped, head) = self.storage.split_at(self.read_at);
+        storage[..head.len()].copy_from_slice(head);
+        storage[head.len()..capacity].copy_from_slice(wrapped);
+        self.storage = storage;
+        self.read_at = 0;
+    }
+
     /// Clear the ring buffer.
     pub fn clear(&mut self) {
         self.read_at = 0;
