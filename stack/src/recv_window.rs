@@ -65,7 +65,10 @@ impl RecvWindow {
     /// and still buffered), and `share`, this connection's share of the stack's budget. Returns
     /// whether the connection counts as receiving (for the next share).
     pub(crate) fn update(&mut self, now: Instant, received: u64, share: usize) -> bool {
-        if received.saturating_sub(self.active_at) >= ACTIVE_BYTES {
+        // A new connection counts at once: flows opened one after another (8 parallel
+        // downloads) would otherwise let the first grow into the others' share before they
+        // received anything, and its window, once advertised, is not taken back.
+        if self.active_until.is_none() || received.saturating_sub(self.active_at) >= ACTIVE_BYTES {
             self.active_at = received;
             self.active_until = Some(now + ACTIVE_FOR);
         }
