@@ -113,6 +113,14 @@ mod tests {
     }
 
     #[test]
+    fn a_new_connection_counts_as_receiving_before_it_received_anything() {
+        let mut window = RecvWindow::new(256 * KIB, 2048 * KIB);
+        assert!(window.update(at(0), 0, 2048 * KIB));
+        assert!(window.update(at(99), 1000, 2048 * KIB));
+        assert!(!window.update(at(100), 2000, 2048 * KIB));
+    }
+
+    #[test]
     fn a_lone_bulk_flow_doubles_after_each_full_window_up_to_the_budget() {
         let mut window = RecvWindow::new(256 * KIB, 4096 * KIB);
         let budget = 2048 * KIB;
