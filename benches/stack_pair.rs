@@ -1,6 +1,6 @@
 //! Two `webnic_stack::Stack`s wired back to back in memory, no I/O: TCP bulk goodput, 64-byte
-//! request/response rate, and setup + teardown of 1,000 concurrent connections, each next to a
-//! baseline measured in the same run.
+//! request/response rate (also with 1,000 other connections open), and setup + teardown of
+//! 1,000 concurrent connections, each next to a baseline measured in the same run.
 //!
 //! Baselines:
 //! - bulk: the same bytes memcpy'd in MTU-sized chunks through two `VecDeque<Vec<u8>>` hops
@@ -9,6 +9,8 @@
 //!   thread. One thread, like the stack pair, so both figures count protocol work and not
 //!   scheduler hand-offs: the kernel's socket path is the reference a userspace stack competes
 //!   with, and a tokio duplex would mostly measure task wake-ups instead;
+//! - request/response with 1,000 other connections open and idle: the same exchange without
+//!   them, so the ratio is how much the per-packet cost grows with the number of connections;
 //! - 1,000 connections: the kernel doing the same over loopback TCP (connect, accept, close).
 //!
 //! Run with `cargo bench --bench stack_pair`; `scripts/bench.sh` collects the `RESULT` lines.
@@ -208,16 +210,39 @@ fn exchange_baseline(a: &mut UnixStream, b: &mut UnixStream, message: &[u8; MESS
 /// stacks have freed every one.
 fn connections() {
     let mut pair = Pair::new();
+    let (clients, accepted) = open_connections(&mut pair, 80);
+    for h in clients {
+        pair.a.tcp_release(h);
+    }
+    for h in accepted {
+        pair.b.tcp_release(h);
+    }
+    for _ in 0..MAX_STEPS {
+        pair.step();
+        if pair.a.tcp_connection_count() == 0 && pair.b.tcp_connection_count() == 0 {
+            return;
+        }
+    }
+    panic!(
+        "connections not torn down: {} and {} left",
+        pair.a.tcp_connection_count(),
+        pair.b.tcp_connection_count()
+    );
+}
+
+/// Opens `CONNECTIONS` connections from `a` to `b`'s `port` with small buffers; returns the
+/// client and server handles.
+fn open_connections(pair: &mut Pair, port: u16) -> (Vec<TcpHandle>, Vec<TcpHandle>) {
     let small = TcpOptions {
         send_buffer: 4096,
         recv_buffer: 4096,
         ..TcpOptions::default()
     };
-    let listener = pair.b.tcp_listen(80, 1024, small).expect("listen");
+    let listener = pair.b.tcp_listen(port, 1024, small).expect("listen");
     let clients: Vec<_> = (0..CONNECTIONS)
         .map(|_| {
             pair.a
-                .tcp_connect(SocketAddr::new(IpAddr::V4(B), 80), small)
+                .tcp_connect(SocketAddr::new(IpAddr::V4(B), port), small)
                 .expect("connect")
         })
         .collect();
@@ -236,23 +261,7 @@ fn connections() {
         CONNECTIONS,
         "not every connection was set up"
     );
-    for h in clients {
-        pair.a.tcp_release(h);
-    }
-    for h in accepted {
-        pair.b.tcp_release(h);
-    }
-    for _ in 0..MAX_STEPS {
-        pair.step();
-        if pair.a.tcp_connection_count() == 0 && pair.b.tcp_connection_count() == 0 {
-            return;
-        }
-    }
-    panic!(
-        "connections not torn down: {} and {} left",
-        pair.a.tcp_connection_count(),
-        pair.b.tcp_connection_count()
-    );
+    (clients, accepted)
 }
 
 /// The kernel's loopback TCP doing the same: all connections open at once, then closed. A
@@ -312,7 +321,7 @@ fn main() {
 
     // ----- request/response -----
     let message: [u8; MESSAGE] = std::array::from_fn(|i| i as u8);
-    let (stack_rr, unix_rr) = (Samples::new(), Samples::new());
+    let (stack_rr, unix_rr, crowded_rr) = (Samples::new(), Samples::new(), Samples::new());
     {
         let mut group = criterion.benchmark_group("stack_pair/request_response_64B");
         group.throughput(Throughput::Elements(1));
@@ -321,6 +330,18 @@ fn main() {
         group.bench_function("stack", |b| {
             b.iter_custom(|iters| {
                 stack_rr.time(iters, || exchange(&mut pair, client, server, &message))
+            });
+        });
+        // The same exchange with 1,000 other connections open and idle in both stacks: the
+        // per-packet cost must not grow with the number of connections.
+        let mut crowded = Pair::new();
+        let (crowded_client, crowded_server) = crowded.connect(TcpOptions::default());
+        let _idle = open_connections(&mut crowded, 81);
+        group.bench_function("stack_with_1000_open", |b| {
+            b.iter_custom(|iters| {
+                crowded_rr.time(iters, || {
+                    exchange(&mut crowded, crowded_client, crowded_server, &message);
+                })
             });
         });
         let (mut ua, mut ub) = UnixStream::pair().expect("socketpair");
@@ -363,6 +384,13 @@ fn main() {
         "exchanges/s",
         "unix_stream_pair",
         per_sec(unix_rr.median_secs()),
+    );
+    report(
+        "stack_pair.request_response_64B_with_1000_open",
+        per_sec(crowded_rr.median_secs()),
+        "exchanges/s",
+        "same_exchange_no_other_connections",
+        per_sec(stack_rr.median_secs()),
     );
     let ms = |secs: f64| secs * 1e3;
     report(
