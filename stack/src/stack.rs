@@ -1505,7 +1505,8 @@ impl Stack {
                 to_remove.push(id);
                 continue;
             }
-            if entry.established && entry.recv_window.is_tuned() {
+            // Without window scaling no window exceeds 64 KiB: growing the buffer would waste it.
+            if entry.established && entry.recv_window.is_tuned() && socket.peer_scales_window() {
                 let received = entry.bytes_read + socket.recv_queue() as u64;
                 if entry.recv_window.update(now, received, share) {
                     receiving += 1;

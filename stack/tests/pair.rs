@@ -489,6 +489,56 @@ fn concurrent_flows_share_the_budget() {
     assert!(total <= budget * 3 / 2, "{windows:?}");
 }
 
+/// A FIN sent into a full window (smoltcp, like other stacks, sends its FIN regardless of the
+/// peer's window) lands exactly on the window's right edge; the receiver's window limit must
+/// take it without tripping over the edge, and nothing is lost.
+#[test]
+fn a_fin_on_the_edge_of_a_full_window_is_taken() {
+    // MTU 1128: segments of 1,088 bytes, a multiple of the window scale's 64-byte unit, so the
+    // advertised edge is exactly 256 KiB past the start and not rounded short of it.
+    let mut pair = Pair::new(1128, 1, 0, 41);
+    let mut config = StackConfig::new(1128, 41 ^ 0x5555);
+    config.ipv4 = Some(B);
+    // No budget: the window stays at its 256 KiB floor, still through the window limit.
+    config.tcp_recv_budget = 0;
+    pair.b = Stack::new(config, pair.now);
+    let (client, server) = pair.connect();
+    let data: Vec<u8> = (0..256 * KIB).map(|i| (i % 251) as u8).collect();
+    let mut sent = 0;
+    let mut shut = false;
+    // B does not read: the data fills its window exactly, then the FIN arrives on the edge.
+    for _ in 0..2_000 {
+        pair.step();
+        if sent < data.len() {
+            match pair.a.tcp_send(client, &data[sent..]) {
+                Ok(n) => sent += n,
+                Err(TcpError::WouldBlock) => {}
+                Err(e) => panic!("send: {e}"),
+            }
+        } else if !shut {
+            pair.a.tcp_shutdown(client).unwrap();
+            shut = true;
+        }
+    }
+    assert!(shut, "only {sent} bytes sent");
+    assert_eq!(pair.b.tcp_recv_queue(server), data.len());
+    let mut received = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..1_000 {
+        pair.step();
+        match pair.b.tcp_recv(server, &mut buf) {
+            Ok(0) => {
+                assert!(received == data, "payload differs");
+                return;
+            }
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+            Err(TcpError::WouldBlock) => {}
+            Err(e) => panic!("recv: {e}"),
+        }
+    }
+    panic!("no end of stream after {} bytes", received.len());
+}
+
 /// A ring buffer grown while it holds data that wraps around its end, and out-of-order data
 /// past the allocated part (webnic's smoltcp patch), keeps both in place.
 #[test]

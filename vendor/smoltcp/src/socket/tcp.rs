@@ -695,18 +695,24 @@ impl<'a> Socket<'a> {
         true
     }
 
-    /// webnic: advertise at most `limit` bytes of window beyond the data already buffered
-    /// (`None`: the whole free buffer). Lowering it never moves the right edge of a window
-    /// already advertised to the left (RFC 9293, 3.8.6.2.2): the window shrinks as data
-    /// arrives.
+    /// webnic: advertise a window that keeps the data buffered plus the window within `limit`
+    /// bytes (`None`: the whole free buffer). Lowering it does not move the right edge of a
+    /// window already advertised to the left (RFC 9293, 3.8.6.2.2; up to the window scale's
+    /// rounding): the window shrinks as data arrives.
     pub fn set_recv_window_limit(&mut self, limit: Option<usize>) {
         self.rx_window_limit = limit;
+    }
+
+    /// webnic: whether the peer agreed to window scaling (without it no window exceeds 64 KiB).
+    pub fn peer_scales_window(&self) -> bool {
+        self.remote_win_scale.is_some()
     }
 
     /// The window scale that lets a window of `capacity` bytes be advertised.
     fn win_shift_for(capacity: usize) -> u8 {
         let cap_log2 = mem::size_of::<usize>() * 8 - capacity.leading_zeros() as usize;
-        cap_log2.saturating_sub(16) as u8
+        // RFC 7323, 2.3: at most 14.
+        cap_log2.saturating_sub(16).min(14) as u8
     }
 
     /// webnic: the receive window to advertise, in bytes: the free buffer, bounded by the
@@ -717,10 +723,19 @@ impl<'a> Socket<'a> {
             return free;
         };
         let limited = limit.saturating_sub(self.rx_buffer.len());
-        let promised = self
-            .last_scaled_window()
-            .map_or(0, |w| (w as usize) << self.remote_win_shift);
-        free.min(limited.max(promised))
+        free.min(limited.max(self.promised_window()))
+    }
+
+    /// webnic: how much of the last advertised window lies beyond the next byte expected: 0
+    /// when nothing was advertised, and when an accepted FIN took the next sequence number to
+    /// the window's right edge (a FIN may be sent into a zero window).
+    fn promised_window(&self) -> usize {
+        let Some(last_ack) = self.remote_last_ack else {
+            return 0;
+        };
+        let edge = last_ack + ((self.remote_last_win as usize) << self.remote_win_shift);
+        let next_ack = self.remote_seq_no + self.rx_buffer.len();
+        if edge > next_ack { edge - next_ack } else { 0 }
     }
 
     /// Return whether TCP Timestamp is enabled.
@@ -865,7 +880,9 @@ impl<'a> Socket<'a> {
         let next_ack = self.remote_seq_no + self.rx_buffer.len();
 
         let last_win = (self.remote_last_win as usize) << self.remote_win_shift;
-        let last_win_adjusted = last_ack + last_win - next_ack;
+        // webnic: saturating: an accepted FIN can take next_ack past the advertised edge.
+        let edge = last_ack + last_win;
+        let last_win_adjusted = if edge > next_ack { edge - next_ack } else { 0 };
 
         Some(u16::try_from(last_win_adjusted >> self.remote_win_shift).unwrap_or(u16::MAX))
     }
@@ -1658,12 +1675,14 @@ impl<'a> Socket<'a> {
         // to be received.
         reply_repr.seq_number = self.remote_last_seq;
         reply_repr.ack_number = Some(self.remote_seq_no + self.rx_buffer.len());
-        self.remote_last_ack = reply_repr.ack_number;
 
         // From RFC 1323:
         // The window field [...] of every outgoing segment, with the exception of SYN
         // segments, is right-shifted by [advertised scale value] bits[...]
+        // webnic: computed before `remote_last_ack` moves: the window limit compares with the
+        // right edge the last ACK advertised.
         reply_repr.window_len = self.scaled_window();
+        self.remote_last_ack = reply_repr.ack_number;
         self.remote_last_win = reply_repr.window_len;
 
         // If the remote supports selective acknowledgement, add the option to the outgoing
@@ -1896,6 +1915,14 @@ impl<'a> Socket<'a> {
         } else {
             window_start
         };
+        // webnic: never accept more than the buffer holds. The SYN's unscaled window, shifted
+        // by a scale chosen for the largest buffer, can reach past the buffer held now.
+        let buffer_end = window_start + self.rx_buffer.window();
+        let window_end = if window_end > buffer_end {
+            buffer_end
+        } else {
+            window_end
+        };
         let segment_start = repr.seq_number;
         let segment_end = repr.seq_number + repr.payload.len();
 
@@ -2074,6 +2101,9 @@ impl<'a> Socket<'a> {
             (State::SynReceived, TcpControl::Rst) if self.listen_endpoint.port != 0 => {
                 tcp_trace!("received RST");
                 self.tuple = None;
+                // webnic: forget the window advertised to that peer (the window limit reads it).
+                self.remote_last_ack = None;
+                self.remote_last_win = 0;
                 self.set_state(State::Listen);
                 return None;
             }
