@@ -97,7 +97,9 @@ cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo
     echo "- \`stack_pair\` (two webnic-stack instances wired in memory, no I/O): bulk goodput against a"
     echo "  memcpy of the same bytes through two \`VecDeque<Vec<u8>>\` hops of MTU-sized chunks; 64-byte"
-    echo "  request/response against the same exchange over a \`UnixStream\` pair from one thread;"
+    echo "  request/response against the same exchange over a \`UnixStream\` pair from one thread, and"
+    echo "  with 1,000 other connections open and idle in both stacks against the same exchange without"
+    echo "  them (the ratio is what the per-packet cost loses to the number of connections);"
     echo "  1,000 concurrent connections set up and torn down against the kernel over loopback TCP."
     echo "- \`gateway_forward\` (the gateway's per-packet code without the network, cycling over 1, 100"
     echo "  and 10,000 sessions): against a bare \`HashMap<IpAddr, VecDeque<Bytes>>\` lookup plus a push"
