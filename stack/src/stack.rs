@@ -266,6 +266,8 @@ struct TcpEntry {
     /// Bytes the application has read.
     bytes_read: u64,
     recv_window: RecvWindow,
+    /// Since when the connection has been quiet (see [`Parked`]).
+    quiet_since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -338,7 +340,25 @@ pub struct Stack {
     /// Connections that counted as receiving in the last scan: they share
     /// [`StackConfig::tcp_recv_budget`].
     tcp_receiving: usize,
+    /// Quiet connections, kept out of the socket set that every poll walks.
+    parked: Parked,
 }
+
+/// Established connections with nothing to send, nothing buffered, no ACK owed and no timer,
+/// quiet for [`PARK_AFTER`]: smoltcp walks its whole socket set for every received packet and
+/// every transmit pass, and the stack scans every connection on each poll, so without this a
+/// thousand idle connections cost every packet of a busy one. A packet for a parked connection
+/// or a socket call on it brings it back first.
+struct Parked {
+    sockets: SocketSet<'static>,
+    entries: HashMap<u32, TcpEntry>,
+    /// (local, remote) endpoints to the connection's id, to match arriving packets.
+    by_endpoints: HashMap<(SocketAddr, SocketAddr), u32>,
+}
+
+/// How long a connection stays quiet before it is parked: long enough that a request/response
+/// connection between two exchanges is not moved back and forth.
+const PARK_AFTER: Duration = Duration::from_secs(1);
 
 impl Stack {
     /// Creates a stack with the addresses, MTU and resolvers of `config`.
@@ -402,6 +422,11 @@ impl Stack {
             link: LinkReceiver::new(),
             link_stream: Deframer::new(),
             tcp_receiving: 0,
+            parked: Parked {
+                sockets: SocketSet::new(Vec::new()),
+                entries: HashMap::new(),
+                by_endpoints: HashMap::new(),
+            },
         }
     }
 
@@ -579,6 +604,12 @@ impl Stack {
             // smoltcp, which drops it.
             if let Some((local, remote)) = self.device.rx.front().and_then(|p| prohibited_syn(p)) {
                 self.abort_prohibited_connect(local, remote);
+            }
+            if !self.parked.entries.is_empty()
+                && let Some(endpoints) = self.device.rx.front().and_then(|p| tcp_endpoints(p))
+                && let Some(&id) = self.parked.by_endpoints.get(&endpoints)
+            {
+                self.unpark(id);
             }
             if self
                 .device
@@ -843,6 +874,11 @@ impl Stack {
     /// [`TcpError::WouldBlock`] when nothing is buffered yet, [`TcpError::Reset`] and others when
     /// the connection is gone.
     pub fn tcp_recv(&mut self, handle: TcpHandle, buf: &mut [u8]) -> Result<usize, TcpError> {
+        if let Some(entry) = self.parked.entries.get_mut(&handle.0) {
+            // Parked: nothing is buffered and the peer has sent nothing since.
+            entry.readable_reported = false;
+            return Err(TcpError::WouldBlock);
+        }
         let entry = self.tcp.get_mut(&handle.0).ok_or(TcpError::InvalidHandle)?;
         let socket = entry.socket()?;
         let socket = self.sockets.get_mut::<tcp::Socket>(socket);
@@ -886,6 +922,7 @@ impl Stack {
     /// [`TcpError::WouldBlock`] when the send buffer is full or the connection is still being
     /// set up; [`TcpError::WriteClosed`] after [`tcp_shutdown`](Self::tcp_shutdown).
     pub fn tcp_send(&mut self, handle: TcpHandle, data: &[u8]) -> Result<usize, TcpError> {
+        self.unpark(handle.0);
         let entry = self.tcp.get_mut(&handle.0).ok_or(TcpError::InvalidHandle)?;
         let socket = entry.socket()?;
         if entry.closed_locally {
@@ -930,6 +967,7 @@ impl Stack {
     /// # Errors
     /// [`TcpError::InvalidHandle`].
     pub fn tcp_shutdown(&mut self, handle: TcpHandle) -> Result<(), TcpError> {
+        self.unpark(handle.0);
         let entry = self.tcp.get_mut(&handle.0).ok_or(TcpError::InvalidHandle)?;
         entry.closed_locally = true;
         match entry.phase {
@@ -948,6 +986,7 @@ impl Stack {
 
     /// Resets the connection (sends RST) and releases the handle.
     pub fn tcp_abort(&mut self, handle: TcpHandle) {
+        self.unpark(handle.0);
         if let Some(entry) = self.tcp.get_mut(&handle.0) {
             if let TcpPhase::Socket(socket) = entry.phase {
                 self.sockets.get_mut::<tcp::Socket>(socket).abort();
@@ -961,6 +1000,7 @@ impl Stack {
     /// Gives the handle back: the connection is closed gracefully (FIN) if still open, and its
     /// resources are freed once the close completes or times out.
     pub fn tcp_release(&mut self, handle: TcpHandle) {
+        self.unpark(handle.0);
         if let Some(entry) = self.tcp.get_mut(&handle.0) {
             if let TcpPhase::Socket(socket) = entry.phase {
                 let socket = self.sockets.get_mut::<tcp::Socket>(socket);
@@ -976,10 +1016,14 @@ impl Stack {
 
     /// Local and remote address of a connection, once it has them.
     pub fn tcp_endpoints(&self, handle: TcpHandle) -> Option<(SocketAddr, SocketAddr)> {
-        let TcpPhase::Socket(socket) = self.tcp.get(&handle.0)?.phase else {
+        let (entry, sockets) = match self.tcp.get(&handle.0) {
+            Some(entry) => (entry, &self.sockets),
+            None => (self.parked.entries.get(&handle.0)?, &self.parked.sockets),
+        };
+        let TcpPhase::Socket(socket) = entry.phase else {
             return None;
         };
-        let socket = self.sockets.get::<tcp::Socket>(socket);
+        let socket = sockets.get::<tcp::Socket>(socket);
         Some((
             endpoint_to_socket_addr(socket.local_endpoint()?),
             endpoint_to_socket_addr(socket.remote_endpoint()?),
@@ -988,7 +1032,72 @@ impl Stack {
 
     /// Live TCP connections (including ones closing in the background).
     pub fn tcp_connection_count(&self) -> usize {
-        self.tcp.len()
+        self.tcp.len() + self.parked.entries.len()
+    }
+
+    /// Connections parked because they are quiet (counted in
+    /// [`tcp_connection_count`](Self::tcp_connection_count) too).
+    pub fn tcp_parked_count(&self) -> usize {
+        self.parked.entries.len()
+    }
+
+    /// Brings a parked connection back into the polled socket set.
+    fn unpark(&mut self, id: u32) {
+        let Some(mut entry) = self.parked.entries.remove(&id) else {
+            return;
+        };
+        let TcpPhase::Socket(handle) = entry.phase else {
+            unreachable!("only connections with a socket are parked");
+        };
+        let socket = self.parked.sockets.remove(handle);
+        if let smoltcp::socket::Socket::Tcp(tcp_socket) = &socket
+            && let (Some(local), Some(remote)) =
+                (tcp_socket.local_endpoint(), tcp_socket.remote_endpoint())
+        {
+            self.parked.by_endpoints.remove(&(
+                endpoint_to_socket_addr(local),
+                endpoint_to_socket_addr(remote),
+            ));
+        }
+        entry.phase = TcpPhase::Socket(self.sockets.add(socket));
+        entry.quiet_since = None;
+        self.tcp.insert(id, entry);
+    }
+
+    /// Moves connections quiet for [`PARK_AFTER`] out of the polled socket set.
+    fn park(&mut self, ids: Vec<u32>) {
+        for id in ids {
+            let Some(entry) = self.tcp.remove(&id) else {
+                continue;
+            };
+            let TcpPhase::Socket(handle) = entry.phase else {
+                self.tcp.insert(id, entry);
+                continue;
+            };
+            let socket = self.sockets.remove(handle);
+            let smoltcp::socket::Socket::Tcp(tcp_socket) = &socket else {
+                unreachable!("a TCP entry holds a TCP socket");
+            };
+            let (Some(local), Some(remote)) =
+                (tcp_socket.local_endpoint(), tcp_socket.remote_endpoint())
+            else {
+                let handle = self.sockets.add(socket);
+                let mut entry = entry;
+                entry.phase = TcpPhase::Socket(handle);
+                self.tcp.insert(id, entry);
+                continue;
+            };
+            let mut entry = entry;
+            entry.phase = TcpPhase::Socket(self.parked.sockets.add(socket));
+            self.parked.by_endpoints.insert(
+                (
+                    endpoint_to_socket_addr(local),
+                    endpoint_to_socket_addr(remote),
+                ),
+                id,
+            );
+            self.parked.entries.insert(id, entry);
+        }
     }
 
     // ----- UDP -----
@@ -1398,6 +1507,8 @@ impl Stack {
         let dns_socket = self.dns_socket;
         let share = self.config.tcp_recv_budget / self.tcp_receiving.max(1);
         let mut receiving = 0;
+        let mut to_park = Vec::new();
+        let cx = self.iface.context();
         for (&id, entry) in &mut self.tcp {
             let handle = TcpHandle(id);
             let started = *entry.started.get_or_insert(now);
@@ -1517,6 +1628,18 @@ impl Stack {
                 }
                 socket.set_recv_window_limit(Some(limit));
             }
+            let quiet = entry.established
+                && !entry.released
+                && !entry.closed_locally
+                && state == tcp::State::Established
+                && socket.recv_queue() == 0
+                && socket.send_queue() == 0
+                && socket.is_quiet(cx);
+            if !quiet {
+                entry.quiet_since = None;
+            } else if now >= *entry.quiet_since.get_or_insert(now) + PARK_AFTER {
+                to_park.push(id);
+            }
             if entry.established {
                 let readable = socket.can_recv() || !socket.may_recv() || finished;
                 if readable && !entry.readable_reported {
@@ -1531,6 +1654,7 @@ impl Stack {
             }
         }
         self.tcp_receiving = receiving;
+        self.park(to_park);
         for (id, remote) in to_connect {
             self.finish_resolution(id, remote);
         }
@@ -1656,6 +1780,7 @@ impl TcpEntry {
             connect_prohibited: false,
             local_port,
             bytes_read: 0,
+            quiet_since: None,
             recv_window: RecvWindow::new(
                 options.recv_buffer.max(1024),
                 options.recv_buffer_max.min(1 << 30),
@@ -1724,6 +1849,37 @@ pub(crate) fn prohibited_syn(packet: &[u8]) -> Option<(SocketAddr, SocketAddr)> 
     Some((
         SocketAddr::new(source, u16::from_be_bytes([ports[0], ports[1]])),
         SocketAddr::new(destination, u16::from_be_bytes([ports[2], ports[3]])),
+    ))
+}
+
+/// The (local, remote) endpoints of a received TCP packet: its destination and source.
+fn tcp_endpoints(packet: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+    let (src, dst, tcp): (IpAddr, IpAddr, &[u8]) = match packet.first()? >> 4 {
+        4 => {
+            let header_len = usize::from(packet[0] & 0x0f) * 4;
+            if packet.len() < 20 || packet[9] != 6 || header_len < 20 {
+                return None;
+            }
+            let src: [u8; 4] = packet[12..16].try_into().ok()?;
+            let dst: [u8; 4] = packet[16..20].try_into().ok()?;
+            (src.into(), dst.into(), packet.get(header_len..)?)
+        }
+        6 => {
+            if packet.len() < 40 || packet[6] != 6 {
+                return None;
+            }
+            let src: [u8; 16] = packet[8..24].try_into().ok()?;
+            let dst: [u8; 16] = packet[24..40].try_into().ok()?;
+            (src.into(), dst.into(), &packet[40..])
+        }
+        _ => return None,
+    };
+    let ports = tcp.get(..4)?;
+    let src_port = u16::from_be_bytes([ports[0], ports[1]]);
+    let dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+    Some((
+        SocketAddr::new(dst, dst_port),
+        SocketAddr::new(src, src_port),
     ))
 }
 

@@ -123,10 +123,19 @@ impl<'a> SocketSet<'a> {
     /// This function may panic if the handle does not belong to this socket set.
     pub fn remove(&mut self, handle: SocketHandle) -> Socket<'a> {
         net_trace!("[{}]: removing", handle.0);
-        match self.sockets[handle.0].inner.take() {
+        let socket = match self.sockets[handle.0].inner.take() {
             Some(item) => item.socket,
             None => panic!("handle does not refer to a valid socket"),
+        };
+        // webnic: drop empty slots at the end, so that every poll, which walks all slots, does
+        // not keep walking the slots of sockets long gone.
+        #[cfg(feature = "alloc")]
+        if let ManagedSlice::Owned(sockets) = &mut self.sockets {
+            while sockets.last().is_some_and(|slot| slot.inner.is_none()) {
+                sockets.pop();
+            }
         }
+        socket
     }
 
     /// Get an iterator to the inner sockets.

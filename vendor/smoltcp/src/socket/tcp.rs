@@ -3155,6 +3155,13 @@ impl<'a> Socket<'a> {
         Ok(())
     }
 
+    /// webnic: whether the socket has nothing to send, no ACK owed and no timer running: it
+    /// does nothing until a packet arrives or the application uses it, so it need not be
+    /// polled.
+    pub fn is_quiet(&self, cx: &mut Context) -> bool {
+        self.poll_at(cx) == PollAt::Ingress
+    }
+
     #[allow(clippy::if_same_then_else)]
     pub(crate) fn poll_at(&self, cx: &mut Context) -> PollAt {
         // The logic here mirrors the beginning of dispatch() closely.
