@@ -1067,28 +1067,17 @@ impl Stack {
     /// Moves connections quiet for [`PARK_AFTER`] out of the polled socket set.
     fn park(&mut self, ids: Vec<u32>) {
         for id in ids {
-            let Some(entry) = self.tcp.remove(&id) else {
-                continue;
-            };
-            let TcpPhase::Socket(handle) = entry.phase else {
-                self.tcp.insert(id, entry);
-                continue;
-            };
-            let socket = self.sockets.remove(handle);
-            let smoltcp::socket::Socket::Tcp(tcp_socket) = &socket else {
-                unreachable!("a TCP entry holds a TCP socket");
-            };
-            let (Some(local), Some(remote)) =
-                (tcp_socket.local_endpoint(), tcp_socket.remote_endpoint())
+            let Some(&TcpPhase::Socket(handle)) = self.tcp.get(&id).map(|entry| &entry.phase)
             else {
-                let handle = self.sockets.add(socket);
-                let mut entry = entry;
-                entry.phase = TcpPhase::Socket(handle);
-                self.tcp.insert(id, entry);
                 continue;
             };
-            let mut entry = entry;
-            entry.phase = TcpPhase::Socket(self.parked.sockets.add(socket));
+            let socket = self.sockets.get::<tcp::Socket>(handle);
+            let (Some(local), Some(remote)) = (socket.local_endpoint(), socket.remote_endpoint())
+            else {
+                continue;
+            };
+            let mut entry = self.tcp.remove(&id).expect("looked up above");
+            entry.phase = TcpPhase::Socket(self.parked.sockets.add(self.sockets.remove(handle)));
             self.parked.by_endpoints.insert(
                 (
                     endpoint_to_socket_addr(local),
@@ -1806,80 +1795,64 @@ fn dns_server_list(servers: &[IpAddr]) -> Vec<IpAddress> {
 /// session's authenticated QUIC connection, and a wrong match only fails a connect that had
 /// not yet succeeded.
 pub(crate) fn prohibited_syn(packet: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
-    const PROTO_TCP: u8 = 6;
-    let (quoted_at, v6) = match packet.first()? >> 4 {
+    let quoted_at = match packet.first()? >> 4 {
         4 => {
             let header_len = usize::from(packet[0] & 0x0f) * 4;
             let icmp = packet.get(header_len..header_len + 2)?;
             if packet.get(9) != Some(&1) || icmp[0] != 3 || !matches!(icmp[1], 9 | 10 | 13) {
                 return None;
             }
-            (header_len + 8, false)
+            header_len + 8
         }
         6 => {
             let icmp = packet.get(40..42)?;
             if packet[6] != 58 || icmp != [1, 1] {
                 return None;
             }
-            (48, true)
+            48
         }
         _ => return None,
     };
-    let quoted = packet.get(quoted_at..)?;
-    let (source, destination, tcp_at) = if v6 {
-        if quoted.len() < 40 || quoted[0] >> 4 != 6 || quoted[6] != PROTO_TCP {
-            return None;
-        }
-        let source: [u8; 16] = quoted[8..24].try_into().ok()?;
-        let destination: [u8; 16] = quoted[24..40].try_into().ok()?;
-        (IpAddr::from(source), IpAddr::from(destination), 40)
-    } else {
-        if quoted.len() < 20 || quoted[0] >> 4 != 4 || quoted[9] != PROTO_TCP {
-            return None;
-        }
-        let source: [u8; 4] = quoted[12..16].try_into().ok()?;
-        let destination: [u8; 4] = quoted[16..20].try_into().ok()?;
-        (
-            IpAddr::from(source),
-            IpAddr::from(destination),
-            usize::from(quoted[0] & 0x0f) * 4,
-        )
-    };
-    let ports = quoted.get(tcp_at..tcp_at + 4)?;
-    Some((
-        SocketAddr::new(source, u16::from_be_bytes([ports[0], ports[1]])),
-        SocketAddr::new(destination, u16::from_be_bytes([ports[2], ports[3]])),
-    ))
+    tcp_source_destination(packet.get(quoted_at..)?)
 }
 
 /// The (local, remote) endpoints of a received TCP packet: its destination and source.
 fn tcp_endpoints(packet: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
-    let (src, dst, tcp): (IpAddr, IpAddr, &[u8]) = match packet.first()? >> 4 {
-        4 => {
-            let header_len = usize::from(packet[0] & 0x0f) * 4;
-            if packet.len() < 20 || packet[9] != 6 || header_len < 20 {
-                return None;
-            }
-            let src: [u8; 4] = packet[12..16].try_into().ok()?;
-            let dst: [u8; 4] = packet[16..20].try_into().ok()?;
-            (src.into(), dst.into(), packet.get(header_len..)?)
-        }
+    let (source, destination) = tcp_source_destination(packet)?;
+    Some((destination, source))
+}
+
+/// Source and destination (address and port) of an IPv4 or IPv6 TCP packet. Only the IP
+/// header and the ports need to be there: an ICMP error quotes no more.
+fn tcp_source_destination(packet: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+    const PROTO_TCP: u8 = 6;
+    let (source, destination, tcp_at) = match packet.first()? >> 4 {
         6 => {
-            if packet.len() < 40 || packet[6] != 6 {
+            if packet.len() < 40 || packet[6] != PROTO_TCP {
                 return None;
             }
-            let src: [u8; 16] = packet[8..24].try_into().ok()?;
-            let dst: [u8; 16] = packet[24..40].try_into().ok()?;
-            (src.into(), dst.into(), &packet[40..])
+            let source: [u8; 16] = packet[8..24].try_into().ok()?;
+            let destination: [u8; 16] = packet[24..40].try_into().ok()?;
+            (IpAddr::from(source), IpAddr::from(destination), 40)
+        }
+        4 => {
+            if packet.len() < 20 || packet[9] != PROTO_TCP {
+                return None;
+            }
+            let source: [u8; 4] = packet[12..16].try_into().ok()?;
+            let destination: [u8; 4] = packet[16..20].try_into().ok()?;
+            (
+                IpAddr::from(source),
+                IpAddr::from(destination),
+                usize::from(packet[0] & 0x0f) * 4,
+            )
         }
         _ => return None,
     };
-    let ports = tcp.get(..4)?;
-    let src_port = u16::from_be_bytes([ports[0], ports[1]]);
-    let dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+    let ports = packet.get(tcp_at..tcp_at + 4)?;
     Some((
-        SocketAddr::new(dst, dst_port),
-        SocketAddr::new(src, src_port),
+        SocketAddr::new(source, u16::from_be_bytes([ports[0], ports[1]])),
+        SocketAddr::new(destination, u16::from_be_bytes([ports[2], ports[3]])),
     ))
 }
 

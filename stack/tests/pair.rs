@@ -539,6 +539,29 @@ fn a_fin_on_the_edge_of_a_full_window_is_taken() {
     panic!("no end of stream after {} bytes", received.len());
 }
 
+/// Sends `data` from `from` (on A when `a_to_b`, else on B) to `to` on the other stack, stepping
+/// until as much arrived or 2,000 steps passed; returns what arrived.
+fn deliver(pair: &mut Pair, a_to_b: bool, from: TcpHandle, to: TcpHandle, data: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; 65536];
+    let mut sent = 0;
+    let mut got = Vec::new();
+    for _ in 0..2_000 {
+        if sent < data.len() {
+            let sender = if a_to_b { &mut pair.a } else { &mut pair.b };
+            sent += sender.tcp_send(from, &data[sent..]).unwrap_or(0);
+        }
+        pair.step();
+        let receiver = if a_to_b { &mut pair.b } else { &mut pair.a };
+        while let Ok(n) = receiver.tcp_recv(to, &mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+        if got.len() >= data.len() {
+            break;
+        }
+    }
+    got
+}
+
 /// Quiet connections leave the polled socket set after a second and come back for a packet or
 /// a socket call: data both ways stays byte-exact, readable events still fire, and a parked
 /// connection closes cleanly.
@@ -566,25 +589,11 @@ fn quiet_connections_are_parked_and_come_back_for_a_packet_or_a_call() {
         Err(TcpError::WouldBlock)
     );
 
-    let mut buf = vec![0u8; 65536];
     for round in 0..3u8 {
         // A's call brings its side back; the packet brings B's.
         let request: Vec<u8> = (0..50_000u32).map(|i| (i as u8) ^ round).collect();
-        let mut sent = 0;
-        let mut got = Vec::new();
         pair.b_events.clear();
-        for _ in 0..2_000 {
-            if sent < request.len() {
-                sent += pair.a.tcp_send(client, &request[sent..]).unwrap_or(0);
-            }
-            pair.step();
-            while let Ok(n) = pair.b.tcp_recv(server, &mut buf) {
-                got.extend_from_slice(&buf[..n]);
-            }
-            if got.len() == request.len() {
-                break;
-            }
-        }
+        let got = deliver(&mut pair, true, client, server, &request);
         assert!(got == request, "round {round}: request differs");
         assert!(
             pair.b_events.contains(&Event::TcpReadable(server)),
@@ -597,20 +606,7 @@ fn quiet_connections_are_parked_and_come_back_for_a_packet_or_a_call() {
             (1, 1)
         );
         let reply = vec![round; 30_000];
-        let mut sent = 0;
-        let mut got = Vec::new();
-        for _ in 0..2_000 {
-            if sent < reply.len() {
-                sent += pair.b.tcp_send(server, &reply[sent..]).unwrap_or(0);
-            }
-            pair.step();
-            while let Ok(n) = pair.a.tcp_recv(client, &mut buf) {
-                got.extend_from_slice(&buf[..n]);
-            }
-            if got.len() == reply.len() {
-                break;
-            }
-        }
+        let got = deliver(&mut pair, false, server, client, &reply);
         assert!(got == reply, "round {round}: reply differs");
         idle(&mut pair);
     }
