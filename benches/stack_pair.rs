@@ -210,7 +210,7 @@ fn exchange_baseline(a: &mut UnixStream, b: &mut UnixStream, message: &[u8; MESS
 /// stacks have freed every one.
 fn connections() {
     let mut pair = Pair::new();
-    let (_, clients, accepted) = open_connections(&mut pair, 80);
+    let (_, clients, accepted) = open_connections(&mut pair, 80, CONNECTIONS);
     for h in clients {
         pair.a.tcp_release(h);
     }
@@ -230,11 +230,12 @@ fn connections() {
     );
 }
 
-/// Opens `CONNECTIONS` connections from `a` to `b`'s `port` with small buffers; returns the
+/// Opens `count` connections from `a` to `b`'s `port` with small buffers; returns the
 /// client and server handles.
 fn open_connections(
     pair: &mut Pair,
     port: u16,
+    count: usize,
 ) -> (ListenerHandle, Vec<TcpHandle>, Vec<TcpHandle>) {
     let small = TcpOptions {
         send_buffer: 4096,
@@ -242,29 +243,62 @@ fn open_connections(
         ..TcpOptions::default()
     };
     let listener = pair.b.tcp_listen(port, 1024, small).expect("listen");
-    let clients: Vec<_> = (0..CONNECTIONS)
+    let clients: Vec<_> = (0..count)
         .map(|_| {
             pair.a
                 .tcp_connect(SocketAddr::new(IpAddr::V4(B), port), small)
                 .expect("connect")
         })
         .collect();
-    let mut accepted = Vec::with_capacity(CONNECTIONS);
+    let mut accepted = Vec::with_capacity(count);
     for _ in 0..MAX_STEPS {
         pair.step();
         while let Some((h, _)) = pair.b.tcp_accept(listener) {
             accepted.push(h);
         }
-        if accepted.len() == CONNECTIONS {
+        if accepted.len() == count {
             break;
         }
     }
-    assert_eq!(
-        accepted.len(),
-        CONNECTIONS,
-        "not every connection was set up"
-    );
+    assert_eq!(accepted.len(), count, "not every connection was set up");
     (listener, clients, accepted)
+}
+
+/// A pair with one connection for the 64-byte exchange and `idle` other connections, open and
+/// idle for 2 s: the stacks park connections quiet for a second.
+struct Crowded {
+    pair: Pair,
+    client: TcpHandle,
+    server: TcpHandle,
+    _idle: (Vec<TcpHandle>, Vec<TcpHandle>),
+}
+
+impl Crowded {
+    fn new(idle: usize) -> Self {
+        let mut pair = Pair::new();
+        let (client, server) = pair.connect(TcpOptions::default());
+        let (listener, idle_clients, idle_servers) = open_connections(&mut pair, 81, idle);
+        // The connections stay open; the listener that accepted them (1,024 listening sockets
+        // for its backlog) does not.
+        pair.b.tcp_close_listener(listener);
+        let start = pair.now;
+        for _ in 0..MAX_STEPS {
+            pair.step();
+            if pair.now >= start + webnic_stack::Duration::from_secs(2) {
+                break;
+            }
+        }
+        Self {
+            pair,
+            client,
+            server,
+            _idle: (idle_clients, idle_servers),
+        }
+    }
+
+    fn exchange(&mut self, message: &[u8; MESSAGE]) {
+        exchange(&mut self.pair, self.client, self.server, message);
+    }
 }
 
 /// The kernel's loopback TCP doing the same: all connections open at once, then closed. A
@@ -324,7 +358,8 @@ fn main() {
 
     // ----- request/response -----
     let message: [u8; MESSAGE] = std::array::from_fn(|i| i as u8);
-    let (stack_rr, unix_rr, crowded_rr) = (Samples::new(), Samples::new(), Samples::new());
+    let (stack_rr, unix_rr) = (Samples::new(), Samples::new());
+    let (crowded_rr, crowded10k_rr) = (Samples::new(), Samples::new());
     {
         let mut group = criterion.benchmark_group("stack_pair/request_response_64B");
         group.throughput(Throughput::Elements(1));
@@ -335,29 +370,18 @@ fn main() {
                 stack_rr.time(iters, || exchange(&mut pair, client, server, &message))
             });
         });
-        // The same exchange with 1,000 other connections open and idle in both stacks: the
-        // per-packet cost must not grow with the number of connections.
-        let mut crowded = Pair::new();
-        let (crowded_client, crowded_server) = crowded.connect(TcpOptions::default());
-        let (crowded_listener, _idle_clients, _idle_servers) = open_connections(&mut crowded, 81);
-        // The connections stay open; the listener that accepted them (1,024 listening sockets
-        // for its backlog) does not.
-        crowded.b.tcp_close_listener(crowded_listener);
-        // Idle means quiet for a while: the stacks park connections quiet for a second.
-        let start = crowded.now;
-        for _ in 0..MAX_STEPS {
-            crowded.step();
-            if crowded.now >= start + webnic_stack::Duration::from_secs(2) {
-                break;
-            }
-        }
+        // The same exchange with 1,000 and with 10,000 other connections open and idle in both
+        // stacks: the per-packet cost must not grow with the number of connections.
+        let mut crowded = Crowded::new(CONNECTIONS);
         group.bench_function("stack_with_1000_open", |b| {
-            b.iter_custom(|iters| {
-                crowded_rr.time(iters, || {
-                    exchange(&mut crowded, crowded_client, crowded_server, &message);
-                })
-            });
+            b.iter_custom(|iters| crowded_rr.time(iters, || crowded.exchange(&message)));
         });
+        drop(crowded);
+        let mut crowded = Crowded::new(10 * CONNECTIONS);
+        group.bench_function("stack_with_10000_open", |b| {
+            b.iter_custom(|iters| crowded10k_rr.time(iters, || crowded.exchange(&message)));
+        });
+        drop(crowded);
         let (mut ua, mut ub) = UnixStream::pair().expect("socketpair");
         group.bench_function("unix_stream", |b| {
             b.iter_custom(|iters| {
@@ -402,6 +426,13 @@ fn main() {
     report(
         "stack_pair.request_response_64B_with_1000_open",
         per_sec(crowded_rr.median_secs()),
+        "exchanges/s",
+        "same_exchange_no_other_connections",
+        per_sec(stack_rr.median_secs()),
+    );
+    report(
+        "stack_pair.request_response_64B_with_10000_open",
+        per_sec(crowded10k_rr.median_secs()),
         "exchanges/s",
         "same_exchange_no_other_connections",
         per_sec(stack_rr.median_secs()),

@@ -38,11 +38,13 @@ impl Samples {
             .push(elapsed.as_secs_f64() / iters.max(1) as f64);
     }
 
-    /// Median per-iteration time in seconds; panics if nothing was measured, because a
-    /// figure without a measurement behind it must not be printed.
+    /// Median per-iteration time in seconds; NaN if nothing was measured (a criterion filter
+    /// left the benchmark out), which [`report`] then does not print.
     pub(crate) fn median_secs(&self) -> f64 {
         let mut samples = self.0.borrow().clone();
-        assert!(!samples.is_empty(), "no samples recorded");
+        if samples.is_empty() {
+            return f64::NAN;
+        }
         samples.sort_by(f64::total_cmp);
         let mid = samples.len() / 2;
         if samples.len() % 2 == 1 {
@@ -56,8 +58,14 @@ impl Samples {
 /// Prints one figure with its in-run baseline:
 /// `RESULT <name> <value> <unit> <baseline-name> <baseline-value> <ratio>`, ratio = value /
 /// baseline (for a rate, the fraction of the baseline reached; for a time, how many times
-/// slower than the baseline).
+/// slower than the baseline). Run with a criterion filter, a figure whose benchmark or baseline
+/// did not run is left out.
 pub(crate) fn report(name: &str, value: f64, unit: &str, baseline: &str, baseline_value: f64) {
+    // A figure without a measurement behind it, or without its baseline, must not be printed.
+    if value.is_nan() || baseline_value.is_nan() {
+        eprintln!("{name}: not reported, its benchmark or its baseline was filtered out");
+        return;
+    }
     let ratio = value / baseline_value;
     println!("RESULT {name} {value:.4} {unit} {baseline} {baseline_value:.4} {ratio:.3}");
 }

@@ -353,7 +353,80 @@ struct Parked {
     sockets: SocketSet<'static>,
     entries: HashMap<u32, TcpEntry>,
     /// (local, remote) endpoints to the connection's id, to match arriving packets.
-    by_endpoints: HashMap<(SocketAddr, SocketAddr), u32>,
+    by_endpoints: HashMap<EndpointKey, u32>,
+    /// How many parked connections fall in each bucket of [`EndpointKey::bucket`]: most packets
+    /// of active connections land in an empty bucket and skip the keyed hash of the map above,
+    /// which would otherwise be the one per-packet cost the parked connections add.
+    buckets: Vec<u32>,
+}
+
+impl Parked {
+    fn insert_endpoints(&mut self, key: EndpointKey, id: u32) {
+        if self.buckets.is_empty() {
+            self.buckets = vec![0; PARKED_BUCKETS];
+        }
+        if self.by_endpoints.insert(key, id).is_none() {
+            self.buckets[key.bucket()] += 1;
+        }
+    }
+
+    fn remove_endpoints(&mut self, key: &EndpointKey) {
+        if self.by_endpoints.remove(key).is_some() {
+            self.buckets[key.bucket()] -= 1;
+        }
+    }
+
+    fn find(&self, key: &EndpointKey) -> Option<u32> {
+        if self
+            .buckets
+            .get(key.bucket())
+            .is_none_or(|&count| count == 0)
+        {
+            return None;
+        }
+        self.by_endpoints.get(key).copied()
+    }
+}
+
+const PARKED_BUCKETS: usize = 4096;
+
+/// A connection's (local, remote) endpoints packed into one byte string (IPv4 as IPv4-mapped
+/// IPv6), so that matching a received packet against the parked connections hashes one slice
+/// instead of two socket addresses field by field. Still hashed with the std's keyed hasher:
+/// remote endpoints are the peer's choice. An IPv6 packet from an IPv4-mapped address shares
+/// the key of the IPv4 connection; at worst it unparks it, and smoltcp still tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct EndpointKey([u8; 36]);
+
+impl EndpointKey {
+    fn new(local: SocketAddr, remote: SocketAddr) -> Self {
+        let mut key = [0; 36];
+        for (at, endpoint) in [(0, local), (18, remote)] {
+            let ip = match endpoint.ip() {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            key[at..at + 16].copy_from_slice(&ip.octets());
+            key[at + 16..at + 18].copy_from_slice(&endpoint.port().to_be_bytes());
+        }
+        Self(key)
+    }
+
+    /// A bucket in 0..[`PARKED_BUCKETS`] from the ports and the low bytes of the addresses
+    /// (where addresses in one network differ). Unkeyed, which is safe: a peer that aims at a
+    /// full bucket only gets its packets looked up in the keyed map.
+    fn bucket(&self) -> usize {
+        let local = u32::from_be_bytes([self.0[14], self.0[15], self.0[16], self.0[17]]);
+        let remote = u32::from_be_bytes([self.0[32], self.0[33], self.0[34], self.0[35]]);
+        let mixed = (local.wrapping_mul(0x9e37_79b1) ^ remote).wrapping_mul(0x9e37_79b1);
+        (mixed >> (32 - PARKED_BUCKETS.trailing_zeros())) as usize
+    }
+}
+
+impl std::hash::Hash for EndpointKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write(&self.0);
+    }
 }
 
 /// How long a connection stays quiet before it is parked: long enough that a request/response
@@ -426,6 +499,7 @@ impl Stack {
                 sockets: SocketSet::new(Vec::new()),
                 entries: HashMap::new(),
                 by_endpoints: HashMap::new(),
+                buckets: Vec::new(),
             },
         }
     }
@@ -606,8 +680,8 @@ impl Stack {
                 self.abort_prohibited_connect(local, remote);
             }
             if !self.parked.entries.is_empty()
-                && let Some(endpoints) = self.device.rx.front().and_then(|p| tcp_endpoints(p))
-                && let Some(&id) = self.parked.by_endpoints.get(&endpoints)
+                && let Some((local, remote)) = self.device.rx.front().and_then(|p| tcp_endpoints(p))
+                && let Some(id) = self.parked.find(&EndpointKey::new(local, remote))
             {
                 self.unpark(id);
             }
@@ -1054,7 +1128,7 @@ impl Stack {
             && let (Some(local), Some(remote)) =
                 (tcp_socket.local_endpoint(), tcp_socket.remote_endpoint())
         {
-            self.parked.by_endpoints.remove(&(
+            self.parked.remove_endpoints(&EndpointKey::new(
                 endpoint_to_socket_addr(local),
                 endpoint_to_socket_addr(remote),
             ));
@@ -1078,8 +1152,8 @@ impl Stack {
             };
             let mut entry = self.tcp.remove(&id).expect("looked up above");
             entry.phase = TcpPhase::Socket(self.parked.sockets.add(self.sockets.remove(handle)));
-            self.parked.by_endpoints.insert(
-                (
+            self.parked.insert_endpoints(
+                EndpointKey::new(
                     endpoint_to_socket_addr(local),
                     endpoint_to_socket_addr(remote),
                 ),
@@ -1643,6 +1717,7 @@ impl Stack {
             }
         }
         self.tcp_receiving = receiving;
+        let shrink = !to_park.is_empty() || !to_remove.is_empty();
         self.park(to_park);
         for (id, remote) in to_connect {
             self.finish_resolution(id, remote);
@@ -1661,6 +1736,19 @@ impl Stack {
                     }
                 }
             }
+        }
+        if shrink {
+            self.shrink_tcp_map();
+        }
+    }
+
+    /// Gives back the connection map's empty buckets once most connections have been parked or
+    /// closed: a hash map never shrinks by itself, and every poll iterates over all its buckets,
+    /// so a map that once held a thousand connections would cost every packet of the one left.
+    fn shrink_tcp_map(&mut self) {
+        let (len, capacity) = (self.tcp.len(), self.tcp.capacity());
+        if capacity > 64 && len * 4 < capacity {
+            self.tcp.shrink_to(len * 2);
         }
     }
 
@@ -1869,4 +1957,62 @@ fn endpoint_to_socket_addr(endpoint: IpEndpoint) -> SocketAddr {
 
 fn socket_addr_to_endpoint(addr: SocketAddr) -> IpEndpoint {
     IpEndpoint::new(IpAddress::from(addr.ip()), addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(remote_port: u16) -> EndpointKey {
+        EndpointKey::new(
+            SocketAddr::from(([10, 0, 0, 2], 80)),
+            SocketAddr::from(([10, 0, 0, 1], remote_port)),
+        )
+    }
+
+    /// Two parked connections in one bucket: each is found by its own endpoints, and a third
+    /// key landing in their bucket finds nothing.
+    #[test]
+    fn parked_connections_sharing_a_bucket_are_told_apart() {
+        let first = key(50_000);
+        let mut same_bucket = (50_001..=u16::MAX)
+            .map(key)
+            .filter(|other| other.bucket() == first.bucket());
+        let (second, third) = (same_bucket.next().unwrap(), same_bucket.next().unwrap());
+        let mut parked = Parked {
+            sockets: SocketSet::new(Vec::new()),
+            entries: HashMap::new(),
+            by_endpoints: HashMap::new(),
+            buckets: Vec::new(),
+        };
+        assert_eq!(parked.find(&first), None, "nothing parked yet");
+        parked.insert_endpoints(first, 1);
+        parked.insert_endpoints(second, 2);
+        assert_eq!(parked.buckets[first.bucket()], 2);
+        assert_eq!(
+            (
+                parked.find(&first),
+                parked.find(&second),
+                parked.find(&third)
+            ),
+            (Some(1), Some(2), None)
+        );
+        parked.remove_endpoints(&first);
+        parked.remove_endpoints(&third);
+        assert_eq!((parked.find(&first), parked.find(&second)), (None, Some(2)));
+        parked.remove_endpoints(&second);
+        assert_eq!(parked.buckets[first.bucket()], 0);
+        assert!(parked.buckets.iter().all(|&count| count == 0));
+    }
+
+    /// IPv4 and IPv6 endpoints and both directions make different keys.
+    #[test]
+    fn endpoint_keys_keep_family_and_direction() {
+        let v4 = SocketAddr::from(([10, 0, 0, 2], 80));
+        let v6 = SocketAddr::from(([0xfd00, 0, 0, 0, 0, 0, 0, 2], 80));
+        let peer = SocketAddr::from(([10, 0, 0, 1], 40_000));
+        assert_ne!(EndpointKey::new(v4, peer), EndpointKey::new(peer, v4));
+        assert_ne!(EndpointKey::new(v4, peer), EndpointKey::new(v6, peer));
+        assert_eq!(EndpointKey::new(v4, peer), EndpointKey::new(v4, peer));
+    }
 }

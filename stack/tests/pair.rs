@@ -814,3 +814,73 @@ fn many_connections_open_and_close() {
     assert_eq!(pair.a.tcp_connection_count(), 0);
     assert_eq!(pair.b.tcp_connection_count(), 0);
 }
+
+/// Among many parked connections, a packet brings back exactly the connection it belongs to
+/// (matched by its endpoints, past the bucket filter in front of the map), and data stays
+/// byte-exact on each one.
+#[test]
+fn a_packet_unparks_only_its_own_connection_among_hundreds() {
+    const COUNT: usize = 300;
+    let mut pair = Pair::new(1152, 1, 0, 52);
+    let listener = pair.b.tcp_listen(80, 64, TcpOptions::default()).unwrap();
+    let clients: Vec<TcpHandle> = (0..COUNT)
+        .map(|_| {
+            pair.a
+                .tcp_connect(SocketAddr::new(IpAddr::V4(B), 80), TcpOptions::default())
+                .unwrap()
+        })
+        .collect();
+    let mut servers = Vec::new();
+    for _ in 0..2_000 {
+        pair.step();
+        while let Some((server, _)) = pair.b.tcp_accept(listener) {
+            servers.push(server);
+        }
+        if servers.len() == COUNT {
+            break;
+        }
+    }
+    assert_eq!(servers.len(), COUNT, "not every connection was accepted");
+    // Accepted in the order the SYNs arrived: pair each server with its client by endpoints.
+    let mut by_client_port: HashMap<u16, TcpHandle> = HashMap::new();
+    for &server in &servers {
+        let (_, remote) = pair.b.tcp_endpoints(server).unwrap();
+        by_client_port.insert(remote.port(), server);
+    }
+    let server_of = |pair: &Pair, client: TcpHandle| {
+        let (local, _) = pair.a.tcp_endpoints(client).unwrap();
+        by_client_port[&local.port()]
+    };
+    let park_all = |pair: &mut Pair, a: usize, b: usize| {
+        for _ in 0..200 {
+            pair.step();
+            if pair.a.tcp_parked_count() == a && pair.b.tcp_parked_count() == b {
+                return;
+            }
+        }
+        panic!(
+            "parked {} and {}, expected {a} and {b}",
+            pair.a.tcp_parked_count(),
+            pair.b.tcp_parked_count()
+        );
+    };
+    park_all(&mut pair, COUNT, COUNT);
+
+    for (round, &client) in clients.iter().step_by(37).enumerate() {
+        let server = server_of(&pair, client);
+        // B's call brings its side back; only the packets bring A's.
+        let reply: Vec<u8> = (0..20_000u32).map(|i| (i as u8) ^ (round as u8)).collect();
+        let got = deliver(&mut pair, false, server, client, &reply);
+        assert!(got == reply, "round {round}: reply differs");
+        let request = vec![round as u8; 7_000];
+        let got = deliver(&mut pair, true, client, server, &request);
+        assert!(got == request, "round {round}: request differs");
+        assert_eq!(
+            (pair.a.tcp_parked_count(), pair.b.tcp_parked_count()),
+            (COUNT - 1, COUNT - 1),
+            "round {round}: only the connection in use is back"
+        );
+        park_all(&mut pair, COUNT, COUNT);
+    }
+    assert_eq!(pair.a.tcp_connection_count(), COUNT);
+}
