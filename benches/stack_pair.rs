@@ -277,10 +277,8 @@ impl Crowded {
     fn new(idle: usize) -> Self {
         let mut pair = Pair::new();
         let (client, server) = pair.connect(TcpOptions::default());
-        let (listener, idle_clients, idle_servers) = open_connections(&mut pair, 81, idle);
-        // The connections stay open; the listener that accepted them (1,024 listening sockets
-        // for its backlog) does not.
-        pair.b.tcp_close_listener(listener);
+        // The listener that accepted them stays open too, as a server's would.
+        let (_listener, idle_clients, idle_servers) = open_connections(&mut pair, 81, idle);
         let start = pair.now;
         for _ in 0..MAX_STEPS {
             pair.step();

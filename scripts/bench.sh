@@ -99,7 +99,7 @@ cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo "  memcpy of the same bytes through two \`VecDeque<Vec<u8>>\` hops of MTU-sized chunks; 64-byte"
     echo "  request/response against the same exchange over a \`UnixStream\` pair from one thread, and"
     echo "  with 1,000 and with 10,000 other connections open in both stacks, idle for 2 s (their"
-    echo "  listener closed), against the same exchange without them (the ratio is what the"
+    echo "  listener still open), against the same exchange without them (the ratio is what the"
     echo "  per-packet cost loses to the number of connections);"
     echo "  1,000 concurrent connections set up and torn down against the kernel over loopback TCP."
     echo "- \`gateway_forward\` (the gateway's per-packet code without the network, cycling over 1, 100"

@@ -1,6 +1,6 @@
 //! [`Stack`]: smoltcp behind a quinn-proto-style polling contract.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use smoltcp::iface::{
@@ -268,6 +268,8 @@ struct TcpEntry {
     recv_window: RecvWindow,
     /// Since when the connection has been quiet (see [`Parked`]).
     quiet_since: Option<Instant>,
+    /// While parked: when its first timer (keep-alive, idle timeout) is due.
+    parked_until: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -344,11 +346,12 @@ pub struct Stack {
     parked: Parked,
 }
 
-/// Established connections with nothing to send, nothing buffered, no ACK owed and no timer,
-/// quiet for [`PARK_AFTER`]: smoltcp walks its whole socket set for every received packet and
+/// Established connections with nothing to send, nothing buffered, no ACK owed and no timer due
+/// within [`PARK_AFTER`], quiet for [`PARK_AFTER`]: smoltcp walks its whole socket set for every received packet and
 /// every transmit pass, and the stack scans every connection on each poll, so without this a
-/// thousand idle connections cost every packet of a busy one. A packet for a parked connection
-/// or a socket call on it brings it back first.
+/// thousand idle connections cost every packet of a busy one. A packet for a parked connection,
+/// a socket call on it, or its timer coming due (a keep-alive probe to send, an idle timeout)
+/// brings it back first.
 struct Parked {
     sockets: SocketSet<'static>,
     entries: HashMap<u32, TcpEntry>,
@@ -358,6 +361,8 @@ struct Parked {
     /// of active connections land in an empty bucket and skip the keyed hash of the map above,
     /// which would otherwise be the one per-packet cost the parked connections add.
     buckets: Vec<u32>,
+    /// When each parked connection with a timer running must be back: (due, id).
+    wakes: BTreeSet<(Instant, u32)>,
 }
 
 impl Parked {
@@ -500,6 +505,7 @@ impl Stack {
                 entries: HashMap::new(),
                 by_endpoints: HashMap::new(),
                 buckets: Vec::new(),
+                wakes: BTreeSet::new(),
             },
         }
     }
@@ -672,6 +678,7 @@ impl Stack {
         self.now = now;
         self.link.poll(now);
         self.drain_link(now);
+        self.unpark_due(now);
         for _ in 0..self.config.ingress_budget {
             // smoltcp ignores ICMP errors for TCP: act on "prohibited" for a pending connect
             // ourselves, so it fails at once instead of timing out. The packet still goes on to
@@ -685,11 +692,12 @@ impl Stack {
             {
                 self.unpark(id);
             }
-            if self
+            if let Some(port) = self
                 .device
                 .rx
                 .front()
-                .is_some_and(|p| self.syn_without_room(p))
+                .and_then(|p| self.syn_for_listener(p))
+                && !self.make_room_for_syn(port)
             {
                 self.device.rx.pop_front();
                 self.stats.syn_dropped_backlog += 1;
@@ -764,10 +772,20 @@ impl Stack {
                     .map_or(self.now, |at| at + e.options.connect_timeout)
             })
             .min();
+        // A quiet connection is parked by the poll after its quiet second, even in a stack
+        // that has nothing else to do.
+        let park_deadline = self
+            .tcp
+            .values()
+            .filter_map(|e| e.quiet_since)
+            .min()
+            .map(|since| since + PARK_AFTER);
         [
             self.iface.poll_at(self.now, &self.sockets),
             connect_deadline,
+            park_deadline,
             self.link.poll_timeout(),
+            self.parked.wakes.first().map(|&(due, _)| due),
         ]
         .into_iter()
         .flatten()
@@ -873,7 +891,7 @@ impl Stack {
             return Err(ListenError::AddrInUse(port));
         }
         self.listen_ports.insert(port);
-        let mut entry = ListenerEntry {
+        let entry = ListenerEntry {
             port,
             backlog: backlog.clamp(1, 1024),
             options,
@@ -882,7 +900,6 @@ impl Stack {
             ready: VecDeque::new(),
             accept_reported: false,
         };
-        self.replenish(&mut entry);
         let id = self.alloc_id();
         self.listeners.insert(id, entry);
         Ok(ListenerHandle(id))
@@ -898,9 +915,7 @@ impl Stack {
     pub fn tcp_accept(&mut self, listener: ListenerHandle) -> Option<(TcpHandle, SocketAddr)> {
         let mut entry = self.listeners.remove(&listener.0)?;
         let socket = entry.ready.pop_front();
-        if socket.is_some() {
-            self.replenish(&mut entry);
-        } else {
+        if socket.is_none() {
             entry.accept_reported = false;
         }
         let options = entry.options;
@@ -1133,14 +1148,27 @@ impl Stack {
                 endpoint_to_socket_addr(remote),
             ));
         }
+        if let Some(due) = entry.parked_until.take() {
+            self.parked.wakes.remove(&(due, id));
+        }
         entry.phase = TcpPhase::Socket(self.sockets.add(socket));
         entry.quiet_since = None;
         self.tcp.insert(id, entry);
     }
 
-    /// Moves connections quiet for [`PARK_AFTER`] out of the polled socket set.
-    fn park(&mut self, ids: Vec<u32>) {
-        for id in ids {
+    /// Brings back the parked connections whose timer is due.
+    fn unpark_due(&mut self, now: Instant) {
+        while let Some(&(due, id)) = self.parked.wakes.first()
+            && due <= now
+        {
+            self.unpark(id);
+        }
+    }
+
+    /// Moves connections quiet for [`PARK_AFTER`] out of the polled socket set, each with the
+    /// time its first timer is due, if one runs.
+    fn park(&mut self, connections: Vec<(u32, Option<Instant>)>) {
+        for (id, due) in connections {
             let Some(&TcpPhase::Socket(handle)) = self.tcp.get(&id).map(|entry| &entry.phase)
             else {
                 continue;
@@ -1159,6 +1187,10 @@ impl Stack {
                 ),
                 id,
             );
+            if let Some(due) = due {
+                self.parked.wakes.insert((due, id));
+            }
+            entry.parked_until = due;
             self.parked.entries.insert(id, entry);
         }
     }
@@ -1443,9 +1475,6 @@ impl Stack {
         }
     }
 
-    /// Whether `packet` is a TCP SYN for one of our listeners that has no free listening socket.
-    /// smoltcp would answer it with RST; dropping it instead lets the peer retry, as a full
-    /// Linux backlog does.
     /// Aborts the connection from `local` to `remote` if it is still waiting for its SYN-ACK.
     fn abort_prohibited_connect(&mut self, local: SocketAddr, remote: SocketAddr) {
         for entry in self.tcp.values_mut() {
@@ -1466,39 +1495,46 @@ impl Stack {
         }
     }
 
-    fn syn_without_room(&self, packet: &[u8]) -> bool {
+    /// The port of `packet` if it is a bare TCP SYN for a port we listen on.
+    fn syn_for_listener(&self, packet: &[u8]) -> Option<u16> {
         let tcp_offset = match packet.first().map(|b| b >> 4) {
             Some(4) if packet.len() >= 20 && packet[9] == 6 => usize::from(packet[0] & 0x0f) * 4,
             Some(6) if packet.len() >= 40 && packet[6] == 6 => 40,
-            _ => return false,
+            _ => return None,
         };
-        let Some(tcp) = packet.get(tcp_offset..tcp_offset + 14) else {
-            return false;
-        };
+        let tcp = packet.get(tcp_offset..tcp_offset + 14)?;
         let flags = tcp[13];
         if flags & 0x12 != 0x02 {
-            return false; // not a bare SYN
+            return None; // not a bare SYN
         }
         let port = u16::from_be_bytes([tcp[2], tcp[3]]);
-        if !self.listen_ports.contains(&port) {
-            return false;
-        }
-        self.listeners.values().filter(|l| l.port == port).all(|l| {
-            l.listening
-                .iter()
-                .all(|s| self.sockets.get::<tcp::Socket>(*s).state() != tcp::State::Listen)
-        })
+        self.listen_ports.contains(&port).then_some(port)
     }
 
-    fn replenish(&mut self, entry: &mut ListenerEntry) {
-        let busy = entry.listening.len() + entry.embryonic.len() + entry.ready.len();
-        for _ in busy..entry.backlog {
-            let mut socket = Self::new_tcp_socket(&entry.options);
-            if socket.listen(entry.port).is_err() {
-                break;
+    /// Gives a SYN for `port` a listening socket to land on. Listening sockets are made as SYNs
+    /// arrive, up to the backlog, not all at `tcp_listen`: each holds its buffers (a page's
+    /// default backlog of 128 took 64 MiB of memory that wasm never gives back), and smoltcp
+    /// walks every one of them for each packet and each poll. Returns false if the listener
+    /// is full: smoltcp would answer with RST; dropping the SYN instead lets the peer retry,
+    /// as a full Linux backlog does.
+    fn make_room_for_syn(&mut self, port: u16) -> bool {
+        for entry in self.listeners.values_mut().filter(|l| l.port == port) {
+            let free = entry
+                .listening
+                .iter()
+                .any(|s| self.sockets.get::<tcp::Socket>(*s).state() == tcp::State::Listen);
+            if free {
+                return true;
             }
-            entry.listening.push(self.sockets.add(socket));
+            if entry.listening.len() + entry.embryonic.len() + entry.ready.len() < entry.backlog {
+                let mut socket = Self::new_tcp_socket(&entry.options);
+                if socket.listen(port).is_ok() {
+                    entry.listening.push(self.sockets.add(socket));
+                    return true;
+                }
+            }
         }
+        false
     }
 
     /// Turns smoltcp socket state into events; frees what was released and is done.
@@ -1529,11 +1565,7 @@ impl Stack {
     }
 
     fn scan_listeners(&mut self) {
-        let ids: Vec<u32> = self.listeners.keys().copied().collect();
-        for id in ids {
-            let Some(mut entry) = self.listeners.remove(&id) else {
-                continue;
-            };
+        for (&id, entry) in &mut self.listeners {
             let mut i = 0;
             while i < entry.listening.len() {
                 let state = self.sockets.get::<tcp::Socket>(entry.listening[i]).state();
@@ -1555,12 +1587,10 @@ impl Stack {
                     _ => entry.ready.push_back(entry.embryonic.swap_remove(i)),
                 }
             }
-            self.replenish(&mut entry);
             if !entry.ready.is_empty() && !entry.accept_reported {
                 entry.accept_reported = true;
                 self.events.push_back(Event::Accept(ListenerHandle(id)));
             }
-            self.listeners.insert(id, entry);
         }
     }
 
@@ -1696,12 +1726,17 @@ impl Stack {
                 && !entry.closed_locally
                 && state == tcp::State::Established
                 && socket.recv_queue() == 0
-                && socket.send_queue() == 0
-                && socket.is_quiet(cx);
-            if !quiet {
+                && socket.send_queue() == 0;
+            // Nothing to do until a packet, a call or a timer at least a second away.
+            let until = socket
+                .quiet_until(cx)
+                .filter(|due| due.is_none_or(|at| at >= now + PARK_AFTER));
+            if let (true, Some(due)) = (quiet, until) {
+                if now >= *entry.quiet_since.get_or_insert(now) + PARK_AFTER {
+                    to_park.push((id, due));
+                }
+            } else {
                 entry.quiet_since = None;
-            } else if now >= *entry.quiet_since.get_or_insert(now) + PARK_AFTER {
-                to_park.push(id);
             }
             if entry.established {
                 let readable = socket.can_recv() || !socket.may_recv() || finished;
@@ -1858,6 +1893,7 @@ impl TcpEntry {
             local_port,
             bytes_read: 0,
             quiet_since: None,
+            parked_until: None,
             recv_window: RecvWindow::new(
                 options.recv_buffer.max(1024),
                 options.recv_buffer_max.min(1 << 30),
@@ -1984,6 +2020,7 @@ mod tests {
             entries: HashMap::new(),
             by_endpoints: HashMap::new(),
             buckets: Vec::new(),
+            wakes: BTreeSet::new(),
         };
         assert_eq!(parked.find(&first), None, "nothing parked yet");
         parked.insert_endpoints(first, 1);

@@ -884,3 +884,144 @@ fn a_packet_unparks_only_its_own_connection_among_hundreds() {
     }
     assert_eq!(pair.a.tcp_connection_count(), COUNT);
 }
+
+/// A connection with keep-alive parks between its probes and comes back for each: with the peer
+/// there it stays open and usable; with the peer gone silent, its idle timeout still fires
+/// while it spends its quiet time parked.
+#[test]
+fn keep_alive_connections_park_between_probes_and_still_time_out() {
+    let mut pair = Pair::new(1152, 1, 0, 53);
+    let options = TcpOptions {
+        keep_alive: Some(Duration::from_secs(10)),
+        timeout: Some(Duration::from_secs(30)),
+        ..TcpOptions::default()
+    };
+    let listener = pair.b.tcp_listen(80, 1, TcpOptions::default()).unwrap();
+    let client = pair
+        .a
+        .tcp_connect(SocketAddr::new(IpAddr::V4(B), 80), options)
+        .unwrap();
+    let mut server = None;
+    for _ in 0..50 {
+        pair.step();
+        server = server.or_else(|| pair.b.tcp_accept(listener).map(|(s, _)| s));
+    }
+    let server = server.expect("B accepted");
+    // Two minutes with the peer there: twelve probes, each answered, and the connection
+    // parked in between.
+    let mut parked_for = Duration::ZERO;
+    let until = pair.now + Duration::from_secs(120);
+    for _ in 0..100_000 {
+        let (was_parked, then) = (pair.a.tcp_parked_count() == 1, pair.now);
+        pair.step();
+        if was_parked {
+            parked_for += pair.now - then;
+        }
+        if pair.now >= until {
+            break;
+        }
+    }
+    assert!(pair.now >= until, "the clock stalled");
+    assert!(
+        parked_for > Duration::from_secs(90),
+        "A was parked for only {parked_for} of 120 s"
+    );
+    assert!(
+        !pair.a_events.contains(&Event::TcpClosed(client)),
+        "the probes were not sent or not answered: A's connection timed out"
+    );
+    let request: Vec<u8> = (0..10_000u32).map(|i| (i * 31) as u8).collect();
+    let got = deliver(&mut pair, true, client, server, &request);
+    assert!(got == request, "request after two idle minutes differs");
+
+    // The peer goes silent: the idle timeout fires within its 30 s, parked or not.
+    pair.loss_percent = 100;
+    let start = pair.now;
+    for _ in 0..100_000 {
+        pair.step();
+        if pair.a_events.contains(&Event::TcpClosed(client))
+            || pair.a.tcp_recv(client, &mut [0; 16]) != Err(TcpError::WouldBlock)
+        {
+            let waited = pair.now - start;
+            assert!(
+                waited <= Duration::from_secs(45),
+                "timed out only after {waited}"
+            );
+            return;
+        }
+        if pair.now > start + Duration::from_secs(300) {
+            break;
+        }
+    }
+    panic!(
+        "A never noticed its silent peer (parked: {})",
+        pair.a.tcp_parked_count()
+    );
+}
+
+/// A listener takes a burst of SYNs up to its backlog and drops the rest without an RST (the
+/// peers retry, as with a full Linux backlog); once the application accepts, the retries get
+/// in, and every connection carries its own bytes.
+#[test]
+fn a_listener_takes_a_burst_up_to_its_backlog_and_the_rest_retry() {
+    const BACKLOG: usize = 8;
+    const CLIENTS: usize = 20;
+    let mut pair = Pair::new(1152, 1, 0, 54);
+    let listener = pair
+        .b
+        .tcp_listen(80, BACKLOG, TcpOptions::default())
+        .unwrap();
+    let clients: Vec<TcpHandle> = (0..CLIENTS)
+        .map(|_| {
+            pair.a
+                .tcp_connect(SocketAddr::new(IpAddr::V4(B), 80), TcpOptions::default())
+                .unwrap()
+        })
+        .collect();
+    // Before the first SYN retransmission (smoltcp's initial RTO is 1 s).
+    let until = pair.now + Duration::from_millis(500);
+    for _ in 0..1_000 {
+        pair.step();
+        if pair.now >= until {
+            break;
+        }
+    }
+    let connected = |pair: &Pair| {
+        pair.a_events
+            .iter()
+            .filter(|e| matches!(e, Event::TcpConnected(_)))
+            .count()
+    };
+    assert_eq!(connected(&pair), BACKLOG, "the backlog's worth connects");
+    assert!(pair.b.stats().syn_dropped_backlog >= (CLIENTS - BACKLOG) as u64);
+    assert!(
+        !pair
+            .a_events
+            .iter()
+            .any(|e| matches!(e, Event::TcpConnectFailed(..))),
+        "a full backlog refused a connection: {:?}",
+        pair.a_events
+    );
+
+    let mut servers = Vec::new();
+    for _ in 0..5_000 {
+        pair.step();
+        while let Some((server, _)) = pair.b.tcp_accept(listener) {
+            servers.push(server);
+        }
+        if servers.len() == CLIENTS {
+            break;
+        }
+    }
+    assert_eq!(servers.len(), CLIENTS, "the retried SYNs were not accepted");
+    assert_eq!(connected(&pair), CLIENTS);
+    for (i, &client) in clients.iter().enumerate() {
+        let (local, _) = pair.a.tcp_endpoints(client).unwrap();
+        let server = *servers
+            .iter()
+            .find(|&&s| pair.b.tcp_endpoints(s).unwrap().1 == local)
+            .expect("a server end for each client");
+        let data = vec![i as u8; 3_000 + i];
+        assert!(deliver(&mut pair, true, client, server, &data) == data);
+    }
+}

@@ -674,7 +674,7 @@ impl Nic {
                 Poll::Pending
             })
             .await?;
-            // Accepting refilled the listener's backlog: let the driver see it.
+            // Accepting freed a place in the listener's backlog: let the driver see it.
             core.poke();
             Ok(JsValue::from(handles.insert(handle)))
         })

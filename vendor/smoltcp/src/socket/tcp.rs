@@ -3155,11 +3155,17 @@ impl<'a> Socket<'a> {
         Ok(())
     }
 
-    /// webnic: whether the socket has nothing to send, no ACK owed and no timer running: it
-    /// does nothing until a packet arrives or the application uses it, so it need not be
-    /// polled.
-    pub fn is_quiet(&self, cx: &mut Context) -> bool {
-        self.poll_at(cx) == PollAt::Ingress
+    /// webnic: when the socket next has work of its own, if it has none now. `None`: it has
+    /// something to send now. `Some(None)`: nothing until a packet arrives or the application
+    /// uses it. `Some(Some(at))`: nothing until then, or until its first timer (keep-alive,
+    /// idle timeout, delayed ACK, retransmission) at `at`. A socket with nothing to do until a
+    /// later `at` need not be polled before it.
+    pub fn quiet_until(&self, cx: &mut Context) -> Option<Option<Instant>> {
+        match self.poll_at(cx) {
+            PollAt::Now => None,
+            PollAt::Time(at) => Some(Some(at)),
+            PollAt::Ingress => Some(None),
+        }
     }
 
     #[allow(clippy::if_same_then_else)]
