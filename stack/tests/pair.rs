@@ -10,7 +10,8 @@ use webnic_stack::link_repair::{
 };
 use webnic_stack::link_stream::put_frame;
 use webnic_stack::{
-    Duration, Event, Instant, Stack, StackConfig, TcpError, TcpHandle, TcpOptions, UdpOptions,
+    Duration, Event, Instant, ListenerHandle, Stack, StackConfig, TcpError, TcpHandle, TcpOptions,
+    UdpOptions,
 };
 
 const A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -198,6 +199,37 @@ impl Pair {
         } else {
             entry.1 = entry.1.max(window << entry.0);
         }
+    }
+
+    /// Steps until `listener` has accepted `count` connections (or `max_steps` went by);
+    /// returns those accepted.
+    fn accept_all(
+        &mut self,
+        listener: ListenerHandle,
+        count: usize,
+        max_steps: usize,
+    ) -> Vec<TcpHandle> {
+        let mut servers = Vec::new();
+        for _ in 0..max_steps {
+            self.step();
+            while let Some((server, _)) = self.b.tcp_accept(listener) {
+                servers.push(server);
+            }
+            if servers.len() >= count {
+                break;
+            }
+        }
+        servers
+    }
+
+    /// Which of B's `servers` is the other end of A's `client` (accepted in the order the SYNs
+    /// arrived, not the order of the connects).
+    fn server_end(&self, servers: &[TcpHandle], client: TcpHandle) -> TcpHandle {
+        let (local, _) = self.a.tcp_endpoints(client).unwrap();
+        *servers
+            .iter()
+            .find(|&&s| self.b.tcp_endpoints(s).unwrap().1 == local)
+            .expect("a server end for each client")
     }
 
     /// A connects to a listener on B port 80; returns both ends once B accepted.
@@ -830,27 +862,8 @@ fn a_packet_unparks_only_its_own_connection_among_hundreds() {
                 .unwrap()
         })
         .collect();
-    let mut servers = Vec::new();
-    for _ in 0..2_000 {
-        pair.step();
-        while let Some((server, _)) = pair.b.tcp_accept(listener) {
-            servers.push(server);
-        }
-        if servers.len() == COUNT {
-            break;
-        }
-    }
+    let servers = pair.accept_all(listener, COUNT, 2_000);
     assert_eq!(servers.len(), COUNT, "not every connection was accepted");
-    // Accepted in the order the SYNs arrived: pair each server with its client by endpoints.
-    let mut by_client_port: HashMap<u16, TcpHandle> = HashMap::new();
-    for &server in &servers {
-        let (_, remote) = pair.b.tcp_endpoints(server).unwrap();
-        by_client_port.insert(remote.port(), server);
-    }
-    let server_of = |pair: &Pair, client: TcpHandle| {
-        let (local, _) = pair.a.tcp_endpoints(client).unwrap();
-        by_client_port[&local.port()]
-    };
     let park_all = |pair: &mut Pair, a: usize, b: usize| {
         for _ in 0..200 {
             pair.step();
@@ -867,7 +880,7 @@ fn a_packet_unparks_only_its_own_connection_among_hundreds() {
     park_all(&mut pair, COUNT, COUNT);
 
     for (round, &client) in clients.iter().step_by(37).enumerate() {
-        let server = server_of(&pair, client);
+        let server = pair.server_end(&servers, client);
         // B's call brings its side back; only the packets bring A's.
         let reply: Vec<u8> = (0..20_000u32).map(|i| (i as u8) ^ (round as u8)).collect();
         let got = deliver(&mut pair, false, server, client, &reply);
@@ -1003,24 +1016,11 @@ fn a_listener_takes_a_burst_up_to_its_backlog_and_the_rest_retry() {
         pair.a_events
     );
 
-    let mut servers = Vec::new();
-    for _ in 0..5_000 {
-        pair.step();
-        while let Some((server, _)) = pair.b.tcp_accept(listener) {
-            servers.push(server);
-        }
-        if servers.len() == CLIENTS {
-            break;
-        }
-    }
+    let servers = pair.accept_all(listener, CLIENTS, 5_000);
     assert_eq!(servers.len(), CLIENTS, "the retried SYNs were not accepted");
     assert_eq!(connected(&pair), CLIENTS);
     for (i, &client) in clients.iter().enumerate() {
-        let (local, _) = pair.a.tcp_endpoints(client).unwrap();
-        let server = *servers
-            .iter()
-            .find(|&&s| pair.b.tcp_endpoints(s).unwrap().1 == local)
-            .expect("a server end for each client");
+        let server = pair.server_end(&servers, client);
         let data = vec![i as u8; 3_000 + i];
         assert!(deliver(&mut pair, true, client, server, &data) == data);
     }
