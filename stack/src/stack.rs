@@ -760,30 +760,27 @@ impl Stack {
         if !self.device.rx.is_empty() || self.link.ready_len() > 0 {
             return Some(self.now);
         }
-        let connect_deadline = self
+        // One pass over the connections for their own deadlines: a pending connect's timeout
+        // (not started yet: the next poll starts the clock, and must come now), and the moment
+        // a quiet connection has been quiet for a second, so that a stack with nothing else to
+        // do still parks it.
+        let connection_deadline = self
             .tcp
             .values()
-            .filter(|e| {
-                !e.established && matches!(e.phase, TcpPhase::Socket(_)) && !e.closed_reported
-            })
-            // Not started yet: the next poll starts the clock, and must come now.
-            .map(|e| {
-                e.started
-                    .map_or(self.now, |at| at + e.options.connect_timeout)
+            .filter_map(|e| {
+                let connecting =
+                    !e.established && matches!(e.phase, TcpPhase::Socket(_)) && !e.closed_reported;
+                let connect = connecting.then(|| {
+                    e.started
+                        .map_or(self.now, |at| at + e.options.connect_timeout)
+                });
+                let park = e.quiet_since.map(|since| since + PARK_AFTER);
+                connect.into_iter().chain(park).min()
             })
             .min();
-        // A quiet connection is parked by the poll after its quiet second, even in a stack
-        // that has nothing else to do.
-        let park_deadline = self
-            .tcp
-            .values()
-            .filter_map(|e| e.quiet_since)
-            .min()
-            .map(|since| since + PARK_AFTER);
         [
             self.iface.poll_at(self.now, &self.sockets),
-            connect_deadline,
-            park_deadline,
+            connection_deadline,
             self.link.poll_timeout(),
             self.parked.wakes.first().map(|&(due, _)| due),
         ]

@@ -723,19 +723,17 @@ impl<'a> Socket<'a> {
             return free;
         };
         let limited = limit.saturating_sub(self.rx_buffer.len());
-        free.min(limited.max(self.promised_window()))
+        free.min(limited.max(self.promised_window().unwrap_or(0)))
     }
 
-    /// webnic: how much of the last advertised window lies beyond the next byte expected: 0
-    /// when nothing was advertised, and when an accepted FIN took the next sequence number to
-    /// the window's right edge (a FIN may be sent into a zero window).
-    fn promised_window(&self) -> usize {
-        let Some(last_ack) = self.remote_last_ack else {
-            return 0;
-        };
+    /// webnic: how much of the last advertised window lies beyond the next byte expected
+    /// (`None` when nothing was advertised yet). Saturating: an accepted FIN can take the next
+    /// sequence number past the window's right edge (a FIN may be sent into a zero window).
+    fn promised_window(&self) -> Option<usize> {
+        let last_ack = self.remote_last_ack?;
         let edge = last_ack + ((self.remote_last_win as usize) << self.remote_win_shift);
         let next_ack = self.remote_seq_no + self.rx_buffer.len();
-        if edge > next_ack { edge - next_ack } else { 0 }
+        Some(if edge > next_ack { edge - next_ack } else { 0 })
     }
 
     /// Return whether TCP Timestamp is enabled.
@@ -876,14 +874,7 @@ impl<'a> Socket<'a> {
     /// advertise.
     #[inline]
     fn last_scaled_window(&self) -> Option<u16> {
-        let last_ack = self.remote_last_ack?;
-        let next_ack = self.remote_seq_no + self.rx_buffer.len();
-
-        let last_win = (self.remote_last_win as usize) << self.remote_win_shift;
-        // webnic: saturating: an accepted FIN can take next_ack past the advertised edge.
-        let edge = last_ack + last_win;
-        let last_win_adjusted = if edge > next_ack { edge - next_ack } else { 0 };
-
+        let last_win_adjusted = self.promised_window()?;
         Some(u16::try_from(last_win_adjusted >> self.remote_win_shift).unwrap_or(u16::MAX))
     }
 
