@@ -93,6 +93,11 @@ tests/browser/v86-assets.sh
 step "cargo test --workspace $*"
 cargo test --workspace "$@"
 
+# The vendored smoltcp is outside the workspace: its own unit tests (upstream's TCP suite, updated
+# where webnic's patches change behaviour on purpose) guard the patches.
+step "vendor/smoltcp unit tests (cargo test --lib)"
+(cd vendor/smoltcp && cargo test --lib -q)
+
 # Each fuzz target briefly (FUZZ_SECONDS, default 20); any crash fails the run. The long run is in
 # docs/SECURITY.md.
 fuzz_seconds="${FUZZ_SECONDS:-20}"

@@ -7380,12 +7380,16 @@ mod test {
             }
         );
 
+        // webnic: early retransmit (RFC 5827, patch 3): with one segment in flight the two
+        // duplicates already started a fast retransmission, which goes out here, carrying the
+        // ACK for the data (upstream sent a bare ACK and waited for a third duplicate).
         recv!(
             s,
             [TcpRepr {
-                seq_number: LOCAL_SEQ + 1 + 3,
+                seq_number: LOCAL_SEQ + 1,
                 ack_number: Some(REMOTE_SEQ + 1 + 6),
                 window_len: 58,
+                payload: &b"abc"[..],
                 ..RECV_TEMPL
             }]
         );
@@ -7625,9 +7629,17 @@ mod test {
             ..SEND_TEMPL
         });
 
-        // even though we're in "fast retransmit", we shouldn't
-        // force-send anything because the remote's window is full.
-        recv_nothing!(s);
+        // webnic: the fast retransmission of the first unacknowledged segment goes out even
+        // though the window is now zero, as Linux does (`__tcp_retransmit_skb`: the segment at
+        // snd_una is resent past the window's end and serves as a zero-window probe); upstream
+        // sent nothing. Nothing beyond it is sent.
+        recv!(s, time 1050, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload:    &b"abc"[..],
+            ..RECV_TEMPL
+        }));
+        recv_nothing!(s, time 1050);
     }
 
     #[test]
